@@ -1,0 +1,83 @@
+"""MiSS adapter configuration: which layers get an adapter and how D is shaped and initialised."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Union
+
+Mode = Literal["miss", "mini", "bat"]
+MODES: tuple[str, ...] = ("miss", "mini", "bat")
+
+#: Projections of Llama-family decoders (Llama, Mistral, Qwen2) that MiSS targets by default.
+LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class MissConfig:
+    """Hyper-parameters of a MiSS adapter (field names follow PEFT's ``MissConfig`` where they exist)."""
+
+    r: int = 64
+    """Shard size along in_features: D has r rows, and x is summed over chunks of r features."""
+    mode: Mode = "miss"
+    """``miss``: D is (r, out). ``mini``: D is (r, mini_r) repeated along out. ``bat``: D is (out/r, r, r) (Bone)."""
+    mini_r: int = 1
+    """Width of D in ``mini`` mode; out_features must be a multiple of it."""
+    init_weights: Union[bool, Literal["miss"]] = True
+    """True (or "miss"): D starts at zero, so the adapted model equals the base. False: random D (tests)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (``miss`` and ``mini`` only; ``bat`` rewrites the weight)."""
+    target_modules: Union[list[str], str] = field(default_factory=lambda: list(LLAMA_TARGETS))
+    """Module names (exact, or suffix after a dot) or one regex matched against the full module name."""
+    exclude_modules: Union[list[str], str, None] = None
+    """Names or a regex, as for ``target_modules``, of modules to leave untouched."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Other modules (e.g. ``lm_head``) trained in full and saved with the adapter."""
+    adapter_dtype: Literal["float32", "model"] = "float32"
+    """Keep D in fp32 (default, like PEFT) or in the dtype of the layer it adapts."""
+
+    def __post_init__(self) -> None:
+        if self.init_weights == "miss":
+            self.init_weights = True
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject settings that can never work, naming the field and a value that would."""
+        if self.mode not in MODES:
+            raise ValueError(f"miss.mode={self.mode!r} is not one of {MODES}")
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"miss.r={self.r!r} must be a positive integer (64 is a good start)")
+        if self.mode == "mini" and (not isinstance(self.mini_r, int) or self.mini_r <= 0):
+            raise ValueError(f"miss.mini_r={self.mini_r!r} must be a positive integer dividing out_features")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"miss.init_weights={self.init_weights!r} must be true, false or 'miss'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"miss.dropout={self.dropout} must be in [0, 1)")
+        if self.mode == "bat" and self.dropout:
+            raise ValueError("miss.dropout must be 0 in 'bat' mode: bat rewrites the weight, it has no input path")
+        if self.adapter_dtype not in ("float32", "model"):
+            raise ValueError(f"miss.adapter_dtype={self.adapter_dtype!r} must be 'float32' or 'model'")
+        if not self.target_modules:
+            raise ValueError("miss.target_modules is empty: name the projections to adapt, e.g. ['q_proj', 'v_proj']")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"miss.{key}={value!r} is not a valid regex: {exc}") from None
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` (as in ``model.named_modules()``) gets an adapter."""
+        return _name_matches(name, self.target_modules) and not (
+            self.exclude_modules is not None and _name_matches(name, self.exclude_modules)
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _name_matches(name: str, pattern: Union[list[str], str]) -> bool:
+    """PEFT's rule: a string is a regex on the full name; a list matches exactly or as a dotted suffix."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)

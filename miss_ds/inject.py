@@ -1,0 +1,147 @@
+"""Put MiSS adapters into a model: find the targeted linears, wrap them, freeze the rest."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import MissConfig
+from .layers import MissLinear
+
+logger = logging.getLogger(__name__)
+
+#: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
+D_NAME = "miss_block"
+
+# (base type, factory) pairs tried in order; tensor-parallel layers register theirs in miss_ds.parallel.
+_FACTORIES: list[tuple[type, Callable[[nn.Module, MissConfig, str], nn.Module]]] = []
+
+
+def register_layer(base_type: type, factory: Callable[[nn.Module, MissConfig, str], nn.Module]) -> None:
+    """Teach ``apply_miss`` to wrap another kind of base layer (e.g. a tensor-parallel linear)."""
+    _FACTORIES.insert(0, (base_type, factory))
+
+
+register_layer(nn.Linear, MissLinear)
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How many parameters train, counted on this rank (tensor-parallel shards count locally)."""
+
+    adapted_modules: int
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        return (f"MiSS on {self.adapted_modules} modules: trainable params {self.trainable:,} || "
+                f"all params {self.total:,} || trainable {pct:.4f}%")
+
+
+def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
+    """Replace every targeted linear of ``model`` in place with its MiSS layer and freeze everything else.
+
+    Shape problems are raised here, naming the module, before any training starts.
+    """
+    _import_parallel_layers()
+    targets = [(name, module) for name, module in model.named_modules() if name and config.matches(name)]
+    if not targets:
+        sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(f"miss.target_modules={config.target_modules!r} matches no module; "
+                         f"linear modules in this model include {sample}")
+    wrapped = 0
+    for name, module in targets:
+        if _is_miss_layer(module):
+            raise ValueError(f"module '{name}' already has a MiSS adapter")
+        factory = _factory_for(module)
+        if factory is None:
+            raise ValueError(f"module '{name}' matched miss.target_modules but is a {type(module).__name__}, "
+                             "which MiSS cannot wrap; narrow target_modules to linear layers")
+        _set_submodule(model, name, factory(module, config, name))
+        wrapped += 1
+    _set_trainable(model, config)
+    report = TrainableReport(wrapped, *_count(model))
+    logger.info("%s", report)
+    return report
+
+
+def miss_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every MiSS layer in the model."""
+    return ((n, m) for n, m in model.named_modules() if _is_miss_layer(m))
+
+
+def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> dict[str, torch.Tensor]:
+    """Only what training changed: every D, plus the full parameters of ``modules_to_save``."""
+    saved = tuple(config.modules_to_save) if config else ()
+    return {name: p.detach() for name, p in model.named_parameters()
+            if name.endswith("." + D_NAME) or _in_modules_to_save(name, saved)}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy D tensors (and saved modules) into ``model``; every key must exist with the same shape."""
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k.endswith("." + D_NAME) and k not in state]
+    if missing:
+        raise KeyError(f"{source} has no D for {missing[0]} (and {len(missing) - 1} more): "
+                       "was it trained with the same target_modules?")
+    for key, value in state.items():
+        if key not in params:
+            raise KeyError(f"{source} holds '{key}', which this model does not have: wrong base model or config?")
+        if tuple(params[key].shape) != tuple(value.shape):
+            raise ValueError(f"{source}: '{key}' has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(params[key].shape)}: different r, mode or tensor-parallel size?")
+        with torch.no_grad():
+            params[key].copy_(value)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every single-device MiSS layer with a plain linear holding the merged weight."""
+    for name, layer in list(miss_layers(model)):
+        if not isinstance(layer, MissLinear):
+            raise TypeError(f"'{name}' is a {type(layer).__name__}: gather tensor-parallel adapters with "
+                            "tools/convert_to_hf.py instead of merging them in place")
+        _set_submodule(model, name, layer.merged_linear())
+    return model
+
+
+def _is_miss_layer(module: nn.Module) -> bool:
+    return isinstance(getattr(module, D_NAME, None), nn.Parameter)
+
+
+def _factory_for(module: nn.Module) -> Callable[[nn.Module, MissConfig, str], nn.Module] | None:
+    return next((f for t, f in _FACTORIES if type(module) is t), None) or \
+        next((f for t, f in _FACTORIES if isinstance(module, t)), None)
+
+
+def _import_parallel_layers() -> None:
+    """Register DeepSpeed's TP layer types, if DeepSpeed's layers are in use (a model holding them imported them)."""
+    if "deepspeed.module_inject.layers" in sys.modules:
+        from .parallel import autotp  # noqa: F401
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _in_modules_to_save(param_name: str, modules: tuple[str, ...]) -> bool:
+    return any(param_name.startswith(m + ".") or f".{m}." in param_name for m in modules)
+
+
+def _set_trainable(model: nn.Module, config: MissConfig) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("." + D_NAME) or _in_modules_to_save(name, tuple(config.modules_to_save)))
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

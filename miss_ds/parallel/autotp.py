@@ -1,0 +1,69 @@
+"""DeepSpeed AutoTP adapter: shard a model's linears with DeepSpeed's own TP layers, then put MiSS on them.
+
+DeepSpeed's ``LinearLayer`` (column) and ``LinearAllreduce`` (row) decide the partition (uneven and
+head-aligned splits included) and attach universal-checkpoint metadata; the MiSS layers take over their
+weight shards and partition sizes and run the forward pass themselves, so the adapter's communication is
+fused with the base's (see ``miss_ds.parallel.layers``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
+from deepspeed.module_inject.tp_shard import AutoTPMeta
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from ..config import LLAMA_TARGETS, MissConfig
+from ..inject import register_layer
+from .layers import ColumnParallelMissLinear, RowParallelMissLinear
+
+#: Llama-family plan: which projection is split along out (column) and which along in (row).
+LLAMA_TP_PLAN: dict[str, str] = {
+    "q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
+    "o_proj": "row", "down_proj": "row",
+}
+assert set(LLAMA_TP_PLAN) == set(LLAMA_TARGETS)
+
+
+def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str, str] = LLAMA_TP_PLAN) -> int:
+    """Replace every linear named in ``plan`` (by its last name component) with DeepSpeed's TP layer.
+
+    Other modules (embeddings, norms, lm_head) stay replicated. Marks the model so that
+    ``deepspeed.initialize`` does not partition it again. Returns how many layers were split.
+    """
+    set_autotp_mode(training=True)
+    meta = AutoTPMeta.from_model_config(getattr(model, "config", None))
+    layer_types = {"column": LinearLayer, "row": LinearAllreduce}
+    count = 0
+    for name, module in list(model.named_modules()):
+        style = plan.get(name.rpartition(".")[2])
+        if style is None or not isinstance(module, nn.Linear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer_types[style](module, group, tp_meta=meta, name=name))
+        count += 1
+    model.ds_autotp_parsed = True
+    return count
+
+
+def _column(layer: LinearLayer, config: MissConfig, name: str) -> ColumnParallelMissLinear:
+    if type(layer) is not LinearLayer or layer.gather_output:
+        raise ValueError(f"module '{name}' is a {type(layer).__name__} (gather_output={layer.gather_output}); "
+                         "MiSS supports plain column-parallel layers whose output stays split")
+    return ColumnParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=layer.mp_group,
+                                    partition_sizes=layer._partition_sizes, tp_rank=layer.tp_index,
+                                    full_shape=tuple(layer._orig_weight_shape))
+
+
+def _row(layer: LinearAllreduce, config: MissConfig, name: str) -> RowParallelMissLinear:
+    if type(layer) is not LinearAllreduce:
+        raise ValueError(f"module '{name}' is a {type(layer).__name__}; MiSS supports plain row-parallel layers")
+    return RowParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=layer.mp_group,
+                                 partition_sizes=layer._partition_sizes, tp_rank=layer.tp_index,
+                                 full_shape=tuple(layer._orig_weight_shape))
+
+
+register_layer(LinearLayer, _column)
+register_layer(LinearAllreduce, _row)

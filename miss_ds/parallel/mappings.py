@@ -1,0 +1,54 @@
+"""The two tensor-parallel communication ops MiSS needs, as autograd functions paired with their opposites.
+
+``copy_to_tp``: identity forward, all-reduce of the gradient backward. Used on the input of a column-parallel
+layer (every rank reads the whole input, so its gradient is summed) and on a D that is replicated in the TP
+group (every rank computes part of its gradient).
+``reduce_from_tp``: all-reduce forward, identity backward. The output of a row-parallel layer.
+Both return at once when the group has a single rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def tp_world_size(group: Optional[ProcessGroup]) -> int:
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Identity forward; the gradient is summed over the TP group."""
+    return x if tp_world_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Sum of the partial results over the TP group; the gradient passes through."""
+    return x if tp_world_size(group) == 1 else _ReduceFromTP.apply(x, group)

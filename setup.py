@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="miss_ds",
+    version="0.1.0",
+    description="MiSS (Matrix Shard Sharing) fine-tuning for DeepSpeed and tensor parallelism",
+    packages=find_packages(include=["miss_ds", "miss_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.45",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "mpi4py>=4.0",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "tensorboard>=2.15",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8", "peft>=0.17"]},
+)

@@ -1,0 +1,27 @@
+"""Shared test helpers: tiny random models and a CPU DeepSpeed environment."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def tiny_llama_config(**overrides):
+    """A tiny Llama with ragged sizes: hidden 48 and intermediate 100 are not multiples of r=8 chunks per shard."""
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    kw.update(overrides)
+    cfg = LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
