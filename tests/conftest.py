@@ -10,11 +10,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def tiny_llama_config(**overrides):
-    """A tiny Llama with ragged sizes: hidden 48 and intermediate 100 are not multiples of r=8 chunks per shard."""
+    """A tiny Llama whose MLP shards are ragged for r=8 (intermediate 100: TP=2 shards of 50, TP=4 of 25)."""
     from transformers import LlamaConfig
 
-    kw = dict(hidden_size=48, intermediate_size=100, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    kw = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
     kw.update(overrides)
     cfg = LlamaConfig(**kw)
     cfg._attn_implementation = "eager"

@@ -52,6 +52,9 @@ class _ParallelMissLinear(nn.Module):
         full_d = MF.init_d(self.full_geometry, zeros=config.init_weights, dtype=dtype, device=weight.device)
         self.miss_block = nn.Parameter(self.shard_d(full_d))
         self.miss_block.miss_tp_layout = self.d_layout()
+        # Megatron's and DeepSpeed's mark for a TP-split parameter: gradient norms count every shard once,
+        # and replicated parameters once per TP group.
+        self.miss_block.tensor_model_parallel = not self.d_replicated
         self.dropout = nn.Dropout(config.dropout) if config.dropout else None
 
     def _local_geometry(self, g: MF.MissGeometry, offset: int, size: int) -> MF.MissGeometry:

@@ -1,0 +1,178 @@
+"""Run under ``deepspeed --num_gpus N`` (DS_ACCELERATOR=cpu): a TP x DP MiSS run against a single-device run.
+
+For each mode, builds the same tiny ragged Llama twice: a TP=`--tp` DeepSpeed engine (ZeRO `--zero`) and a plain
+single-device reference trained with torch AdamW on the union of all data-parallel batches. Asserts, at every
+step, equal loss and equal D gradients (the TP shard against the matching slice of the reference), then equal
+D after the steps and an equal merged full weight gathered from the TP shards; counts the collectives of one
+forward pass and asserts MiSS adds none to the frozen base's. Exits non-zero on any mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
+from miss_ds import engine as miss_engine  # noqa: E402
+from miss_ds.parallel.autotp import shard_model  # noqa: E402
+from miss_ds.parallel.gather import full_d, full_merged_weight  # noqa: E402
+from tests.conftest import tiny_llama_config  # noqa: E402
+
+# Adam divides by |grad|: with a tiny eps, a gradient element that is zero up to rounding gets a +-lr update whose
+# sign depends on summation order (TP sums partials). A moderate eps keeps the comparison about TP, not rounding.
+ADAM_EPS = 1e-4
+LR = 1e-3
+# Small enough to clip: the global gradient norm must count TP-split D once and replicated D once.
+CLIP = 0.5
+MODES = {"miss": dict(mode="miss", r=8), "mini": dict(mode="mini", r=8, mini_r=4), "bat": dict(mode="bat", r=4)}
+# bat needs every shard to hold whole r x r blocks: an MLP width of 96 splits into 48s and 24s.
+MODEL = {"miss": {}, "mini": {}, "bat": {"intermediate_size": 96}}
+
+
+def ds_config(zero: int, offload: bool) -> dict:
+    zero_cfg = {"stage": zero}
+    if offload:
+        zero_cfg["offload_optimizer"] = {"device": "cpu"}
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.99], "eps": ADAM_EPS,
+                                                      "weight_decay": 0.0, "torch_adam": True}},
+            "zero_optimization": zero_cfg, "zero_allow_untested_optimizer": True, "gradient_clipping": CLIP}
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued inside the context (all paths, DeepSpeed's included)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+    def __enter__(self):
+        self.count, self._saved = 0, {}
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def counted(*a, _orig=original, **k):
+                self.count += 1
+                return _orig(*a, **k)
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def batches(step: int, dp: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (dp, 2, 11), generator=g)
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, failures: list, tol: float = 1e-4) -> None:
+    """Relative error ||got - want|| / ||want|| within ``tol`` (fp32 arithmetic in a different order)."""
+    rel = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-12)).item()
+    if not rel <= tol:
+        failures.append(f"{name}: relative error {rel:.3e}")
+
+
+def run_mode(mode: str, args, tp: int, failures: list) -> dict:
+    cfg = tiny_llama_config(**MODEL[mode])
+    miss_cfg = MissConfig(init_weights=False, **MODES[mode])
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+    base = LlamaForCausalLM(cfg)
+    reference = copy.deepcopy(base)
+    torch.manual_seed(1)
+    apply_miss(reference, miss_cfg)
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    if tp > 1:
+        shard_model(model, groups.get_tensor_model_parallel_group())
+    apply_miss(model, miss_cfg)
+
+    # Collectives of one forward: MiSS must add none to those of the frozen TP base.
+    ids = batches(0, 1, cfg.vocab_size)[0]
+    frozen = copy.deepcopy(base)
+    if tp > 1:
+        shard_model(frozen, groups.get_tensor_model_parallel_group())
+    with torch.no_grad(), CollectiveCounter() as c_base:
+        frozen(input_ids=ids)
+    with torch.no_grad(), CollectiveCounter() as c_miss:
+        model(input_ids=ids)
+    if c_miss.count != c_base.count:
+        failures.append(f"{mode}: forward collectives {c_miss.count} with MiSS vs {c_base.count} without")
+
+    engine, *_ = miss_engine.initialize(model, ds_config(args.zero, args.offload), tp_size=tp)
+    ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    ref_opt = torch.optim.AdamW(ref_params.values(), lr=LR, betas=(0.9, 0.99), eps=ADAM_EPS, weight_decay=0.0)
+    dp, dp_rank = groups.get_data_parallel_world_size(), groups.get_data_parallel_rank()
+    layers = dict(miss_layers(engine.module))
+    losses = []
+    for step in range(args.steps):
+        data = batches(step, dp, cfg.vocab_size)
+        loss = engine(input_ids=data[dp_rank], labels=data[dp_rank]).loss
+        engine.backward(loss)
+        ref_opt.zero_grad()
+        ref_loss = sum(reference(input_ids=d, labels=d).loss for d in data) / dp
+        ref_loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        mean_loss /= dist.get_world_size()
+        check(f"{mode} step {step} loss", mean_loss, ref_loss.detach(), failures)
+        for name, layer in layers.items():
+            grad = safe_get_full_grad(layer.miss_block)
+            assert grad is not None, f"no DeepSpeed gradient for {name}"
+            want = ref_params[name + ".miss_block"].grad
+            check(f"{mode} step {step} grad {name}", grad, _local_slice(layer, want), failures)
+        engine.step()
+        torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP)
+        ref_opt.step()
+        losses.append(ref_loss.item())
+    for name, layer in layers.items():
+        want = ref_params[name + ".miss_block"].detach()
+        master = safe_get_full_fp32_param(layer.miss_block)  # None without a ZeRO/bf16 optimizer: D is the master
+        check(f"{mode} D {name}", layer.miss_block if master is None else master, _local_slice(layer, want), failures,
+              tol=1e-4)
+        ref_layer = reference.get_submodule(name)
+        with deepspeed.zero.GatheredParameters([layer.weight, layer.miss_block]):
+            check(f"{mode} D gathered {name}", full_d(layer), want, failures, tol=1e-4)
+            check(f"{mode} merged {name}", full_merged_weight(layer),
+                  ref_layer.merged_linear().weight.detach(), failures, tol=1e-4)
+    engine.destroy()
+    return {"mode": mode, "losses": losses, "forward_collectives": c_miss.count}
+
+
+def _local_slice(layer, full: torch.Tensor) -> torch.Tensor:
+    return layer.shard_d(full) if hasattr(layer, "shard_d") else full
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--offload", action="store_true")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--modes", default="miss,mini,bat")
+    p.add_argument("--local_rank", type=int, default=0)
+    args = p.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    tp = args.tp
+    miss_engine.tensor_parallel_group(tp)
+    failures: list[str] = []
+    results = [run_mode(m, args, tp, failures) for m in args.modes.split(",")]
+    all_failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_failures, failures)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps({"tp": tp, "zero": args.zero, "world": dist.get_world_size(),
+                                      "results": results, "failures": sum(all_failures, [])}), flush=True)
+    sys.exit(1 if any(all_failures) else 0)
+
+
+if __name__ == "__main__":
+    main()
