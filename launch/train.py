@@ -1,0 +1,47 @@
+"""Fine-tune a causal LM with MiSS under DeepSpeed.
+
+    deepspeed launch/train.py --config configs/tiny-cpu.yaml [--set train.lr=1e-4 ...] [--resume auto]
+    python launch/train.py --config configs/tiny-cpu.yaml            # one process
+    srun / mpirun ... python launch/train.py --config ...            # ranks from Slurm or MPI
+
+Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume); 2 bad config.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from miss_ds.run_config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry, e.g. --set train.max_steps=50 (repeatable)")
+    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint) or a checkpoint path")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from miss_ds.trainer import Trainer
+
+    trainer = Trainer(cfg, resume=args.resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The on-disk adapter: D tensors per tensor-parallel rank plus what reassembling and resharding them needs.
+
+Layout of an adapter directory (inside every training checkpoint, and what the export tools read)::
+
+    adapter_config.json          MiSS config, tp_size, base-model summary, and per-tensor layout:
+                                 {"<module>.miss_block": {"dim": 0 | 1 | null, "sizes": [...], "full_shape": [...]}}
+    tp00-of-02.safetensors       the tensors held by TP rank 0 (fp32), keyed by parameter name
+    tp01-of-02.safetensors       ... one file per TP rank
+
+The tensors are every D plus the parameters of ``modules_to_save`` (trained in full, replicated over TP).
+``dim`` null means replicated over the TP group (every file holds the whole tensor).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import MissConfig
+from .inject import D_NAME, adapter_state_dict, miss_layers
+
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def shard_file(tp_rank: int, tp_size: int) -> str:
+    return f"tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
+
+
+def base_summary(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base model an adapter belongs to (checked when loading)."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size")
+    summary = {k: getattr(cfg, k) for k in keys if cfg is not None and hasattr(cfg, k)}
+    summary["name_or_path"] = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
+    return summary
+
+
+def adapter_parameters(model: nn.Module, config: MissConfig) -> dict[str, nn.Parameter]:
+    """The parameters an adapter holds, by name: every D, then the parameters of ``modules_to_save``."""
+    names = set(adapter_state_dict(model, config))
+    return {n: p for n, p in model.named_parameters() if n in names}
+
+
+def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
+    """Per adapter tensor: how this run splits it over TP ranks, and its full shape."""
+    out = {}
+    for name, p in adapter_parameters(model, config).items():
+        out[name] = {"dim": None, "sizes": None, "full_shape": list(getattr(p, "ds_shape", p.shape))}
+    for name, layer in miss_layers(model):
+        layout = getattr(layer.miss_block, "miss_tp_layout", {"dim": None, "sizes": None})
+        full = list(getattr(layer, "full_geometry", layer.geometry).d_shape)
+        out[f"{name}.{D_NAME}"] = {**layout, "full_shape": full}
+    return out
+
+
+def write_adapter_config(directory: Path, config: MissConfig, model: nn.Module, tp_size: int) -> None:
+    meta = {"format_version": FORMAT_VERSION, "miss": config.to_dict(), "tp_size": tp_size,
+            "base_model": base_summary(model), "layouts": layouts(model, config)}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
+
+
+def write_adapter_shard(directory: Path, tensors: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
+    """Write this TP rank's D tensors (callers pass fp32 masters), one file per TP rank."""
+    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()},
+              str(directory / shard_file(tp_rank, tp_size)))
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a miss_ds adapter directory (or an incomplete one)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the adapter is corrupt") from None
+
+
+def read_full_adapter(directory: Path, keys: Optional[Iterable[str]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter config and every D reassembled to its full shape, whatever TP size wrote it."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    tp_size = meta["tp_size"]
+    shards = []
+    for rank in range(tp_size):
+        path = directory / shard_file(rank, tp_size)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the adapter was written with tp_size={tp_size}")
+        shards.append(load_file(str(path)))
+    full = {}
+    for key in (keys if keys is not None else meta["layouts"]):
+        layout = meta["layouts"].get(key)
+        if layout is None:
+            raise KeyError(f"{directory / ADAPTER_CONFIG} has no layout for '{key}'")
+        missing = [r for r, s in enumerate(shards) if key not in s]
+        if missing:
+            raise KeyError(f"'{key}' is missing from {directory / shard_file(missing[0], tp_size)}")
+        tensor = shards[0][key] if layout["dim"] is None else torch.cat([s[key] for s in shards], layout["dim"])
+        if list(tensor.shape) != layout["full_shape"]:
+            raise ValueError(f"'{key}' reassembles to {list(tensor.shape)}, adapter_config.json says "
+                             f"{layout['full_shape']}: the adapter files are inconsistent")
+        full[key] = tensor
+    return meta, full
+
+
+def check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
+    """Refuse an adapter trained on a different base model (shape fields must agree)."""
+    ours = base_summary(model)
+    diffs = [f"{k}: adapter {v} vs model {ours[k]}" for k, v in meta.get("base_model", {}).items()
+             if k != "name_or_path" and k in ours and ours[k] != v]
+    if diffs:
+        raise ValueError(f"{source} was trained on another base model ({'; '.join(diffs)})")
+
+
+def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
+    """Copy full adapter tensors into a (possibly TP-split) model: each layer keeps its own part of D."""
+    layers = dict(miss_layers(model))
+    params = dict(model.named_parameters())
+    for name, layer in layers.items():
+        key = f"{name}.{D_NAME}"
+        if key not in full:
+            raise KeyError(f"{source} has no D for '{key}': trained with other target_modules?")
+        want = list(getattr(layer, "full_geometry", layer.geometry).d_shape)
+        if list(full[key].shape) != want:
+            raise ValueError(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
+                             "different r or mode?")
+        local = layer.shard_d(full[key]) if hasattr(layer, "shard_d") else full[key]
+        with torch.no_grad():
+            layer.miss_block.copy_(local)
+    for key in sorted(set(full) - {f"{n}.{D_NAME}" for n in layers}):  # modules_to_save, replicated
+        if key not in params or tuple(params[key].shape) != tuple(full[key].shape):
+            raise KeyError(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "
+                           "with that shape: wrong base model or config?")
+        with torch.no_grad():
+            params[key].copy_(full[key])

@@ -1,0 +1,114 @@
+"""Turn checked rows into token ids and loss labels, one encoder per data format.
+
+Labels are aligned with `input_ids` (not shifted: Hugging Face causal LMs shift
+them inside the loss) and hold `IGNORE_INDEX` wherever no loss should be taken.
+Every encoded example starts with bos (when the tokenizer has one) and ends with
+eos, so packed examples are separated by eos.
+"""
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from miss_ds.data.config import DataConfig
+
+IGNORE_INDEX = -100
+
+Encoded = tuple[list[int], list[int]]  # (input_ids, labels)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
+    """Raise `ValueError` if `tokenizer` lacks what `cfg.format` needs."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; every example ends with one: set tokenizer.eos_token")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token, needed to fill sequences to data.seq_len: "
+                         "set tokenizer.pad_token (tokenizer.eos_token works)")
+    if cfg.format == "chat" and not tokenizer.chat_template:
+        raise ValueError('data.format is "chat" but the tokenizer has no chat_template: '
+                         "set tokenizer.chat_template or use a tokenizer that ships one")
+
+
+def encode_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> dict[str, list]:
+    """`datasets.map(batched=True)` function: rows of `cfg.format` -> input_ids, labels, length."""
+    if cfg.format == "chat":
+        encoded = [_encode_chat(messages, tokenizer) for messages in batch[cfg.messages_field]]
+    elif cfg.format == "instruction":
+        prompts = [prompt + cfg.prompt_separator for prompt in batch[cfg.prompt_field]]
+        encoded = _encode_instructions(prompts, batch[cfg.response_field], tokenizer)
+    else:
+        encoded = _encode_texts(batch[cfg.text_field], tokenizer)
+    return {
+        "input_ids": [ids for ids, _ in encoded],
+        "labels": [labels for _, labels in encoded],
+        "length": [len(ids) for ids, _ in encoded],
+    }
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
+def _token_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Plain LM: loss on every token but bos."""
+    bos, eos = _bos(tokenizer), [tokenizer.eos_token_id]
+    return [(bos + ids + eos, [IGNORE_INDEX] * len(bos) + ids + eos) for ids in _token_ids(texts, tokenizer)]
+
+
+def _encode_instructions(prompts: list[str], responses: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Prompt and response tokenised apart, so the prompt/response boundary is exact; loss on the response and eos."""
+    bos, eos = _bos(tokenizer), [tokenizer.eos_token_id]
+    encoded = []
+    for prompt, response in zip(_token_ids(prompts, tokenizer), _token_ids(responses, tokenizer), strict=True):
+        context = bos + prompt
+        encoded.append((context + response + eos, [IGNORE_INDEX] * len(context) + response + eos))
+    return encoded
+
+
+def _encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Encoded:
+    """Conversation through the chat template; loss on assistant turns only."""
+    ids: list[int] = []
+    labels: list[int] = []
+    segments = _chat_segments(messages, tokenizer)
+    for (_, trained), piece in zip(segments, _token_ids([text for text, _ in segments], tokenizer), strict=True):
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(IGNORE_INDEX)
+    return ids, labels
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant_turn) pieces.
+
+    An assistant turn is the text the template adds when message i is appended to
+    the conversation rendered up to a generation prompt: exactly what the model is
+    asked to produce at inference. Works with any template that renders each
+    conversation as an extension of its prefixes (all common ones do).
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(messages[:index], tokenizer, add_generation_prompt=True)
+        turn = _render(messages[: index + 1], tokenizer, add_generation_prompt=False)
+        if not (prompt.startswith(done) and turn.startswith(prompt)):
+            raise ValueError(f"the chat template does not render message {index} as an extension of the "
+                             "conversation before it, so assistant turns cannot be located for loss masking")
+        segments += [(prompt[len(done):], False), (turn[len(prompt):], True)]
+        done = turn
+    whole = _render(messages, tokenizer, add_generation_prompt=False)
+    if not whole.startswith(done):
+        raise ValueError("the chat template renders the whole conversation differently from its prefix "
+                         "ending at the last assistant turn, so that turn cannot be located for loss masking")
+    return [(text, trained) for text, trained in segments + [(whole[len(done):], False)] if text]
+
+
+def _render(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,119 @@
+"""Read raw rows from local files, `save_to_disk` directories or cached `datasets` names.
+
+Every reader returns checked rows (see `rows.py`). JSON Lines files are read line
+by line here rather than by `load_dataset("json")`, because a bad row must be
+reported by file and line number, and an unparsable line must not abort the read
+when bad rows are to be skipped.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
+from datasets.fingerprint import Hasher
+
+from miss_ds.data.config import DataConfig
+from miss_ds.data.rows import checked_row, row_features
+
+ARROW_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json"}
+SUFFIXES = (".jsonl", *ARROW_BUILDERS)
+SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def read_rows(path: str, split: str, cfg: DataConfig) -> Dataset:
+    """Checked rows from `path`: a data file, a directory of them, a `save_to_disk`
+    directory, or a `datasets` name (offline: it must already be cached).
+
+    `split` is used only by sources that hold several splits.
+    """
+    local = Path(path)
+    if local.is_file():
+        parts = [_read_file(local, cfg)]
+    elif local.is_dir() and any((local / marker).exists() for marker in SAVED_DATASET_MARKERS):
+        parts = [_check(_pick_split(load_from_disk(path), split, path), path, cfg)]
+    elif local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} is a directory with no {'/'.join(SUFFIXES)} files")
+        parts = [_read_file(file, cfg) for file in files]
+    elif local.suffix in SUFFIXES:
+        raise FileNotFoundError(f"data file {path} does not exist")
+    else:
+        parts = [_check(load_dataset(path, split=split), path, cfg)]
+    rows = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(rows) == 0:
+        raise ValueError(f"{path} contains no rows")
+    return rows
+
+
+def _read_file(path: Path, cfg: DataConfig) -> Dataset:
+    if path.suffix in (".jsonl", ".json"):
+        first = _first_char(path)
+        if not first:
+            raise ValueError(f"{path} contains no rows")
+        if path.suffix == ".jsonl" or first != b"[":  # a .json file may hold one JSON array instead of lines
+            return _read_json_lines(path, cfg)
+    if path.suffix not in ARROW_BUILDERS:
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    return _check(load_dataset(ARROW_BUILDERS[path.suffix], data_files=str(path), split="train"), str(path), cfg)
+
+
+def _read_json_lines(path: Path, cfg: DataConfig) -> Dataset:
+    """Checked rows of a JSON Lines file, cached by the file's size and modification time."""
+    stat = path.stat()
+    fingerprint = Hasher.hash([str(path.resolve()), stat.st_size, stat.st_mtime_ns, cfg, _json_lines])
+    return Dataset.from_generator(
+        _json_lines,
+        gen_kwargs={"path": str(path), "cfg": cfg},
+        features=row_features(cfg),
+        fingerprint=fingerprint,
+    )
+
+
+def _json_lines(path: str, cfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """One checked row per non-blank line; an unparsable line becomes a bad row."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            origin = f"{path} line {number}"
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as error:
+                yield checked_row(None, origin, cfg, problem=f"not valid JSON: {error.msg} at column {error.colno}")
+            except UnicodeDecodeError:
+                yield checked_row(None, origin, cfg, problem="not valid UTF-8 text")
+            else:
+                yield checked_row(row, origin, cfg)
+
+
+def _check(dataset: Dataset, name: str, cfg: DataConfig) -> Dataset:
+    """Checked rows of an Arrow-backed dataset; origins are "<name> row <0-based index>"."""
+    return dataset.map(
+        lambda row, index: checked_row(row, f"{name} row {index}", cfg),
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        features=row_features(cfg),
+        num_proc=cfg.num_proc,
+        desc=f"checking {os.path.basename(name)}",
+    )
+
+
+def _pick_split(loaded: Dataset | DatasetDict, split: str, path: str) -> Dataset:
+    if isinstance(loaded, Dataset):
+        return loaded
+    if split not in loaded:
+        raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}: set data.train_split/eval_split")
+    return loaded[split]
+
+
+def _first_char(path: Path) -> bytes:
+    """The first non-whitespace byte of `path`, or b"" for a blank file."""
+    with open(path, "rb") as stream:
+        for line in stream:
+            if line.strip():
+                return line.lstrip()[:1]
+    return b""

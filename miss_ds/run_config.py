@@ -1,0 +1,249 @@
+"""The training job's configuration: one YAML file of nested sections, ``--set`` overrides, strict validation.
+
+Every problem is reported before any rank does heavy work, naming the file and the dotted key, with the
+nearest valid key suggested for typos.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .config import MissConfig
+from .data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used, with what to do about it."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint directory (config.json + safetensors, sharded index allowed)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config fields for a model built with random weights (when ``path`` is null, or to override)."""
+    random_init: bool = False
+    """Build from ``path``'s config (or ``config``) with random weights instead of loading them (benchmarks)."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer in backward instead of storing its activations."""
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class ParallelConfig:
+    tp_size: int = 1
+    """Tensor-parallel size: q/k/v/gate/up are split along out, o/down along in, MiSS's D with them."""
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    """ZeRO stage for D's optimizer state, gradients (2) and D itself (3) over data-parallel ranks."""
+    offload_optimizer: bool = False
+    """Keep D's optimizer state in CPU memory."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """The schedule decays to lr * min_lr_ratio."""
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 disables)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    max_batches: int = 0
+    """Cap on eval micro-batches per evaluation (0: the whole split)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N steps (0: only at the end and on preemption)."""
+    keep_last: int = 3
+    resume: Optional[str] = None
+    """``auto`` (latest complete checkpoint, if any) or a checkpoint path; ``--resume`` overrides."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    output_dir: str
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; defaults to ``model.path``."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    miss: MissConfig = field(default_factory=MissConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_path=""))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_adapter: Optional[str] = None
+    """Start from an existing adapter: a PEFT MiSS adapter directory or a miss_ds checkpoint/adapter directory."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed config merged over the generated one (e.g. comms_logger, flops_profiler)."""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read ``path``, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate the config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, miss:, data:, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, str(path), "")
+    validate(cfg, str(path))
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r} must look like section.key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or 'top level'}': {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:
+            raise ConfigError(f"{source}: '{key}' must be a list, got the string {value!r}")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return tuple(value) if origin is tuple else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return value
+    if hint is float:
+        return _as_float(value, source, key)
+    if hint in (int, str, bool) and not (type(value) is hint):
+        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+
+def validate(cfg: RunConfig, source: str) -> None:
+    """Cross-field checks that need no model and no GPU."""
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: '{key}' {msg}")
+
+    t = cfg.train
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
+                       ("train.max_steps", t.max_steps), ("parallel.tp_size", cfg.parallel.tp_size)):
+        if value < 1:
+            fail(key, f"is {value}; it must be at least 1")
+    if t.lr <= 0:
+        fail("train.lr", f"is {t.lr}; it must be positive")
+    if not 0 <= t.warmup_steps < t.max_steps:
+        fail("train.warmup_steps", f"is {t.warmup_steps}; it must be in [0, train.max_steps={t.max_steps})")
+    if cfg.model.path is None and not cfg.model.config:
+        fail("model", "needs either 'path' (a Hugging Face checkpoint directory) or 'config' (fields for a random model)")
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        fail("model.path", f"= {cfg.model.path} has no config.json: point it at a Hugging Face checkpoint directory")
+    tokenizer = cfg.tokenizer or cfg.model.path
+    if tokenizer is None:
+        fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
+    if not Path(tokenizer).is_dir():
+        fail("tokenizer", f"= {tokenizer} is not a directory")
+    if not cfg.data.train_path:
+        fail("data.train_path", "is empty: name the training data")
+    try:
+        cfg.data.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if cfg.init_adapter is not None and not Path(cfg.init_adapter).exists():
+        fail("init_adapter", f"= {cfg.init_adapter} does not exist")
+    if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
+        fail("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")
+
+
+def _as_float(value: Any, source: str, key: str) -> float:
+    """Numbers, and strings such as '1e-4' (YAML 1.1 reads an exponent without a dot as a string)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}") from None

@@ -1,0 +1,310 @@
+"""The training job: build -> train (with eval, checkpoints, metrics) -> close. Used by ``launch/train.py``.
+
+Order of work (torchtitan's): validate the config, start the process group, build the data (rank 0 first),
+build the base model, split it for tensor parallelism, add MiSS, wrap D in a DeepSpeed engine, resume, then
+run steps until ``train.max_steps`` or a preemption signal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from . import adapter_io, engine as miss_engine
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .data import BatchIterator, build_datasets, eval_batches
+from .distributed import PREEMPTED_EXIT_CODE, init_distributed
+from .metrics import MetricsLogger
+from .modeling import build_base_model, hf_config
+from .run_config import RunConfig, to_dict
+from .schedule import lr_lambda
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class Trainer:
+    """One MiSS fine-tuning run under DeepSpeed; see the module docstring for the order of work."""
+
+    def __init__(self, cfg: RunConfig, resume: Optional[str] = None) -> None:
+        self.cfg = cfg
+        self.info = init_distributed()
+        self.rank, self.world = self.info.rank, self.info.world_size
+        self.tp = cfg.parallel.tp_size
+        if self.world % self.tp:
+            raise ValueError(f"parallel.tp_size={self.tp} does not divide the {self.world} ranks of this job")
+        self.dp, self.dp_rank, self.tp_rank = self.world // self.tp, self.rank // self.tp, self.rank % self.tp
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.device = torch.device(get_accelerator().current_device_name())
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.path)
+        self._build_data()
+        self._build_engine()
+        self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last, self.rank,
+                                             self.world, dist.barrier, self.tp)
+        self.metrics = MetricsLogger(self.out, enabled=self.is_main)
+        self.step, self.tokens_seen, self.bad_in_row, self.bad_total = 0, 0, 0, 0
+        self._preempt_signal: Optional[int] = None
+        self._resume(resume if resume is not None else cfg.checkpoint.resume)
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+
+    # ----------------------------------------------------------------- build
+    def _build_data(self) -> None:
+        # Rank 0 tokenises and fills the datasets cache; the others then read it.
+        if not self.is_main:
+            dist.barrier()
+        self.train_ds, self.eval_ds, stats = build_datasets(self.cfg.data, self.tokenizer)
+        if self.is_main:
+            dist.barrier()
+            logger.info("data: %s", stats)
+        self.batches = BatchIterator(self.train_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp,
+                                     seed=self.cfg.data.seed)
+
+    def _build_engine(self) -> None:
+        cfg = self.cfg
+        config = hf_config(cfg.model, vocab_size=len(self.tokenizer))
+        model = build_base_model(cfg.model, config, self.device)
+        self.report = miss_engine.prepare_model(model, cfg.miss, self.tp)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.init_adapter:
+            self._load_init_adapter(model, cfg.init_adapter)
+        t = cfg.train
+        schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.engine, _, self.scheduler = miss_engine.initialize(
+            model, self.deepspeed_config(), tp_size=self.tp,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if self.is_main:
+            logger.info("%s", self.report)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed JSON generated from the run config (``deepspeed:`` entries are merged over it)."""
+        t, p = self.cfg.train, self.cfg.parallel
+        zero: dict[str, Any] = {"stage": p.zero_stage}
+        if p.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type != "cpu"}
+        ds = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+              "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                                                        "weight_decay": t.weight_decay, "torch_adam": True}},
+              "gradient_clipping": t.grad_clip, "zero_optimization": zero, "steps_per_print": 10**12,
+              "bf16": {"enabled": self.cfg.model.dtype == "bfloat16"}, "wall_clock_breakdown": False}
+        return _merge(ds, self.cfg.deepspeed)
+
+    def _load_init_adapter(self, model: torch.nn.Module, path: str) -> None:
+        """Start from an existing adapter: a PEFT MiSS adapter or a miss_ds adapter/checkpoint directory."""
+        source = Path(path)
+        if (source / "adapter_model.safetensors").is_file():
+            from .export.peft import read_peft_adapter
+
+            _, full = read_peft_adapter(source)
+        else:
+            adapter_dir = source / "adapter" if (source / "adapter").is_dir() else source
+            meta, full = adapter_io.read_full_adapter(adapter_dir)
+            adapter_io.check_base(meta, model, str(adapter_dir))
+        adapter_io.load_full_adapter_into(model, full, str(source))
+
+    # ----------------------------------------------------------------- run
+    def train(self) -> int:
+        """Run to ``train.max_steps``; returns the process exit code (0, or PREEMPTED_EXIT_CODE)."""
+        t = self.cfg.train
+        self._install_signal_handlers()
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.is_main and self.cfg.logging.progress))
+        start, start_tokens = time.time(), self.tokens_seen
+        window_t, window_tokens = time.time(), self.tokens_seen
+        while self.step < t.max_steps:
+            loss = self._train_step()
+            self.step += 1
+            bar.update(1)
+            if self.step % self.cfg.logging.every_steps == 0 or self.step == t.max_steps:
+                now = time.time()
+                tok_s = (self.tokens_seen - window_tokens) / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, self.tokens_seen
+                lr = self.scheduler.get_last_lr()[0]
+                self.metrics.log(self.step, {"loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                                             "tokens": self.tokens_seen, "skipped_batches": self.bad_total})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0 and self.step < t.max_steps:
+                self.evaluate()
+            if self._preempted():
+                bar.close()
+                self.save()
+                logger.warning("rank %d: signal %s received, checkpoint saved at step %d; exiting with %d",
+                               self.rank, self._preempt_signal, self.step, PREEMPTED_EXIT_CODE)
+                return PREEMPTED_EXIT_CODE
+            if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0 \
+                    and self.step < t.max_steps:
+                self.save()
+        bar.close()
+        eval_loss = self.evaluate()
+        self.save()
+        self._finish(time.time() - start, self.tokens_seen - start_tokens, eval_loss)
+        return 0
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss over DP ranks."""
+        losses = []
+        while len(losses) < self.cfg.train.grad_accum_steps:
+            batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+            loss = self.engine(**batch).loss
+            if not self._all_finite(loss):
+                self._skip_bad_batch()
+                continue
+            self.bad_in_row = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+            tokens = batch["attention_mask"].sum()
+            stats = torch.stack([torch.stack(losses[-1:]).sum(), tokens.float()])
+            dist.all_reduce(stats)
+            self.tokens_seen += int(stats[1].item()) // self.tp
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean)
+        return mean.item() / self.world
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    def _skip_bad_batch(self) -> None:
+        self.bad_in_row += 1
+        self.bad_total += 1
+        logger.warning("step %d: non-finite loss on some rank; micro-batch skipped (%d in a row)",
+                       self.step + 1, self.bad_in_row)
+        if self.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_in_row} micro-batches in a row gave a non-finite loss (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}) at step {self.step + 1}: lower train.lr, check the data, "
+                "or resume from the last checkpoint")
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the held-out split (token-weighted, summed over DP ranks); logged as split 'eval'."""
+        if self.eval_ds is None:
+            return None
+        self.engine.eval()
+        total = torch.zeros(2, device=self.device)
+        for i, batch in enumerate(eval_batches(self.eval_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp)):
+            if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            n = (batch["labels"][:, 1:] != -100).sum()
+            total += torch.stack([self.engine(**batch).loss.float() * n, n.float()])
+        self.engine.train()
+        dist.all_reduce(total)
+        loss = (total[0] / total[1].clamp_min(1)).item()
+        self.metrics.log(self.step, {"loss": loss}, split="eval")
+        return loss
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        """A complete checkpoint of this step (atomic: it is on disk whole, or not at all)."""
+        meta = {"tp_size": self.tp, "world_size": self.world, "step": self.step}
+        return self.checkpoints.save(self.step, self._write_checkpoint, meta)
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        # Collective calls first, in the same order on every rank.
+        self.engine.save_checkpoint(str(directory / "engine"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=True)
+        masters = {}
+        for name, param in adapter_io.adapter_parameters(self.engine.module, self.cfg.miss).items():
+            full = safe_get_full_fp32_param(param)  # the fp32 master (None when DeepSpeed keeps none)
+            masters[name] = param if full is None else full
+        adapter = directory / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        if self.dp_rank == 0:
+            adapter_io.write_adapter_shard(adapter, masters, self.tp_rank, self.tp)
+        rng = directory / "rng"
+        rng.mkdir(exist_ok=True)
+        torch.save(rng_state(), rng / f"rank{self.rank:05d}.pt")
+        if self.is_main:
+            adapter_io.write_adapter_config(adapter, self.cfg.miss, self.engine.module, self.tp)
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_batches": self.bad_total,
+                     "tp_size": self.tp, "world_size": self.world, "data": self.batches.state_dict(),
+                     "config": to_dict(self.cfg)}
+            (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+    def _resume(self, resume: Optional[str]) -> None:
+        path = self.checkpoints.resolve(resume)
+        if path is None:
+            if resume not in (None, "auto"):
+                raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+            return
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if state["tp_size"] == self.tp and state["world_size"] == self.world:
+            self.engine.load_checkpoint(str(path / "engine"), tag="state", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+            rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            # Another layout: D carries over (the adapter is TP-independent); optimizer state starts afresh.
+            meta, full = adapter_io.read_full_adapter(path / "adapter")
+            adapter_io.check_base(meta, self.engine.module, str(path))
+            adapter_io.load_full_adapter_into(self.engine.module, full, str(path))
+            self.scheduler.last_epoch = state["step"]
+            logger.warning("resuming %s written by tp_size=%d on %d ranks with tp_size=%d on %d ranks: D is "
+                           "loaded, optimizer state restarts", path, state["tp_size"], state["world_size"],
+                           self.tp, self.world)
+        self.batches.load_state_dict(state["data"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.bad_total = state.get("skipped_batches", 0)
+        self.metrics.truncate_after(self.step)
+        if self.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------- preemption and end
+    def _install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self._preempt_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _preempted(self) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they save together)."""
+        flag = torch.tensor([1.0 if self._preempt_signal is not None else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def _finish(self, seconds: float, tokens: int, eval_loss: Optional[float]) -> None:
+        peak = (get_accelerator().max_memory_allocated() if self.device.type != "cpu"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        summary = {"steps": self.step, "tokens": tokens, "seconds": round(seconds, 2),
+                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "peak_memory_gib": round(peak / 2**30, 3),
+                   "eval_loss": eval_loss, "skipped_batches": self.bad_total, "trainable_params": self.report.trainable}
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.metrics.plot_losses(self.out / "loss.png")
+            print("summary: " + json.dumps(summary), flush=True)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.engine.destroy()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge: ``extra`` wins."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

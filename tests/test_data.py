@@ -1,0 +1,314 @@
+"""Tests of miss_ds.data: shipped corpus and tokenizer, row checks, masking, packing, sharding, resume."""
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset, DatasetDict
+from transformers import AutoTokenizer
+
+from miss_ds.data import IGNORE_INDEX, BatchIterator, DataConfig, build_datasets, eval_batches, train_tokenizer
+from miss_ds.data.corpus import chat_rows, instruction_rows
+
+ARITH = Path(__file__).resolve().parents[1] / "data" / "arith"
+
+PROBLEMS = [
+    {"prompt": "Tom has 12 apples and buys 7 more. How many apples does Tom have now?",
+     "response": "12 + 7 = 19. The answer is 19."},
+    {"prompt": "Mia has 3 bags with 4 coins in each bag. How many coins does Mia have in total?",
+     "response": "3 * 4 = 12. The answer is 12."},
+    {"prompt": "Leo has 9 cards and gives away 5. How many cards are left?",
+     "response": "9 - 5 = 4. The answer is 4."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(ARITH / "tokenizer")
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    """Write rows (dicts, JSON-encoded) or raw strings, one per line."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def real_tokens(dataset: Dataset, column: str) -> list[int]:
+    """All non-padding values of `column`, sequences concatenated in order."""
+    return [value for row in dataset for value, keep in zip(row[column], row["attention_mask"], strict=True) if keep]
+
+
+# --- shipped corpus and tokenizer ---------------------------------------------------------------
+
+
+def test_shipped_tokenizer_loads_and_round_trips(tokenizer):
+    text = "Zoe has 12 apples and buys 7 more.\n12 + 7 = 19. Café ü 42!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids  # byte fallback covers characters never seen in training
+    assert len({tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 4
+    for marker in ("<|user|>", "<|assistant|>"):
+        assert len(tokenizer(marker, add_special_tokens=False)["input_ids"]) == 1
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<s><|user|>\nhi\n<|assistant|>\n"
+
+
+def test_shipped_files_are_reproducible_and_correct(tmp_path):
+    train = [json.loads(line) for line in (ARITH / "train.jsonl").read_text().splitlines()]
+    evaluation = [json.loads(line) for line in (ARITH / "eval.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (ARITH / "train_chat.jsonl").read_text().splitlines()]
+    assert (len(train), len(evaluation), len(chats)) == (20_000, 500, 2_000)
+    assert train[:50] == instruction_rows(50, seed=0)
+    assert chats[:50] == chat_rows(50, seed=2)
+    assert not {row["prompt"] for row in evaluation} & {row["prompt"] for row in train}
+    for row in train[:2000]:
+        a, op, b, result = re.match(r"(\d+) ([-+*]) (\d+) = (\d+)\.", row["response"]).groups()
+        assert eval(f"{a} {op} {b}") == int(result)
+    sentences = [text for row in train for text in (row["prompt"], row["response"])]
+    train_tokenizer(sentences, tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (ARITH / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+# --- formats and masking ------------------------------------------------------------------------
+
+
+def test_instruction_labels_mask_exactly_the_prompt(tmp_path, tokenizer):
+    cfg = DataConfig(train_path=str(write_lines(tmp_path / "train.jsonl", PROBLEMS)), seq_len=64)
+    train, _, stats = build_datasets(cfg, tokenizer)
+    assert stats.train.rows == len(PROBLEMS)
+    for row, problem in zip(train, PROBLEMS, strict=True):
+        context = 1 + len(tokenizer(problem["prompt"] + "\n", add_special_tokens=False)["input_ids"])
+        response = tokenizer(problem["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        length = context + len(response)
+        assert row["input_ids"][0] == tokenizer.bos_token_id
+        assert row["labels"][:context] == [IGNORE_INDEX] * context
+        assert row["labels"][context:length] == row["input_ids"][context:length] == response
+        assert row["labels"][length:] == [IGNORE_INDEX] * (64 - length)
+        assert row["input_ids"][length:] == [tokenizer.pad_token_id] * (64 - length)
+        assert row["attention_mask"] == [1] * length + [0] * (64 - length)
+
+
+def test_chat_labels_keep_only_assistant_turns(tmp_path, tokenizer):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": PROBLEMS[0]["prompt"]},
+        {"role": "assistant", "content": PROBLEMS[0]["response"]},
+        {"role": "user", "content": PROBLEMS[1]["prompt"]},
+        {"role": "assistant", "content": PROBLEMS[1]["response"]},
+    ]
+    path = write_lines(tmp_path / "chat.jsonl", [{"messages": messages}])
+    train, _, _ = build_datasets(DataConfig(train_path=str(path), format="chat", seq_len=128), tokenizer)
+    row = train[0]
+    pairs = zip(row["input_ids"], row["labels"], strict=True)
+    trained = [(token, label) for token, label in pairs if label != IGNORE_INDEX]
+    expected = []
+    for message in messages[2::2]:
+        expected += tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert [label for _, label in trained] == expected
+    assert all(token == label for token, label in trained)
+    assert "Answer briefly" in tokenizer.decode(row["input_ids"])
+
+
+def test_text_format_trains_on_all_but_bos(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "text.jsonl", [{"text": "one two three"}])
+    train, _, stats = build_datasets(DataConfig(train_path=str(path), format="text", seq_len=16), tokenizer)
+    ids, labels = real_tokens(train, "input_ids"), real_tokens(train, "labels")
+    assert labels == [IGNORE_INDEX] + ids[1:]
+    assert ids[-1] == tokenizer.eos_token_id and stats.train.loss_tokens == len(ids) - 1
+
+
+def test_packing_concatenates_examples_into_full_blocks(tmp_path, tokenizer):
+    path = str(write_lines(tmp_path / "train.jsonl", instruction_rows(40, seed=5)))
+    padded, _, _ = build_datasets(DataConfig(train_path=path, seq_len=128), tokenizer)
+    packed, _, stats = build_datasets(DataConfig(train_path=path, seq_len=32, pack=True), tokenizer)
+    assert all(len(row["input_ids"]) == len(row["labels"]) == 32 for row in packed)
+    assert real_tokens(packed, "labels") == real_tokens(padded, "labels")
+    assert real_tokens(packed, "input_ids") == real_tokens(padded, "input_ids")
+    assert all(sum(row["attention_mask"]) == 32 for row in list(packed)[:-1])  # only the last block is padded
+    assert stats.train.sequences == -(-stats.train.tokens // 32)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ('{"prompt": "unterminated', "not valid JSON"),
+        ('{"prompt": "a question"}', "missing field 'response'"),
+        ('{"prompt": "a question", "response": 7}', "field 'response' should be a string"),
+        (json.dumps({"prompt": "x " * 200, "response": "y"}), "more than data.seq_len=64"),
+    ],
+)
+def test_bad_row_error_names_file_and_line(tmp_path, tokenizer, bad_line, reason):
+    path = write_lines(tmp_path / "broken.jsonl", [PROBLEMS[0], "", PROBLEMS[1], bad_line, PROBLEMS[2]])
+    with pytest.raises(ValueError) as error:
+        build_datasets(DataConfig(train_path=str(path), seq_len=64), tokenizer)
+    assert re.search(rf"broken\.jsonl line 4: [^\n]*{re.escape(reason)}", str(error.value))
+
+
+def test_skip_mode_drops_and_counts_bad_rows(tmp_path, tokenizer):
+    lines = [PROBLEMS[0], "not json", {"response": "no prompt"}, PROBLEMS[1],
+             {"prompt": "x " * 200, "response": "y"}, PROBLEMS[2]]
+    path = write_lines(tmp_path / "train.jsonl", lines)
+    train, _, stats = build_datasets(DataConfig(train_path=str(path), seq_len=64, on_bad_row="skip"), tokenizer)
+    assert (stats.train.bad_rows, stats.train.too_long_rows, stats.train.rows, len(train)) == (2, 1, 3, 3)
+
+
+def test_empty_file_is_an_error(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(ValueError, match="empty.jsonl contains no rows"):
+        build_datasets(DataConfig(train_path=str(path)), tokenizer)
+
+
+def test_all_rows_bad_in_skip_mode_is_an_error(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "bad.jsonl", ["[1, 2]"])
+    with pytest.raises(ValueError, match="all 1 rows of .*bad.jsonl are bad"):
+        build_datasets(DataConfig(train_path=str(path), on_bad_row="skip"), tokenizer)
+
+
+def test_tokenizer_without_needed_tokens_is_an_error(tmp_path, tokenizer):
+    path = str(write_lines(tmp_path / "train.jsonl", PROBLEMS))
+    no_template = AutoTokenizer.from_pretrained(ARITH / "tokenizer")
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        build_datasets(DataConfig(train_path=path, format="chat"), no_template)
+    no_pad = AutoTokenizer.from_pretrained(ARITH / "tokenizer")
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        build_datasets(DataConfig(train_path=path), no_pad)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"format": "csv"}, "data.format"), ({"seq_len": 1}, "data.seq_len"),
+     ({"on_bad_row": "ignore"}, "data.on_bad_row"), ({"eval_fraction": 0.1, "eval_path": "e.jsonl"}, "eval_fraction")],
+)
+def test_config_validation_names_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        DataConfig(train_path="train.jsonl", **change).validate()
+
+
+# --- other sources ------------------------------------------------------------------------------
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def write_json_array(path: Path, rows: list[dict]) -> None:
+    path.write_text(json.dumps(rows))
+
+
+def write_arrow_stream(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as stream:
+        stream.write_table(table)
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [("train.parquet", write_parquet), ("train.json", write_json_array), ("train.arrow", write_arrow_stream)],
+)
+def test_arrow_backed_files(tmp_path, tokenizer, name, write):
+    path = tmp_path / name
+    write(path, PROBLEMS * 2)
+    train, _, stats = build_datasets(DataConfig(train_path=str(path), seq_len=64), tokenizer)
+    assert stats.train.rows == len(train) == 6
+    assert tokenizer.decode(train[1]["input_ids"], skip_special_tokens=True).startswith(PROBLEMS[1]["prompt"])
+    write(path, [*PROBLEMS, {"prompt": "q", "response": None}])
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} row 3: field 'response' is null"):
+        build_datasets(DataConfig(train_path=str(path), seq_len=64), tokenizer)
+
+
+def test_save_to_disk_directory_with_splits(tmp_path, tokenizer):
+    DatasetDict({"train": Dataset.from_list(PROBLEMS), "validation": Dataset.from_list(PROBLEMS[:1])}).save_to_disk(
+        tmp_path / "saved"
+    )
+    cfg = DataConfig(train_path=str(tmp_path / "saved"), eval_path=str(tmp_path / "saved"), seq_len=64)
+    train, evaluation, _ = build_datasets(cfg, tokenizer)
+    assert (len(train), len(evaluation)) == (3, 1)
+
+
+def test_rewritten_jsonl_is_read_again(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    write_lines(path, PROBLEMS)
+    first, _, _ = build_datasets(DataConfig(train_path=str(path), seq_len=64), tokenizer)
+    write_lines(path, PROBLEMS[:2])
+    second, _, _ = build_datasets(DataConfig(train_path=str(path), seq_len=64), tokenizer)
+    assert (len(first), len(second)) == (3, 2)
+
+
+def test_directory_input_and_eval_fraction(tmp_path, tokenizer):
+    write_lines(tmp_path / "a.jsonl", instruction_rows(30, seed=1))
+    write_lines(tmp_path / "b.jsonl", instruction_rows(10, seed=2))
+    cfg = DataConfig(train_path=str(tmp_path), seq_len=64, eval_fraction=0.25)
+    train, evaluation, stats = build_datasets(cfg, tokenizer)
+    assert (len(train), len(evaluation)) == (30, 10)
+    assert stats.eval is not None and stats.eval.rows == 10
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def numbered_sequences(count: int, seq_len: int = 4) -> Dataset:
+    """Sequence i is all i, so a batch shows which sequences it holds."""
+    return Dataset.from_dict({
+        "input_ids": [[i] * seq_len for i in range(count)],
+        "labels": [[i] * seq_len for i in range(count)],
+        "attention_mask": [[1] * seq_len for _ in range(count)],
+    })
+
+
+def epoch_ids(batches: BatchIterator) -> list[int]:
+    return [int(i) for _ in range(batches.batches_per_epoch) for i in next(batches)["input_ids"][:, 0]]
+
+
+@pytest.mark.parametrize("count", [24, 29])
+def test_dp_shards_cover_an_epoch_without_overlap(count):
+    data = numbered_sequences(count)
+    shards = [epoch_ids(BatchIterator(data, micro_batch_size=2, dp_rank=rank, dp_size=3, seed=7)) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [8, 8, 8]
+    everything = [i for shard in shards for i in shard]
+    assert len(set(everything)) == 24 and set(everything) <= set(range(count))
+
+
+def test_batches_shapes_types_and_tensor_parallel_peers_agree():
+    data = numbered_sequences(20)
+    peer_a = BatchIterator(data, micro_batch_size=4, dp_rank=1, dp_size=2, seed=3)
+    peer_b = BatchIterator(data, micro_batch_size=4, dp_rank=1, dp_size=2, seed=3)
+    for _ in range(5):  # crosses into the second epoch
+        a, b = next(peer_a), next(peer_b)
+        assert a["input_ids"].shape == (4, 4) and a["input_ids"].dtype == a["attention_mask"].dtype
+        assert all(a[name].equal(b[name]) for name in a)
+    epochs = BatchIterator(data, micro_batch_size=4, dp_rank=1, dp_size=2, seed=3)
+    first_epoch, second_epoch = epoch_ids(epochs), epoch_ids(epochs)
+    assert first_epoch != second_epoch  # reshuffled every epoch
+    other_seed = BatchIterator(data, micro_batch_size=4, dp_rank=1, dp_size=2, seed=4)
+    assert epoch_ids(other_seed) != first_epoch
+
+
+def test_resume_continues_with_the_same_batches():
+    data = numbered_sequences(30)
+    uninterrupted = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=2, seed=11)
+    reference = [next(uninterrupted)["input_ids"] for _ in range(12)]  # 3 batches per epoch: 4 epochs
+    first = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=2, seed=11)
+    for _ in range(5):
+        next(first)
+    resumed = BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=2, seed=11)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert all(next(resumed)["input_ids"].equal(expected) for expected in reference[5:])
+    with pytest.raises(ValueError, match="dp_size"):
+        BatchIterator(data, micro_batch_size=4, dp_rank=0, dp_size=3, seed=11).load_state_dict(first.state_dict())
+
+
+def test_eval_batches_are_one_ordered_pass():
+    data = numbered_sequences(10)
+    rank0 = [int(i) for batch in eval_batches(data, 2, dp_rank=0, dp_size=2) for i in batch["input_ids"][:, 0]]
+    rank1 = [int(i) for batch in eval_batches(data, 2, dp_rank=1, dp_size=2) for i in batch["input_ids"][:, 0]]
+    assert (rank0, rank1) == ([0, 1, 4, 5], [2, 3, 6, 7])

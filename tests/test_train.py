@@ -1,0 +1,136 @@
+"""launch/train.py end to end on CPU: the default config trains under deepspeed with TP=2 and with ZeRO-2,
+a preempted run resumes to exactly the losses of an uninterrupted one, and bad input is refused clearly."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.launch_utils import ROOT, free_port
+
+CONFIG = "configs/tiny-cpu.yaml"
+QUICK = ["train.max_steps=40", "eval.every_steps=20", "eval.max_batches=2", "checkpoint.every_steps=20",
+         "logging.every_steps=1", "logging.progress=false", "train.warmup_steps=4"]
+
+
+def train_cmd(ranks: int, out: Path, *overrides: str, resume: str | None = None) -> list[str]:
+    sets = [a for o in (*QUICK, f"output_dir={out}", *overrides) for a in ("--set", o)]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                "--master_port", str(free_port())] if ranks > 1 else [sys.executable]
+    return [*launcher, "launch/train.py", "--config", CONFIG, *sets, *(["--resume", resume] if resume else [])]
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("overrides", [["parallel.tp_size=2", "parallel.zero_stage=1"], ["parallel.zero_stage=2"]],
+                         ids=["tp2", "zero2-dp2"])
+def test_default_config_trains_and_loss_falls(tmp_path, overrides):
+    proc = run(train_cmd(2, tmp_path, *overrides))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(38, 41)) / 3
+    assert last < 0.7 * first, (first, last)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_loss"] < first and summary["tokens_per_s"] > 0
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").iterdir())
+    final = tmp_path / "checkpoints" / "step_00000040"
+    assert (final / "manifest.json").is_file() and (final / "adapter" / "adapter_config.json").is_file()
+
+
+def test_preempted_run_resumes_to_the_same_losses(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    overrides = ("parallel.zero_stage=2", "checkpoint.every_steps=0")
+    assert run(train_cmd(2, straight, *overrides)).returncode == 0
+    reference = train_losses(straight)
+
+    launcher = subprocess.Popen(train_cmd(2, broken, *overrides), cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = broken / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
+        assert launcher.poll() is None and time.time() < deadline, "training ended before it could be signalled"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+               if any(a.startswith("--local_rank") for a in p.cmdline())]  # the ranks, not launch.py
+    assert len(workers) == 2
+    for worker in workers:  # as Slurm does: the signal reaches every task
+        worker.send_signal(signal.SIGUSR1)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 85, output[-3000:]
+    saved = sorted((broken / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, saved
+    stopped_at = int(saved[0].name.split("_")[1])
+    assert 12 <= stopped_at < 40
+
+    resumed = run(train_cmd(2, broken, *overrides, resume="auto"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    losses = train_losses(broken)
+    assert sorted(losses) == sorted(reference)
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), f"step {step} (stopped at {stopped_at})"
+
+
+def run_cli(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    return run([sys.executable, "launch/train.py", "--config", str(cfg), *extra], timeout=120)
+
+
+def base_yaml() -> str:
+    return (ROOT / CONFIG).read_text()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    proc = run_cli(tmp_path, base_yaml() + "\nmiss: [unclosed\n")
+    assert proc.returncode == 2
+    assert "bad.yaml" in proc.stderr and "line" in proc.stderr and "not valid YAML" in proc.stderr
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    proc = run_cli(tmp_path, base_yaml().replace("  micro_batch_size:", "  micro_batch_sise:"))
+    assert proc.returncode == 2
+    assert "unknown key 'train.micro_batch_sise'" in proc.stderr and "did you mean 'train.micro_batch_size'" in proc.stderr
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("train.lr=fast", "'train.lr' must be a number"),
+    ("parallel.zero_stage=4", "'parallel.zero_stage' is 4; choose one of [0, 1, 2, 3]"),
+    ("miss.mode=lora", "'miss.mode' is 'lora'; choose one of ['miss', 'mini', 'bat']"),
+    ("data.train_path=''", "'data.train_path' is empty"),
+    ("train.warmup_steps=500", "'train.warmup_steps' is 500"),
+])
+def test_bad_values_are_named(tmp_path, override, expect):
+    proc = run_cli(tmp_path, base_yaml(), "--set", override)
+    assert proc.returncode == 2
+    assert expect in proc.stderr, proc.stderr
+
+
+def test_bad_data_row_names_file_and_line(tmp_path):
+    rows = (ROOT / "data/arith/train.jsonl").read_text().splitlines()[:50]
+    rows[6] = '{"prompt": "2 + 2", "respose": "4"}'
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    proc = run([sys.executable, "launch/train.py", "--config", CONFIG, "--set", f"data.train_path={data}",
+                "--set", "data.eval_path=null", "--set", f"output_dir={tmp_path / 'out'}"], timeout=300)
+    assert proc.returncode != 0
+    assert "rows.jsonl" in proc.stderr and "line 7" in proc.stderr, proc.stderr[-2000:]
