@@ -15,10 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from miss_ds.preemption import Preemption  # noqa: E402
 from miss_ds.run_config import ConfigError, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    preemption = Preemption().install()  # before anything slow: a notice while loading must not kill us
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from miss_ds.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=args.resume)
+    trainer = Trainer(cfg, resume=args.resume, preemption=preemption)
     try:
         return trainer.train()
     finally:

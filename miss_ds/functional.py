@@ -132,6 +132,46 @@ def _bat_delta_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
     return (torch.einsum("aibj,ajk->aibk", blocks, d) + d[:, :, None, :]).reshape(w.shape)
 
 
+def broadcast_chunks(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
+    """The adjoint of ``aggregate``: (..., r) -> (..., n) with feature c taking g[..., (in_offset + c) mod r]."""
+    lead = in_offset % r
+    reps = -(-(lead + n) // r)
+    return g.repeat(*([1] * (g.dim() - 1)), reps)[..., lead:lead + n]
+
+
+class _AdditiveMissLinear(torch.autograd.Function):
+    """``x W^T + agg(x) @ D`` as one autograd node (``miss``/``mini``), built to move few bytes.
+
+    Forward: the small GEMM writes the delta and the frozen GEMM accumulates onto it in its epilogue (beta=1),
+    instead of a separate read-add-write pass over the output. Only agg(x) is saved (r values a token), not x.
+    Backward: the MiSS input gradient (dy D^T spread over the input chunks) is written once and the frozen
+    input-gradient GEMM accumulates onto it; D's gradient is agg(x)^T dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        agg = aggregate(x2, r, in_offset)
+        out = agg @ d.to(x.dtype)
+        out.addmm_(x2, w.t())
+        ctx.save_for_backward(agg, w, d)
+        ctx.r, ctx.in_offset = r, in_offset
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        agg, w, d = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dd = None
+        if ctx.needs_input_grad[0]:
+            dx = broadcast_chunks(dy2 @ d.to(dy.dtype).t(), w.shape[1], ctx.r, ctx.in_offset).contiguous()
+            dx.addmm_(dy2, w)
+            dx = dx.reshape(*dy.shape[:-1], w.shape[1])
+        if ctx.needs_input_grad[2]:
+            dd = (agg.t() @ dy2).to(d.dtype)
+        return dx, None, dd, None, None
+
+
 def adapted_linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, g: MissGeometry,
                    dropout: torch.nn.Module | None = None) -> torch.Tensor:
     """x W'^T for the local shard, without bias: the base product plus MiSS, computed in x's dtype.
@@ -141,5 +181,6 @@ def adapted_linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, g: MissGeo
     """
     if g.mode == "bat":
         return F.linear(x, merge(w, d, g).to(x.dtype))
-    x_adapter = dropout(x) if dropout is not None else x
-    return F.linear(x, w) + aggregate(x_adapter, g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
+    if dropout is not None and dropout.training and dropout.p > 0:
+        return F.linear(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
+    return _AdditiveMissLinear.apply(x, w, expand_d(d, g), g.r, g.in_offset)

@@ -23,8 +23,9 @@ class MetricsLogger:
     """Writes ``{"step", "split", "time", **values}`` lines to metrics.jsonl (flushed per line) and
     ``<split>/<name>`` scalars to TensorBoard under ``<output_dir>/tensorboard``."""
 
-    def __init__(self, output_dir: Union[str, os.PathLike], enabled: bool = True) -> None:
+    def __init__(self, output_dir: Union[str, os.PathLike], enabled: bool = True, tensorboard: bool = True) -> None:
         self.enabled = enabled
+        self.tensorboard = tensorboard
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
         self._file: Optional[IO[str]] = None
@@ -43,6 +44,8 @@ class MetricsLogger:
         file = self._jsonl()
         file.write(json.dumps(record) + "\n")
         file.flush()
+        if not self.tensorboard:
+            return
         writer = self._tensorboard()
         for name, value in record.items():
             if name not in _RESERVED and isinstance(value, (int, float)):

@@ -1,9 +1,10 @@
-"""Build the base causal LM for a run: from a local Hugging Face checkpoint or from a config with random weights."""
+"""The base model's Hugging Face config for a run: a local checkpoint's, or one built from fields (random weights)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .run_config import ModelConfig
 
@@ -29,12 +30,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> PretrainedConf
     return config
 
 
-def build_base_model(cfg: ModelConfig, config: PretrainedConfig, device: torch.device) -> nn.Module:
-    """The full base model on ``device``: loaded from ``cfg.path`` or randomly initialised."""
-    dtype = DTYPES[cfg.dtype]
-    if cfg.path is not None and not cfg.random_init:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, config=config, dtype=dtype)
-        return model.to(device)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+def enable_recompute(model: nn.Module, layers: int | None) -> int:
+    """Activation checkpointing on the first ``layers`` decoder layers (all when None); returns how many.
+
+    Recomputing a layer trades its stored activations for a second forward pass in backward; when memory
+    allows, leaving the last layers stored makes a step faster (tools/plan_memory.py says how many fit).
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    count = len(blocks) if layers is None else max(0, min(layers, len(blocks)))
+    for block in blocks[count:]:
+        block.gradient_checkpointing = False
+    return count

@@ -33,7 +33,10 @@ class ModelConfig:
     """Build from ``path``'s config (or ``config``) with random weights instead of loading them (benchmarks)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     gradient_checkpointing: bool = True
-    """Recompute each decoder layer in backward instead of storing its activations."""
+    """Recompute decoder layers in backward instead of storing their activations."""
+    recompute_layers: Union[int, Literal["auto"], None] = None
+    """With gradient_checkpointing: how many decoder layers recompute (null: all). Fewer is faster and needs
+    more memory. ``auto``: the fewest that fit in 85% of the GPU by miss_ds.memory_plan (tools/plan_memory.py)."""
     attn_implementation: str = "sdpa"
 
 
@@ -94,11 +97,11 @@ class LoggingConfig:
 class RunConfig:
     output_dir: str
     tokenizer: Optional[str] = None
-    """Tokenizer directory; defaults to ``model.path``."""
+    """Tokenizer directory; defaults to ``model.path`` (not needed with ``data.synthetic``)."""
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     miss: MissConfig = field(default_factory=MissConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(train_path=""))
+    data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -108,6 +111,8 @@ class RunConfig:
     """Start from an existing adapter: a PEFT MiSS adapter directory or a miss_ds checkpoint/adapter directory."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config merged over the generated one (e.g. comms_logger, flops_profiler)."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    """Job-script settings read by ``launch/slurm/submit.py`` (nodes, gpus_per_node, time, partition, account)."""
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -223,11 +228,11 @@ def validate(cfg: RunConfig, source: str) -> None:
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         fail("model.path", f"= {cfg.model.path} has no config.json: point it at a Hugging Face checkpoint directory")
     tokenizer = cfg.tokenizer or cfg.model.path
-    if tokenizer is None:
+    if tokenizer is None and not cfg.data.synthetic:
         fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
-    if not Path(tokenizer).is_dir():
+    if tokenizer is not None and not Path(tokenizer).is_dir():
         fail("tokenizer", f"= {tokenizer} is not a directory")
-    if not cfg.data.train_path:
+    if not cfg.data.train_path and not cfg.data.synthetic:
         fail("data.train_path", "is empty: name the training data")
     try:
         cfg.data.validate()

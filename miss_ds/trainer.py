@@ -10,12 +10,12 @@ import json
 import logging
 import math
 import resource
-import signal
 import time
+
+import psutil
 from pathlib import Path
 from typing import Any, Optional
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -23,18 +23,22 @@ from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import adapter_io, engine as miss_engine
+from . import adapter_io, engine as miss_engine, memory_plan
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .data import BatchIterator, build_datasets, eval_batches
+from .data import SyntheticBatches
 from .distributed import PREEMPTED_EXIT_CODE, init_distributed
 from .metrics import MetricsLogger
-from .modeling import build_base_model, hf_config
+from .preemption import Preemption
+from .loading import build_model_on_meta, load_sharded_weights, materialize_random
+from .modeling import DTYPES, enable_recompute, hf_config
 from .run_config import RunConfig, to_dict
 from .schedule import lr_lambda
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+#: Share of the accelerator's memory that ``recompute_layers: auto`` plans for (the rest: allocator slack, NCCL).
+AUTO_MEMORY_FRACTION = 0.85
 
 
 class TrainingStopped(RuntimeError):
@@ -44,8 +48,9 @@ class TrainingStopped(RuntimeError):
 class Trainer:
     """One MiSS fine-tuning run under DeepSpeed; see the module docstring for the order of work."""
 
-    def __init__(self, cfg: RunConfig, resume: Optional[str] = None) -> None:
+    def __init__(self, cfg: RunConfig, resume: Optional[str] = None, preemption: Optional[Preemption] = None) -> None:
         self.cfg = cfg
+        self.preemption = preemption or Preemption().install()
         self.info = init_distributed()
         self.rank, self.world = self.info.rank, self.info.world_size
         self.tp = cfg.parallel.tp_size
@@ -56,37 +61,57 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.device = torch.device(get_accelerator().current_device_name())
         torch.manual_seed(cfg.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.path)
+        tokenizer_dir = None if cfg.data.synthetic else cfg.tokenizer or cfg.model.path
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+        self.model_config = hf_config(cfg.model, vocab_size=len(self.tokenizer) if self.tokenizer else None)
         self._build_data()
         self._build_engine()
         self.checkpoints = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last, self.rank,
                                              self.world, dist.barrier, self.tp)
-        self.metrics = MetricsLogger(self.out, enabled=self.is_main)
+        self.metrics = MetricsLogger(self.out, enabled=self.is_main, tensorboard=cfg.logging.tensorboard)
         self.step, self.tokens_seen, self.bad_in_row, self.bad_total = 0, 0, 0, 0
-        self._preempt_signal: Optional[int] = None
+        self.step_times: list[float] = []
+        self.first_step_at = 0.0
         self._resume(resume if resume is not None else cfg.checkpoint.resume)
         if self.is_main:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     # ----------------------------------------------------------------- build
     def _build_data(self) -> None:
+        data = self.cfg.data
+        if data.synthetic:
+            self.train_ds = self.eval_ds = None
+            self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, self.cfg.train.micro_batch_size,
+                                            self.dp_rank, seed=data.seed)
+            return
+        from .data import BatchIterator, build_datasets
+
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
         if not self.is_main:
             dist.barrier()
-        self.train_ds, self.eval_ds, stats = build_datasets(self.cfg.data, self.tokenizer)
+        self.train_ds, self.eval_ds, stats = build_datasets(data, self.tokenizer)
         if self.is_main:
             dist.barrier()
             logger.info("data: %s", stats)
         self.batches = BatchIterator(self.train_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp,
-                                     seed=self.cfg.data.seed)
+                                     seed=data.seed)
 
     def _build_engine(self) -> None:
         cfg = self.cfg
-        config = hf_config(cfg.model, vocab_size=len(self.tokenizer))
-        model = build_base_model(cfg.model, config, self.device)
+        self.recompute_layers: Optional[int] = None
+        self.checkpoint_bytes_read = 0
+        dtype = DTYPES[cfg.model.dtype]
+        # Build on meta, split for TP and add MiSS there, then give each rank only its own shards.
+        model = build_model_on_meta(self.model_config, dtype)
         self.report = miss_engine.prepare_model(model, cfg.miss, self.tp)
+        if cfg.model.path is not None and not cfg.model.random_init:
+            stats = load_sharded_weights(model, cfg.model.path, self.device, dtype, miss_config=cfg.miss)
+            self.checkpoint_bytes_read = stats.bytes_read
+            logger.info("rank %d read %.2f GiB of %s", self.rank, stats.bytes_read / 2**30, cfg.model.path)
+        else:
+            materialize_random(model, self.device, dtype, cfg.seed, miss_config=cfg.miss)
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.recompute_layers = enable_recompute(model, self._recompute_layers())
         if cfg.init_adapter:
             self._load_init_adapter(model, cfg.init_adapter)
         t = cfg.train
@@ -96,6 +121,21 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         if self.is_main:
             logger.info("%s", self.report)
+
+    def _recompute_layers(self) -> Optional[int]:
+        """The configured count, or for ``auto`` the fewest recomputed layers that the memory plan fits."""
+        wanted = self.cfg.model.recompute_layers
+        if wanted != "auto":
+            return wanted
+        p, t = self.cfg.parallel, self.cfg.train
+        budget = AUTO_MEMORY_FRACTION * get_accelerator().total_memory()
+        count = memory_plan.layers_to_recompute(
+            memory_plan.shape_of(self.model_config), budget, tp=self.tp, dp=self.dp, zero=p.zero_stage,
+            offload=p.offload_optimizer, micro_batch=t.micro_batch_size, seq=self._seq_len(), r=self.cfg.miss.r,
+            mode=self.cfg.miss.mode)
+        logger.info("recompute_layers=auto: %d of %d layers recompute (plan for %.1f GiB)", count,
+                    self.model_config.num_hidden_layers, budget / 2**30)
+        return count
 
     def deepspeed_config(self) -> dict[str, Any]:
         """The DeepSpeed JSON generated from the run config (``deepspeed:`` entries are merged over it)."""
@@ -127,13 +167,16 @@ class Trainer:
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code (0, or PREEMPTED_EXIT_CODE)."""
         t = self.cfg.train
-        self._install_signal_handlers()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.is_main and self.cfg.logging.progress))
         start, start_tokens = time.time(), self.tokens_seen
         window_t, window_tokens = time.time(), self.tokens_seen
         while self.step < t.max_steps:
+            step_start = time.time()
             loss = self._train_step()
+            self.step_times.append(time.time() - step_start)
+            if len(self.step_times) == 1:
+                self.first_step_at = time.time() - psutil.Process().create_time()
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.logging.every_steps == 0 or self.step == t.max_steps:
@@ -150,7 +193,7 @@ class Trainer:
                 bar.close()
                 self.save()
                 logger.warning("rank %d: signal %s received, checkpoint saved at step %d; exiting with %d",
-                               self.rank, self._preempt_signal, self.step, PREEMPTED_EXIT_CODE)
+                               self.rank, self.preemption.signal, self.step, PREEMPTED_EXIT_CODE)
                 return PREEMPTED_EXIT_CODE
             if self.cfg.checkpoint.every_steps and self.step % self.cfg.checkpoint.every_steps == 0 \
                     and self.step < t.max_steps:
@@ -205,6 +248,8 @@ class Trainer:
             return None
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
+        from .data import eval_batches
+
         for i, batch in enumerate(eval_batches(self.eval_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp)):
             if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
                 break
@@ -274,28 +319,42 @@ class Trainer:
             logger.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------- preemption and end
-    def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            self._preempt_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _preempted(self) -> bool:
         """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they save together)."""
-        flag = torch.tensor([1.0 if self._preempt_signal is not None else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self.preemption.requested else 0.0], device=self.device)
         dist.all_reduce(flag)
         return flag.item() > 0
 
     def _finish(self, seconds: float, tokens: int, eval_loss: Optional[float]) -> None:
         peak = (get_accelerator().max_memory_allocated() if self.device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        timed = sorted(self.step_times[2:] or self.step_times)  # the first steps include warm-up
+        step_s = timed[len(timed) // 2]
+        step_tokens = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps * self.dp * self._seq_len()
         summary = {"steps": self.step, "tokens": tokens, "seconds": round(seconds, 2),
-                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "peak_memory_gib": round(peak / 2**30, 3),
-                   "eval_loss": eval_loss, "skipped_batches": self.bad_total, "trainable_params": self.report.trainable}
+                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "step_s_median": round(step_s, 4),
+                   "tokens_per_s_per_gpu": round(step_tokens / step_s / self.world, 1),
+                   "mfu": round(self._mfu(step_tokens / step_s / self.world), 4),
+                   "first_step_s": round(self.first_step_at, 1), "peak_memory_gib": round(peak / 2**30, 3),
+                   "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                   "checkpoint_gib_read": round(self.checkpoint_bytes_read / 2**30, 3),
+                   "recompute_layers": self.recompute_layers,
+                   "world_size": self.world, "tp_size": self.tp, "eval_loss": eval_loss,
+                   "skipped_batches": self.bad_total, "trainable_params": self.report.trainable}
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             self.metrics.plot_losses(self.out / "loss.png")
             print("summary: " + json.dumps(summary), flush=True)
+
+    def _seq_len(self) -> int:
+        return self.cfg.data.seq_len
+
+    def _mfu(self, tokens_per_s_per_gpu: float) -> float:
+        """Model FLOPs utilisation of a frozen-base fine-tune; see ``miss_ds.flops``."""
+        from .flops import frozen_finetune_flops_per_token, peak_flops
+
+        return tokens_per_s_per_gpu * frozen_finetune_flops_per_token(self.model_config, self._seq_len()) \
+            / peak_flops(self.device, DTYPES[self.cfg.model.dtype])
 
     def close(self) -> None:
         self.metrics.close()

@@ -9,6 +9,10 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: needs root and a local Slurm / OpenMPI (tools/local_cluster.sh)")
+
+
 def tiny_llama_config(**overrides):
     """A tiny Llama whose MLP shards are ragged for r=8 (intermediate 100: TP=2 shards of 50, TP=4 of 25)."""
     from transformers import LlamaConfig

@@ -50,16 +50,18 @@ def test_forward_matches_definition(seeded, mode, inp, out, r, mini_r):
 
 
 @pytest.mark.parametrize("mode,inp,out,r,mini_r", CASES)
-def test_d_gradient_matches_reference(seeded, mode, inp, out, r, mini_r):
+def test_gradients_match_reference(seeded, mode, inp, out, r, mini_r):
     base, layer = make_layer(mode, inp, out, r, mini_r)
-    x = torch.randn(4, inp)
-    target = torch.randn(4, out)
+    x = torch.randn(2, 3, inp, requires_grad=True)
+    target = torch.randn(2, 3, out)
     ((layer(x) - target) ** 2).sum().backward()
     d = layer.miss_block.detach().double().requires_grad_(True)
+    x_ref = x.detach().double().requires_grad_(True)
     base.requires_grad_(False)
-    ref = x.double() @ reference_merged_weight(base.weight, d, mode, r, mini_r).T + base.bias.double()
+    ref = x_ref @ reference_merged_weight(base.weight, d, mode, r, mini_r).T + base.bias.double()
     ((ref - target.double()) ** 2).sum().backward()
     torch.testing.assert_close(layer.miss_block.grad.double(), d.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 

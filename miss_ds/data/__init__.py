@@ -28,25 +28,25 @@ Typical use in a trainer::
 - `BatchIterator(ds, micro_batch_size, dp_rank, dp_size, seed)` (loader.py): endless,
   seeded per epoch, sharded over dp ranks, resumable via `state_dict()`; tensor-parallel
   peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass.
+- `SyntheticBatches(vocab_size, seq_len, micro_batch_size, dp_rank, seed)` (synthetic.py): random
+  tokens for benchmarks (`data.synthetic: true`), with no files and no `datasets` import.
 - `CHAT_TEMPLATE`, `train_tokenizer` (tokenizer.py) and `corpus.py` build the shipped
   `data/arith` corpus and tokenizer (see tools/make_corpus.py).
 """
 
-from miss_ds.data.config import DataConfig
-from miss_ds.data.encode import IGNORE_INDEX
-from miss_ds.data.loader import Batch, BatchIterator, eval_batches
-from miss_ds.data.pipeline import DataStats, SplitStats, build_datasets
-from miss_ds.data.tokenizer import CHAT_TEMPLATE, train_tokenizer
+import importlib
 
-__all__ = [
-    "CHAT_TEMPLATE",
-    "IGNORE_INDEX",
-    "Batch",
-    "BatchIterator",
-    "DataConfig",
-    "DataStats",
-    "SplitStats",
-    "build_datasets",
-    "eval_batches",
-    "train_tokenizer",
-]
+# Names are imported on first use, so that a benchmark run on synthetic batches needs neither `datasets`
+# nor `pyarrow` (module name of each public name).
+_EXPORTS = {
+    "DataConfig": "config", "IGNORE_INDEX": "encode", "Batch": "loader", "BatchIterator": "loader",
+    "eval_batches": "loader", "DataStats": "pipeline", "SplitStats": "pipeline", "build_datasets": "pipeline",
+    "CHAT_TEMPLATE": "tokenizer", "train_tokenizer": "tokenizer", "SyntheticBatches": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'miss_ds.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"miss_ds.data.{_EXPORTS[name]}"), name)

@@ -11,7 +11,7 @@ BAD_ROW_POLICIES = ("error", "skip")
 class DataConfig:
     """Where the data lives, how rows look, and how they become training sequences."""
 
-    train_path: str
+    train_path: str = ""
     """A local .jsonl/.json/.parquet/.arrow file, a directory of such files, a directory
     written by `Dataset.save_to_disk`, or a `datasets` name already in the local cache."""
 
@@ -55,11 +55,18 @@ class DataConfig:
     seed: int = 0
     """Seed for the eval hold-out (and, by convention, for the batch iterator's shuffle)."""
 
+    synthetic: bool = False
+    """Benchmarks: uniform random token ids of `seq_len` instead of rows (no files are read, no eval)."""
+
     num_proc: int | None = None
     """Worker processes for `datasets.map` tokenisation; None = in-process."""
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and how to fix it."""
+        if self.synthetic:
+            if not isinstance(self.seq_len, int) or self.seq_len < 2:
+                raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
+            return
         if not self.train_path:
             raise ValueError("data.train_path is empty: set it to a .jsonl/.parquet/.arrow file, "
                              "a directory of them, or a datasets name")

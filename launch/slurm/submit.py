@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Submit launch/slurm/train.sbatch with its #SBATCH values taken from a training config.
+
+    launch/slurm/submit.py --config configs/my.yaml [--nodes 2] [--dry-run] [-- --set train.lr=1e-4 ...]
+
+The config's optional ``cluster:`` section gives ``nodes``, ``gpus_per_node``, ``time``, ``partition`` and
+``account``; a flag given here wins over it, and what neither gives keeps the script's #SBATCH default.
+Arguments after ``--`` go to the trainer. Prints the job id (or, with --dry-run, the command).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SBATCH_SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
+# config key -> sbatch flag; tasks per node always follow gpus_per_node (one process per GPU).
+CLUSTER_KEYS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "time": "--time",
+                "partition": "--partition", "account": "--account"}
+
+
+def build_command(config: Path, overrides: dict[str, object], job_name: str | None,
+                  extra_sbatch: list[str], train_args: list[str]) -> list[str]:
+    """The sbatch command line: values from ``overrides`` (flags) first, then the config's cluster section."""
+    cluster = (yaml.safe_load(config.read_text()) or {}).get("cluster") or {}
+    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={ROOT}/logs/%x-%j.out",
+           f"--job-name={job_name or config.stem}"]
+    for key, flag in CLUSTER_KEYS.items():
+        value = overrides.get(key)
+        value = cluster.get(key) if value is None else value
+        if value is not None:
+            cmd.append(f"{flag}={value}")
+            if key == "gpus_per_node":
+                cmd.append(f"--ntasks-per-node={value}")
+    return cmd + extra_sbatch + [str(SBATCH_SCRIPT)] + train_args
+
+
+def main(argv: list[str]) -> int:
+    # Everything after "--" belongs to the trainer, so argparse never mistakes it for ours.
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--nodes", type=int)
+    parser.add_argument("--gpus-per-node", type=int)
+    parser.add_argument("--time", help="Slurm time limit, e.g. 04:00:00 or 1-00:00:00")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--job-name", help="default: the config file's name")
+    parser.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch flag (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command instead of submitting")
+    args = parser.parse_args(argv)
+
+    config = args.config.resolve()
+    overrides = {key: getattr(args, key) for key in CLUSTER_KEYS}
+    cmd = build_command(config, overrides, args.job_name, args.sbatch_arg, train_args)
+    # train.sbatch reads the config path from the environment; sbatch exports the environment by default.
+    env = {**os.environ, "CONFIG": str(config)}
+    if args.dry_run:
+        print(f"CONFIG={shlex.quote(str(config))} {shlex.join(cmd)}")
+        return 0
+    (ROOT / "logs").mkdir(exist_ok=True)  # Slurm does not create the output file's folder
+    # --parsable prints "id" or "id;cluster"; sbatch's errors go straight to our stderr.
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    job_id = out.strip().split(";")[0]
+    print(job_id)
+    print(f"log: {ROOT}/logs/{args.job_name or config.stem}-{job_id}.out", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,252 @@
+"""Rank and world-size discovery for every way a job is started, and process-group setup.
+
+One process per GPU is started by one of:
+
+* the ``deepspeed`` launcher or ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are set;
+* ``mpirun``: OMPI_COMM_WORLD_* (Open MPI) or PMI_RANK/PMI_SIZE (MPICH, Intel MPI); the master address is
+  broadcast from rank 0 with mpi4py;
+* ``srun`` inside a Slurm job: SLURM_PROCID and friends; the master is the first host of the step's nodelist
+  and the port is derived from the job id, so every rank agrees without talking and concurrent jobs differ;
+* nothing: one process.
+
+:func:`discover` only reads an environment mapping, so it can be tested with plain dicts.
+:func:`init_distributed` completes what only MPI can tell, exports the torch variables and starts DeepSpeed's
+process group. Neither imports deepspeed at module import time.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+#: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
+PREEMPTED_EXIT_CODE = 85
+#: torch's usual rendezvous port, used when nothing else says which port to take.
+DEFAULT_MASTER_PORT = 29500
+#: Slurm jobs take MASTER_PORT = base + job id % span: below Linux's ephemeral range (32768+).
+SLURM_PORT_BASE = 20000
+SLURM_PORT_SPAN = 10000
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process stands in the job. ``launcher`` is one of torch, mpi, slurm, single."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def torch_env(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous and DeepSpeed read."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "LOCAL_SIZE": str(self.local_world_size),  # the deepspeed launcher's name, read by its CPU accelerator
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def discover(env: Mapping[str, str] | None = None) -> RankInfo:
+    """Read rank, world size and rendezvous address from ``env`` (default: ``os.environ``).
+
+    Precedence matters: a torchrun/deepspeed child inside a Slurm job carries SLURM_* too, and an mpirun rank
+    inside a Slurm job carries the SLURM_PROCID of the step that started Open MPI's daemon, so the explicit torch
+    variables win, then MPI's, then Slurm's. For MPI ``master_addr`` is empty unless MASTER_ADDR is set:
+    :func:`init_distributed` fills it by broadcast.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torch(env)
+    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        return _from_mpi(env)
+    # SLURM_STEP_ID tells an srun task from the batch script itself, which also has SLURM_PROCID=0 and
+    # SLURM_NTASKS=N but is a single process.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return _from_slurm(env)
+    return RankInfo(0, 1, 0, 1, env.get("MASTER_ADDR", LOOPBACK),
+                    int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "single")
+
+
+def _from_torch(env: Mapping[str, str]) -> RankInfo:
+    world_size = int(env["WORLD_SIZE"])
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+    local_world_size = int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world_size)))
+    return RankInfo(int(env["RANK"]), world_size, int(env.get("LOCAL_RANK", 0)), local_world_size,
+                    env.get("MASTER_ADDR", LOOPBACK), int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "torch")
+
+
+def _from_mpi(env: Mapping[str, str]) -> RankInfo:
+    if "OMPI_COMM_WORLD_RANK" in env:  # Open MPI
+        rank, size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        local_rank = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
+        local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1))
+    else:  # MPICH / Intel MPI (Hydra)
+        rank, size = int(env["PMI_RANK"]), int(env["PMI_SIZE"])
+        local_rank = int(env.get("MPI_LOCALRANKID", 0))
+        local_size = int(env.get("MPI_LOCALNRANKS", 1))
+    return RankInfo(rank, size, local_rank, local_size, env.get("MASTER_ADDR", ""),
+                    int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "mpi")
+
+
+def _from_slurm(env: Mapping[str, str]) -> RankInfo:
+    # The step's own counts first: a step may use fewer tasks or nodes than the job.
+    world_size = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", 1))))
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE",
+                                                            env.get("SLURM_NTASKS_PER_NODE", "")))
+    node_id = int(env.get("SLURM_NODEID", 0))
+    local_world_size = tasks_on_node(per_node, node_id) if per_node else world_size
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        master_addr = expand_nodelist(nodelist)[0] if nodelist else env.get("SLURM_LAUNCH_NODE_IPADDR", LOOPBACK)
+    port = env.get("MASTER_PORT")
+    master_port = int(port) if port else slurm_master_port(int(env.get("SLURM_JOB_ID", env.get("SLURM_JOBID", 0))))
+    return RankInfo(int(env["SLURM_PROCID"]), world_size, int(env.get("SLURM_LOCALID", 0)), local_world_size,
+                    master_addr, master_port, "slurm")
+
+
+def slurm_master_port(job_id: int) -> int:
+    """Rendezvous port of a Slurm job: the same on every rank, different for jobs sharing a node."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from Slurm's compressed form, e.g. ``"4(x2),2"`` -> 4, 4, 2."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"bad Slurm tasks-per-node value: {tasks_per_node!r}")
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist like ``"node[01-03,07],login1"`` as ``scontrol show hostnames`` does."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        hosts += _expand_host(item)
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """Expand the first bracket group, then the rest (``rack[1-2]-n[1-2]`` gives four names)."""
+    m = re.search(r"\[([^\]]*)\]", pattern)
+    if not m:
+        return [pattern]
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    names = []
+    for rng in m[1].split(","):
+        lo, _, hi = rng.partition("-")
+        width = len(lo)  # node[01-03]: zero padding follows the lower bound
+        for n in range(int(lo), int(hi or lo) + 1):
+            names += [f"{head}{n:0{width}d}{rest}" for rest in _expand_host(tail)]
+    return names
+
+
+_initialized: RankInfo | None = None
+
+
+def init_distributed(timeout_s: int = 1800) -> RankInfo:
+    """Discover ranks, export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, pin the device and start DeepSpeed's comms.
+
+    The backend is the accelerator's default (nccl on CUDA, gloo or ccl on CPU). A second call returns the
+    first call's answer: by then the exported variables alone would read as a torchrun launch.
+    """
+    global _initialized
+    if _initialized is not None:
+        return _initialized
+    info = discover()
+    if info.launcher == "mpi":
+        info = _complete_from_mpi(info)
+    elif info.launcher == "single" and "MASTER_PORT" not in os.environ:
+        # Two single-process runs on one machine must not both take port 29500.
+        info = replace(info, master_port=_free_port())
+    os.environ.update(info.torch_env())
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # Before the process group exists, so that NCCL binds this rank's GPU and not GPU 0. The modulo covers
+    # tasks that see only their own GPU (srun --gpus-per-task=1).
+    accelerator = get_accelerator()
+    accelerator.set_device(info.local_rank % max(accelerator.device_count(), 1))
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
+                               rank=info.rank, world_size=info.world_size)
+    _initialized = info
+    return info
+
+
+def _complete_from_mpi(info: RankInfo) -> RankInfo:
+    """Fill the local rank/size and, unless MASTER_ADDR/PORT were exported, the rendezvous from rank 0."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if (comm.Get_rank(), comm.Get_size()) != (info.rank, info.world_size):
+        raise RuntimeError(f"MPI says rank {comm.Get_rank()}/{comm.Get_size()}, environment says "
+                           f"{info.rank}/{info.world_size}")
+    # Ranks sharing memory are the ranks of this node, whatever MPI's environment variables are called.
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    info = replace(info, local_rank=node.Get_rank(), local_world_size=node.Get_size())
+    node.Free()
+    if info.master_addr and "MASTER_PORT" in os.environ:
+        return info
+    rendezvous = None
+    if comm.Get_rank() == 0:
+        # One node: stay on loopback. Several: the other nodes need an address of this one.
+        single_node = info.local_world_size == info.world_size
+        addr = info.master_addr or (LOOPBACK if single_node else _host_address())
+        port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else _free_port()
+        rendezvous = (addr, port)
+    addr, port = comm.bcast(rendezvous, root=0)
+    return replace(info, master_addr=addr, master_port=port)
+
+
+def _host_address() -> str:
+    """An address other nodes can reach: the hostname's, unless it resolves to loopback (Debian's 127.0.1.1)."""
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+        if not addr.startswith("127."):
+            return addr
+    except OSError:
+        pass
+    try:
+        return subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return socket.gethostname()
+
+
+def _free_port() -> int:
+    """A TCP port that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

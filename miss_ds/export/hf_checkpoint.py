@@ -1,0 +1,132 @@
+"""Hugging Face safetensors checkpoints on disk: read one tensor (or one slice) at a time, write in shards.
+
+A model directory holds either ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+Reading goes through ``safe_open`` so only the requested tensor or slice is read; writing keeps one output
+shard in memory, so converting a checkpoint needs about one tensor plus one shard of memory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: safetensors metadata transformers requires to accept a file as PyTorch weights.
+PT_METADATA = {"format": "pt"}
+
+
+class HFCheckpoint:
+    """Index of a model directory's safetensors weights: which file holds each key, and lazy readers."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.key_file = self._index()
+        self.files = sorted(set(self.key_file.values()))
+        self._handles: dict[Path, object] = {}
+
+    def _index(self) -> dict[str, Path]:
+        index, single = self.directory / INDEX_FILE, self.directory / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"{index} is not a safetensors index (no valid 'weight_map': {exc})") from None
+            key_file = {key: self.directory / name for key, name in weight_map.items()}
+            for path in sorted(set(key_file.values())):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is missing: {index} lists it as a weight shard")
+            return key_file
+        if single.is_file():
+            with safe_open(str(single), "pt") as f:
+                return {key: single for key in f.keys()}
+        raise FileNotFoundError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors "
+                                "model directory (re-save a .bin model with save_pretrained(safe_serialization=True))")
+
+    def _handle(self, key: str):
+        if key not in self.key_file:
+            raise KeyError(f"the checkpoint in {self.directory} has no tensor '{key}'")
+        path = self.key_file[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), "pt")
+        return self._handles[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` from the file header, without reading the data."""
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def read(self, key: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None
+             ) -> torch.Tensor:
+        """Tensor ``key``, or only its ``[start:stop]`` range along ``dim`` (the rest is never read)."""
+        if dim is None:
+            return self._handle(key).get_tensor(key)
+        index = (slice(None),) * dim + (slice(start, stop),)
+        return self._handle(key).get_slice(key)[index]
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every (key, tensor) of the checkpoint, file by file, one tensor in memory at a time."""
+        for path in self.files:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ShardedWriter:
+    """Write tensors into safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets its own).
+
+    Shards are named like ``save_pretrained`` names them (``model-00001-of-00003.safetensors`` plus the index,
+    or a lone ``model.safetensors``); the final names are given once the shard count is known.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[key] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.directory / f".part-{len(self._written):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=PT_METADATA)
+        self._written.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush the last shard, give every shard its final name, write the index; returns the shard paths."""
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        if count == 1:
+            final = self.directory / SINGLE_FILE
+            self._written[0][0].rename(final)
+            return [final]
+        weight_map, paths = {}, []
+        for i, (part, keys) in enumerate(self._written):
+            final = self.directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            part.rename(final)
+            paths.append(final)
+            weight_map.update({key: final.name for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        return paths

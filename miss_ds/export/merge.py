@@ -1,0 +1,72 @@
+"""Merge a miss_ds adapter into its base: a plain Hugging Face checkpoint that loads with ``from_pretrained``.
+
+The base is streamed one tensor at a time; each targeted ``<module>.weight`` becomes
+``functional.merge(W, D)`` (computed in fp32 from the fp32 D, stored in the base dtype), the parameters of
+``modules_to_save`` are replaced by the trained ones, and every other tensor is copied unchanged.
+Memory: the adapter, one base tensor and one output shard.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils.hub import convert_file_size_to_int
+
+from .. import functional as MF
+from .hf_checkpoint import HFCheckpoint, ShardedWriter
+from .output import copy_model_files, new_output_dir
+from .source import Adapter, check_fits_base, full_geometry, module_of, read_adapter, read_base_config, weight_key_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """What a merge wrote."""
+
+    merged: int
+    replaced: int
+    copied: int
+    shards: int
+    total_bytes: int
+
+
+def merge_to_hf(checkpoint: Path | str, base: Path | str, output: Path | str,
+                max_shard_size: int | str = "5GB") -> MergeStats:
+    """Write ``base`` with the adapter of ``checkpoint`` merged into it as a new model directory ``output``."""
+    adapter = read_adapter(checkpoint)
+    base_config = read_base_config(base)
+    with HFCheckpoint(base) as weights:
+        check_fits_base(adapter, base_config, weights)
+        out = new_output_dir(output)
+        writer = ShardedWriter(out, convert_file_size_to_int(max_shard_size))
+        d_of_weight = {weight_key_of(key): key for key in adapter.d}
+        saved = adapter.saved
+        merged = replaced = copied = 0
+        for key, tensor in weights.stream():
+            if key in d_of_weight:
+                tensor = merged_weight(adapter, d_of_weight[key], tensor)
+                merged += 1
+            elif key in saved:
+                tensor = saved[key].to(tensor.dtype)
+                replaced += 1
+            else:
+                copied += 1
+            writer.add(key, tensor)
+        shards = writer.close()
+    copy_model_files(base, out)
+    logger.info("merged %d weights, replaced %d saved modules' tensors, copied %d into %d shard(s) in %s",
+                merged, replaced, copied, len(shards), out)
+    return MergeStats(merged, replaced, copied, len(shards), writer.total_bytes)
+
+
+def merged_weight(adapter: Adapter, d_key: str, weight: torch.Tensor) -> torch.Tensor:
+    """W' = merge(W, D) in fp32, cast back to W's dtype; refuses a result with inf/NaN."""
+    geometry = full_geometry(adapter.config, module_of(d_key), tuple(weight.shape))
+    merged = MF.merge(weight, adapter.tensors[d_key].to(torch.float32), geometry)
+    if not torch.isfinite(merged).all():
+        raise ValueError(f"merging '{d_key}' into its {weight.dtype} base weight produced inf/NaN: "
+                         "D is broken or too large for the base dtype")
+    return merged

@@ -1,0 +1,30 @@
+"""Output directories of the export tools: created fresh, and given the base model's non-weight files."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+#: Weight files (and their indexes) of a model directory: the export writes its own, never copies these.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def new_output_dir(path: Path | str) -> Path:
+    """Create ``path``; refuse a non-empty one, so stale shards of an earlier export can't mix in."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory: choose a new --output")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def copy_model_files(base: Path | str, output: Path) -> list[str]:
+    """Copy config.json, generation_config.json, tokenizer files, chat template, license... from ``base``.
+
+    Everything at the top level of ``base`` except weights and hidden files; returns the names copied.
+    """
+    copied = []
+    for item in sorted(Path(base).iterdir()):
+        if item.is_file() and not item.name.startswith(".") and not item.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(item, output / item.name)
+            copied.append(item.name)
+    return copied

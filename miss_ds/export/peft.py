@@ -1,0 +1,138 @@
+"""PEFT MiSS adapters: export a miss_ds adapter for ``PeftModel.from_pretrained``, and import one to train on.
+
+The two formats hold the same tensors: miss_ds's full D of ``<module>`` is PEFT's
+``base_model.model.<module>.miss_block`` and a ``modules_to_save`` parameter ``<name>`` is PEFT's
+``base_model.model.<name>``; miss_ds's ``mode`` is PEFT's ``init_weights`` (``miss`` -> True,
+``mini`` -> "mini", ``bat`` -> "bat").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from peft import MissConfig as PeftMissConfig
+from safetensors.torch import load_file, save_file
+
+from ..config import MissConfig
+from ..inject import D_NAME
+from .hf_checkpoint import PT_METADATA, HFCheckpoint
+from .output import new_output_dir
+from .source import check_fits_base, is_d_key, read_adapter, read_base_config
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+#: Prefix PEFT gives every saved key of a ``PeftModel`` (adapter name stripped).
+PEFT_PREFIX = "base_model.model."
+_INIT_WEIGHTS = {"miss": True, "mini": "mini", "bat": "bat"}
+
+
+def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optional[Path | str] = None) -> Path:
+    """Write the adapter of ``checkpoint`` as a PEFT MiSS adapter directory ``output``.
+
+    With ``base`` (a local model directory) the adapter is checked against it first, and ``base`` is recorded
+    as ``base_model_name_or_path``; without it, the base name the adapter was trained with is recorded.
+    """
+    adapter = read_adapter(checkpoint)
+    if base is not None:
+        with HFCheckpoint(base) as weights:
+            check_fits_base(adapter, read_base_config(base), weights)
+    cfg = adapter.config
+    peft_config = PeftMissConfig(
+        r=cfg.r, mini_r=cfg.mini_r, miss_dropout=cfg.dropout, init_weights=_INIT_WEIGHTS[cfg.mode],
+        target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, bias="none",
+        modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM",
+        base_model_name_or_path=str(base) if base is not None else adapter.meta["base_model"].get("name_or_path"))
+    out = new_output_dir(output)
+    peft_config.save_pretrained(str(out))
+    tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata=PT_METADATA)
+    return out
+
+
+def read_peft_adapter(path: Path | str) -> tuple[MissConfig, dict[str, torch.Tensor]]:
+    """A PEFT MiSS adapter as the miss_ds config and its tensors: full D keyed ``<module>.miss_block``, plus
+    the ``modules_to_save`` parameters by name.
+
+    The result goes to ``adapter_io.load_full_adapter_into`` to start a miss_ds run from the adapter.
+    """
+    path = Path(path)
+    config = miss_config_from_peft(_read_peft_config(path), path / PEFT_CONFIG)
+    return config, _read_peft_tensors(path, config)
+
+
+def _read_peft_config(path: Path) -> dict[str, Any]:
+    file = path / PEFT_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: not a PEFT adapter directory")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc})") from None
+    if "peft_type" not in raw and "miss" in raw and "tp_size" in raw:
+        raise ValueError(f"{file} belongs to a miss_ds adapter, not a PEFT one: use it directly as a miss_ds adapter")
+    if raw.get("peft_type") != "MISS":
+        raise ValueError(f"{file} describes a PEFT adapter of type {raw.get('peft_type')!r}, not MiSS "
+                         "(peft_type 'MISS'): only MiSS adapters can be imported")
+    return raw
+
+
+def miss_config_from_peft(raw: dict[str, Any], source: Path) -> MissConfig:
+    """The miss_ds config equivalent to a PEFT MiSS config dict; refuses PEFT options miss_ds lacks."""
+    unsupported = {"layers_to_transform": None, "layers_pattern": None, "bias": "none"}
+    for field, default in unsupported.items():
+        if raw.get(field, default) not in (default, []):
+            raise ValueError(f"{source}: {field}={raw[field]!r} is not supported by miss_ds (needs {default!r})")
+    if raw.get("target_modules") is None:
+        raise ValueError(f"{source} has no target_modules: name the adapted modules explicitly")
+    init = raw.get("init_weights", True)
+    if isinstance(init, bool):
+        mode = "miss"  # True (zeros) and False (random) differ only in how PEFT initialises D
+    elif init in ("mini", "bat"):
+        mode = init
+    else:
+        raise ValueError(f"{source}: init_weights={init!r} is not a MiSS variant (true, 'mini' or 'bat')")
+    # PEFT ignores dropout in bat mode (bat rewrites the weight); miss_ds rejects it there.
+    dropout = 0.0 if mode == "bat" else float(raw.get("miss_dropout", 0.0))
+    return MissConfig(r=int(raw["r"]), mode=mode, mini_r=int(raw.get("mini_r", 1)), init_weights=True,
+                      dropout=dropout, target_modules=raw["target_modules"], exclude_modules=raw.get("exclude_modules"),
+                      modules_to_save=list(raw.get("modules_to_save") or []))
+
+
+def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor]:
+    if (path / PEFT_WEIGHTS).is_file():
+        state = load_file(str(path / PEFT_WEIGHTS))
+    elif (path / PEFT_WEIGHTS_BIN).is_file():
+        state = torch.load(path / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+    tensors = {}
+    for key, tensor in state.items():
+        name = key[len(PEFT_PREFIX):]
+        if not key.startswith(PEFT_PREFIX) or not (is_d_key(name) or _saved(name, config)):
+            raise KeyError(f"{path}: '{key}' is neither a MiSS block ('{PEFT_PREFIX}<module>.{D_NAME}') "
+                           f"nor a parameter of modules_to_save={config.modules_to_save}")
+        if is_d_key(name):
+            _check_d_shape(key, tuple(tensor.shape), config, path)
+        tensors[name] = tensor.to(torch.float32)
+    if not any(is_d_key(name) for name in tensors):
+        raise ValueError(f"{path} holds no MiSS blocks")
+    return tensors
+
+
+def _saved(param_name: str, config: MissConfig) -> bool:
+    """Whether ``param_name`` belongs to a module of ``modules_to_save`` (PEFT's suffix match)."""
+    module = param_name.rpartition(".")[0]
+    return any(module == m or module.endswith("." + m) for m in config.modules_to_save)
+
+
+def _check_d_shape(key: str, shape: tuple[int, ...], config: MissConfig, path: Path) -> None:
+    r = config.r
+    ok = {"miss": len(shape) == 2 and shape[0] == r,
+          "mini": shape == (r, config.mini_r),
+          "bat": len(shape) == 3 and shape[1:] == (r, r)}[config.mode]
+    if not ok:
+        raise ValueError(f"{path}: '{key}' has shape {list(shape)}, which mode={config.mode!r} with r={r}"
+                         f"{f', mini_r={config.mini_r}' if config.mode == 'mini' else ''} cannot have")

@@ -1,0 +1,110 @@
+"""Rewrite a miss_ds adapter for another tensor-parallel size.
+
+The new split is the one a run with the new TP size makes: the base model's modules are built on the meta
+device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (same TP plan, same
+DeepSpeed ``get_shard_size_list`` on the same config), and that layer's own ``d_layout()`` says how its D is
+split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
+cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting such a run would. Only
+the adapter is rewritten: optimizer state is not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import torch
+from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from .. import adapter_io
+from ..config import MissConfig
+from ..layers import MissLinear
+from ..loading import build_model_on_meta
+from ..parallel.autotp import LLAMA_TP_PLAN
+from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
+from .output import new_output_dir
+from .source import Adapter, module_of, read_adapter, read_base_config
+
+OPTIMIZER_WARNING = ("only the adapter is resharded, not the optimizer state: a run resumed from it "
+                     "at the new TP size starts with a fresh optimizer")
+
+
+def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
+                    base: Optional[Path | str] = None) -> Path:
+    """Write the adapter of ``checkpoint`` to ``output`` split for ``tp_size`` ranks.
+
+    The partition needs the base model's config: from ``base`` (a model directory, checked against the
+    adapter) or else rebuilt from the base summary stored in the adapter.
+    """
+    if tp_size < 1:
+        raise ValueError(f"--tp must be a positive integer, got {tp_size}")
+    adapter = read_adapter(checkpoint)
+    if base is not None:
+        config = read_base_config(base)
+        adapter_io.check_base(adapter.meta, SimpleNamespace(config=config), str(adapter.directory))
+    else:
+        config = config_from_summary(adapter.meta["base_model"], adapter.directory)
+    view = tp_view(config, adapter, tp_size)
+    layouts = adapter_io.layouts(view, adapter.config)
+    if set(layouts) != set(adapter.tensors):
+        raise ValueError(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
+                         f"{sorted(set(adapter.tensors) ^ set(layouts))[:3]}: inconsistent adapter")
+    for key, tensor in adapter.tensors.items():
+        if layouts[key]["full_shape"] != list(tensor.shape):
+            raise ValueError(f"'{key}' has shape {list(tensor.shape)} but the base config makes it "
+                             f"{layouts[key]['full_shape']}: pass the real base model with --base")
+    out = new_output_dir(output)
+    adapter_io.write_adapter_config(out, adapter.config, view, tp_size)
+    for rank in range(tp_size):
+        parts = {key: _part(tensor, layouts[key], rank) for key, tensor in adapter.tensors.items()}
+        adapter_io.write_adapter_shard(out, parts, rank, tp_size)
+    return out
+
+
+def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConfig:
+    """A config with the shape fields the adapter recorded about its base (enough for standard models)."""
+    if "model_type" not in summary:
+        raise ValueError(f"{source} records no base model_type: pass the base model with --base")
+    fields = {k: v for k, v in summary.items() if k not in ("model_type", "name_or_path")}
+    config = AutoConfig.for_model(summary["model_type"], **fields)
+    config._name_or_path = summary.get("name_or_path", "")
+    return config
+
+
+def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int) -> nn.Module:
+    """The base model on meta with every adapted module replaced by the MiSS layer TP rank 0 would build."""
+    model = build_model_on_meta(config)
+    tp_meta = AutoTPMeta.from_model_config(config)
+    for key in adapter.d:
+        name = module_of(key)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"the adapter adapts '{name}', which the base model does not have: wrong base?") from None
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"'{name}' is a {type(linear).__name__} in the base model, not a linear layer")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _layer(linear, name, adapter.config, tp_size, tp_meta))
+    return model
+
+
+def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: AutoTPMeta) -> nn.Module:
+    """``shard_model``'s rule: a planned projection is split when TP > 1, anything else stays whole."""
+    style = LLAMA_TP_PLAN.get(name.rpartition(".")[2]) if tp_size > 1 else None
+    if style is None:
+        return MissLinear(linear, config, name)
+    out_features, in_features = linear.weight.shape
+    sizes = get_shard_size_list(out_features if style == "column" else in_features, tp_size, tp_meta, name)
+    shard_shape = (sizes[0], in_features) if style == "column" else (out_features, sizes[0])
+    cls = ColumnParallelMissLinear if style == "column" else RowParallelMissLinear
+    return cls(nn.Parameter(torch.empty(shard_shape, device="meta"), requires_grad=False), None, config=config,
+               name=name, group=None, partition_sizes=sizes, tp_rank=0, full_shape=(out_features, in_features))
+
+
+def _part(full: torch.Tensor, layout: dict[str, Any], rank: int) -> torch.Tensor:
+    """TP rank ``rank``'s part of a full D under ``layout`` (the whole D when replicated)."""
+    if layout["dim"] is None:
+        return full
+    return full.split(layout["sizes"], dim=layout["dim"])[rank]

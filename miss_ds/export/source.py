@@ -1,0 +1,114 @@
+"""The inputs of every export: a miss_ds adapter (given directly or inside a training checkpoint) and its base.
+
+A training checkpoint ``step_XXXXXXXX/`` holds the adapter in ``adapter/``; either path is accepted.
+``check_fits_base`` refuses a base model the adapter was not trained on before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from .. import adapter_io
+from .. import functional as MF
+from ..checkpoint import MANIFEST, verify
+from ..config import MissConfig
+from ..inject import D_NAME
+from .hf_checkpoint import HFCheckpoint
+
+CHECKPOINT_ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class Adapter:
+    """A miss_ds adapter read whole: its adapter_config.json, MiSS config and every tensor at full shape."""
+
+    directory: Path
+    meta: dict[str, Any]
+    config: MissConfig
+    tensors: dict[str, torch.Tensor]
+    """Every full D (``<module>.miss_block``) and every ``modules_to_save`` parameter, by parameter name."""
+
+    @property
+    def d(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if is_d_key(k)}
+
+    @property
+    def saved(self) -> dict[str, torch.Tensor]:
+        """The parameters of ``modules_to_save``: they replace the base's parameters of the same name."""
+        return {k: v for k, v in self.tensors.items() if not is_d_key(k)}
+
+
+def adapter_dir(path: Path | str) -> Path:
+    """The adapter directory of ``path``: ``path/adapter`` for a training checkpoint, else ``path`` itself.
+
+    A checkpoint with a manifest has its file sizes verified first, so a truncated save is named, not misread.
+    """
+    path = Path(path)
+    inner = path / CHECKPOINT_ADAPTER_DIR
+    if (inner / adapter_io.ADAPTER_CONFIG).is_file():
+        if (path / MANIFEST).is_file():
+            verify(path, full=False)
+        return inner
+    if (path / adapter_io.ADAPTER_CONFIG).is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a miss_ds adapter directory ({adapter_io.ADAPTER_CONFIG}) nor a "
+                            f"training checkpoint with {CHECKPOINT_ADAPTER_DIR}/{adapter_io.ADAPTER_CONFIG}")
+
+
+def read_adapter(path: Path | str) -> Adapter:
+    """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape."""
+    directory = adapter_dir(path)
+    meta, tensors = adapter_io.read_full_adapter(directory)
+    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors)
+
+
+def read_base_config(base: Path | str) -> PretrainedConfig:
+    """The base model's config.json (a local directory; nothing is downloaded)."""
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --base must be a local Hugging Face model directory")
+    return AutoConfig.from_pretrained(str(base))
+
+
+def check_fits_base(adapter: Adapter, base_config: PretrainedConfig, weights: HFCheckpoint) -> None:
+    """Refuse a base the adapter does not belong to: config summary, a base tensor for every adapter tensor,
+    shapes that fit (D against its weight, a saved module's parameter against the base's)."""
+    adapter_io.check_base(adapter.meta, SimpleNamespace(config=base_config), str(adapter.directory))
+    for key, tensor in adapter.tensors.items():
+        base_key = weight_key_of(key) if is_d_key(key) else key
+        if base_key not in weights.key_file:
+            raise KeyError(f"'{key}' of {adapter.directory} has no base tensor '{base_key}' in "
+                           f"{weights.directory}: wrong base model?")
+        base_shape = weights.shape(base_key)
+        want = full_geometry(adapter.config, module_of(key), base_shape).d_shape if is_d_key(key) else base_shape
+        if tuple(tensor.shape) != tuple(want):
+            raise ValueError(f"'{key}' has shape {list(tensor.shape)} but base tensor '{base_key}' "
+                             f"{list(base_shape)} needs {list(want)}: wrong base model?")
+
+
+def is_d_key(key: str) -> bool:
+    return key.endswith("." + D_NAME)
+
+
+def module_of(d_key: str) -> str:
+    """``<module>.miss_block`` -> ``<module>``."""
+    return d_key[: -len("." + D_NAME)]
+
+
+def weight_key_of(d_key: str) -> str:
+    """``<module>.miss_block`` -> ``<module>.weight``."""
+    return module_of(d_key) + ".weight"
+
+
+def full_geometry(config: MissConfig, module: str, weight_shape: tuple[int, ...]) -> MF.MissGeometry:
+    """The TP=1 geometry of ``module`` whose full weight has ``weight_shape``; MissShapeError if it can't fit."""
+    if len(weight_shape) != 2:
+        raise ValueError(f"base weight of '{module}' has shape {list(weight_shape)}: MiSS adapts 2-D linear weights")
+    out_features, in_features = weight_shape
+    MF.check_layer(module, config.mode, config.r, config.mini_r, in_features, out_features)
+    return MF.MissGeometry(config.mode, config.r, config.mini_r, in_features, out_features)

@@ -1,0 +1,220 @@
+"""Per-rank loading of big models: build on meta, split and adapt on meta, then read only this rank's shards.
+
+    model = build_model_on_meta(config, dtype)          # no memory for weights
+    shard_model(model, tp_group); apply_miss(model, miss)  # still on meta: shapes of this rank's shards
+    stats = load_sharded_weights(model, base_dir, device, dtype, miss_config=miss)
+
+A tensor-parallel weight is read as a slice of the safetensors file (column layers: dim 0 of weight and
+bias; row layers: dim 1 of the weight, the bias whole), so no rank ever holds a full split weight.
+Parameters are filled in place (``torch.utils.swap_tensors``): tied weights stay tied and the attributes
+DeepSpeed set on its TP parameters survive. Non-persistent buffers (rotary ``inv_freq``) are recomputed by
+the model's own ``_init_weights``.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from . import functional as MF
+from .adapter_io import load_full_adapter_into
+from .config import MissConfig
+from .export.hf_checkpoint import HFCheckpoint
+from .inject import D_NAME, miss_layers
+
+
+@dataclass
+class LoadStats:
+    """What one rank read from the checkpoint for its parameters (bytes as stored, before any cast)."""
+
+    bytes_read: int = 0
+    tensors_read: int = 0
+    tensors_sliced: int = 0
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The part of a tensor-parallel parameter this rank holds: ``[start:stop]`` of ``full`` along ``dim``."""
+
+    dim: int
+    start: int
+    stop: int
+    full: int
+
+
+def build_model_on_meta(config: PretrainedConfig, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` on the meta device: the module tree without any weight memory.
+
+    Build in the dtype you will load: ``apply_miss`` picks D's dtype from the weights' (adapter_dtype='model').
+    """
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@torch.no_grad()
+def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: torch.device | str,
+                         dtype: torch.dtype, *, miss_config: Optional[MissConfig] = None,
+                         adapter: Optional[dict[str, torch.Tensor]] = None) -> LoadStats:
+    """Materialise every meta parameter and buffer of ``model`` on ``device`` from a safetensors checkpoint.
+
+    Base parameters are cast to ``dtype``. D keeps the dtype ``apply_miss`` gave it and is initialised as
+    ``miss_config.init_weights`` says (zeros without a config; a random D draws from the global RNG like
+    ``apply_miss``), then, with ``adapter`` (full tensors by parameter name, as ``adapter_io.read_full_adapter``
+    or ``export.peft.read_peft_adapter`` return them), set from it along with any ``modules_to_save`` parameters.
+    """
+    stats = LoadStats()
+    with HFCheckpoint(checkpoint_dir) as ckpt:
+        for names, param in _base_params(model):
+            key = next((n for n in names if n in ckpt.key_file), None)
+            if key is None:
+                raise KeyError(f"{ckpt.directory} has no tensor for parameter '{names[0]}'"
+                               f"{f' (nor its tied aliases {names[1:]})' if len(names) > 1 else ''}")
+            split = _split_of(model, names[0])
+            value = _read(ckpt, key, tuple(param.shape), split)
+            stats.bytes_read += value.numel() * value.element_size()
+            stats.tensors_read += 1
+            stats.tensors_sliced += split is not None
+            # copy=True: a tensor read from safetensors may share the file's memory map; parameters must own theirs.
+            _swap_in(param, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,
+                                     copy=True))
+        _materialize_buffers(model, device, ckpt)
+    _materialize_d(model, device, zeros=True if miss_config is None else miss_config.init_weights)
+    if adapter is not None:
+        load_full_adapter_into(model, adapter, "adapter")
+    _check_materialized(model)
+    return stats
+
+
+@torch.no_grad()
+def materialize_random(model: nn.Module, device: torch.device | str, dtype: torch.dtype, seed: int, *,
+                       miss_config: Optional[MissConfig] = None) -> None:
+    """Random weights for benchmarks, like HF's init: matrices N(0, initializer_range), norm weights 1, biases 0.
+
+    Each parameter draws from its own generator seeded by (seed, name, shard offset): replicated parameters are
+    equal on every rank, TP shards differ, and each rank allocates only its own shards. D is initialised from
+    the global RNG reseeded with ``seed`` (as ``apply_miss`` draws it), so it is equal on every rank too.
+    """
+    std = getattr(model.config, "initializer_range", None) or 0.02
+    for names, param in _base_params(model):
+        split = _split_of(model, names[0])
+        offset = split.start if split is not None else 0
+        value = torch.empty(param.shape, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
+        if value.dim() >= 2:
+            generator = torch.Generator(device=value.device)
+            generator.manual_seed(zlib.crc32(f"{seed}:{names[0]}:{offset}".encode()))
+            value.normal_(0.0, std, generator=generator)
+        elif names[0].endswith("bias"):
+            value.zero_()
+        else:
+            value.fill_(1)
+        _swap_in(param, value)
+    _materialize_buffers(model, device, None)
+    torch.manual_seed(seed)
+    _materialize_d(model, device, zeros=True if miss_config is None else miss_config.init_weights)
+    _check_materialized(model)
+
+
+def _base_params(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
+    """Every distinct non-D parameter with all its names (tied parameters have several), in model order."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    for pid, param in params.items():
+        if not names[pid][0].endswith("." + D_NAME):
+            yield names[pid], param
+
+
+def _split_of(model: nn.Module, param_name: str) -> Optional[_Split]:
+    """Where this rank's shard of ``param_name`` sits in the full tensor; None for a replicated parameter."""
+    module_name, _, attr = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "partition_sizes"):  # miss_ds column/row MiSS layer
+        sizes, rank, column = module.partition_sizes, module.tp_rank, module.parallel == "column"
+    elif "deepspeed.module_inject.layers" in sys.modules and _is_deepspeed_tp_layer(module):
+        from deepspeed.module_inject.layers import LinearLayer
+
+        sizes, rank, column = module._partition_sizes, module.tp_index, isinstance(module, LinearLayer)
+    else:
+        return None
+    if not column and attr != "weight":
+        return None  # a row-parallel bias is added after the all-reduce: every rank holds all of it
+    start = sum(sizes[:rank])
+    return _Split(dim=0 if column else 1, start=start, stop=start + sizes[rank], full=sum(sizes))
+
+
+def _is_deepspeed_tp_layer(module: nn.Module) -> bool:
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    return isinstance(module, (LinearLayer, LinearAllreduce))
+
+
+def _read(ckpt: HFCheckpoint, key: str, local_shape: tuple[int, ...], split: Optional[_Split]) -> torch.Tensor:
+    """Read ``key`` (only this rank's slice of a split one), checking the stored shape first."""
+    full_shape = list(local_shape)
+    if split is not None:
+        full_shape[split.dim] = split.full
+    stored = list(ckpt.shape(key))
+    if stored != full_shape:
+        raise ValueError(f"'{key}' in {ckpt.directory} has shape {stored}, the model expects {full_shape}: "
+                         "was the checkpoint saved from a model with this config?")
+    if split is None:
+        return ckpt.read(key)
+    return ckpt.read(key, split.dim, split.start, split.stop)
+
+
+def _swap_in(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Give the meta ``tensor`` the data of ``value`` while keeping its identity and Python attributes."""
+    replacement = nn.Parameter(value, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) \
+        else value
+    attributes = dict(tensor.__dict__)
+    torch.utils.swap_tensors(tensor, replacement)
+    tensor.__dict__.update(attributes)
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device | str, ckpt: Optional[HFCheckpoint]) -> None:
+    """Buffers: recompute rotary embeddings with the model's own init, read others from the checkpoint."""
+    for module_name, module in model.named_modules():
+        meta = {n: b for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta}
+        if not meta:
+            continue
+        for name, buffer in meta.items():
+            setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
+        if _is_rotary(module):
+            model._init_weights(module)
+            continue
+        for name in meta:
+            key = f"{module_name}.{name}" if module_name else name
+            if ckpt is None or key not in ckpt.key_file:
+                raise KeyError(f"buffer '{key}' is on the meta device and neither recomputable nor in the checkpoint")
+            getattr(module, name).copy_(ckpt.read(key))
+
+
+def _is_rotary(module: nn.Module) -> bool:
+    """The rotary embeddings HF's ``_init_weights`` knows how to (re)compute."""
+    return "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq")
+
+
+def _materialize_d(model: nn.Module, device: torch.device | str, zeros: bool) -> None:
+    """Every D on ``device`` in its own dtype: the full D drawn as ``apply_miss`` draws it, then this rank's part."""
+    for _, layer in miss_layers(model):
+        d = layer.miss_block
+        if not d.is_meta:
+            continue
+        geometry = getattr(layer, "full_geometry", layer.geometry)
+        full = MF.init_d(geometry, zeros=zeros, dtype=d.dtype, device=device)
+        _swap_in(d, layer.shard_d(full) if hasattr(layer, "shard_d") else full)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in items:
+            if tensor is not None and tensor.is_meta:
+                raise RuntimeError(f"{kind} '{name}' is still on the meta device after loading")
