@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,73 @@ def test_scancel_is_not_requeued(cluster_env, tmp_path):
     log = job.log_text()
     assert (job.state, job.restarts) == ("CANCELLED", 0), log
     assert "batch: SIGTERM" in log and "requeueing" not in log, log
+
+
+# ---- the real training job under Slurm and mpirun ------------------------------------------------------------
+
+TRAIN_SETS = ["train.max_steps=40", "eval.every_steps=0", "eval.max_batches=2", "checkpoint.every_steps=0",
+              "logging.every_steps=1", "logging.progress=false", "train.warmup_steps=4"]
+
+
+def trainer_args(out: Path) -> list[str]:
+    return [a for s in (*TRAIN_SETS, f"output_dir={out}") for a in ("--set", s)]
+
+
+def losses_of(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def slurm_training(cluster_env, tmp_path_factory) -> dict[int, float]:
+    """The tiny default job as a 2-task sbatch job, run to the end: its per-step losses."""
+    out = tmp_path_factory.mktemp("slurm-train")
+    env = cu.job_env(cluster_env, CONFIG="configs/tiny-cpu.yaml")
+    job = cu.submit_and_wait(cu.TRAIN_SBATCH, trainer_args(out), env, timeout=600,
+                             sbatch_args=cu.small_job_args(out))
+    assert (job.state, job.exit_code) == ("COMPLETED", "0:0"), job.log_text()
+    return losses_of(out)
+
+
+@pytest.mark.cluster
+def test_sbatch_trains_the_default_job(slurm_training):
+    assert sorted(slurm_training) == list(range(1, 41))
+    first = sum(slurm_training[s] for s in (1, 2, 3)) / 3
+    last = sum(slurm_training[s] for s in (38, 39, 40)) / 3
+    assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.cluster
+def test_sbatch_preempted_job_requeues_and_resumes_exactly(cluster_env, slurm_training, tmp_path):
+    env = cu.job_env(cluster_env, CONFIG="configs/tiny-cpu.yaml")
+    job_id = cu.submit(cu.TRAIN_SBATCH, trainer_args(tmp_path), env, cu.small_job_args(tmp_path))
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
+            assert time.monotonic() < deadline, "training did not reach step 10"
+            time.sleep(0.3)
+        cu.signal_batch_shell(job_id, signal.SIGUSR1, env)
+        job = cu.wait_for_job(job_id, env, timeout=600)
+    finally:
+        cu.cancel(job_id, env)
+    log = job.log_text()
+    assert (job.state, job.restarts) == ("COMPLETED", 1), log
+    assert f"exited {PREEMPTED_EXIT_CODE}; requeueing" in log
+    losses = losses_of(tmp_path)
+    assert sorted(losses) == sorted(slurm_training)
+    for step, loss in slurm_training.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+
+
+@pytest.mark.cluster
+def test_mpirun_trains_the_default_job_like_slurm(cluster_env, slurm_training, tmp_path):
+    pytest.importorskip("mpi4py", reason="mpi4py is needed for MPI rank discovery")
+    env = cu.job_env(cluster_env, CONFIG="configs/tiny-cpu.yaml", NP="2", MPIRUN_ARGS="--oversubscribe")
+    proc = subprocess.run(["bash", str(cu.MPI_TRAIN), *trainer_args(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = losses_of(tmp_path)
+    assert sorted(losses) == sorted(slurm_training)
+    for step, loss in slurm_training.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step

@@ -19,13 +19,14 @@ Encoded = tuple[list[int], list[int]]  # (input_ids, labels)
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> None:
     """Raise `ValueError` if `tokenizer` lacks what `cfg.format` needs."""
+    name = f"the tokenizer {tokenizer.name_or_path}" if getattr(tokenizer, "name_or_path", "") else "the tokenizer"
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; every example ends with one: set tokenizer.eos_token")
+        raise ValueError(f"{name} has no eos token; every example ends with one: set tokenizer.eos_token")
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token, needed to fill sequences to data.seq_len: "
+        raise ValueError(f"{name} has no pad token, needed to fill sequences to data.seq_len: "
                          "set tokenizer.pad_token (tokenizer.eos_token works)")
     if cfg.format == "chat" and not tokenizer.chat_template:
-        raise ValueError('data.format is "chat" but the tokenizer has no chat_template: '
+        raise ValueError(f'data.format is "chat" but {name} has no chat_template: '
                          "set tokenizer.chat_template or use a tokenizer that ships one")
 
 
