@@ -38,7 +38,9 @@ MODEL = {"miss": {}, "mini": {}, "bat": {"intermediate_size": 96}}
 
 
 def ds_config(zero: int, offload: bool) -> dict:
-    zero_cfg = {"stage": zero}
+    # ZeRO-3's default keeps parameters under 1e5 elements resident anyway; 0 makes every parameter a candidate
+    # for partitioning, so the check below sees whether miss_ds keeps the frozen TP shards resident.
+    zero_cfg = {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})}
     if offload:
         zero_cfg["offload_optimizer"] = {"device": "cpu"}
     return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
@@ -134,6 +136,12 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
         torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP)
         ref_opt.step()
         losses.append(ref_loss.item())
+    # After training, the engine's forward (ZeRO-3 included) still issues only the base's TP all-reduces: the
+    # frozen TP shards stay resident and are not re-gathered.
+    with torch.no_grad(), CollectiveCounter() as c_engine:
+        engine(input_ids=ids)
+    if c_engine.count != c_base.count:
+        failures.append(f"{mode}: engine forward issued {c_engine.count} collectives, the frozen base {c_base.count}")
     for name, layer in layers.items():
         want = ref_params[name + ".miss_block"].detach()
         master = safe_get_full_fp32_param(layer.miss_block)  # None without a ZeRO/bf16 optimizer: D is the master
@@ -145,7 +153,7 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
             check(f"{mode} merged {name}", full_merged_weight(layer),
                   ref_layer.merged_linear().weight.detach(), failures, tol=1e-4)
     engine.destroy()
-    return {"mode": mode, "losses": losses, "forward_collectives": c_miss.count}
+    return {"mode": mode, "losses": losses, "forward_collectives": c_miss.count, "engine_collectives": c_engine.count}
 
 
 def _local_slice(layer, full: torch.Tensor) -> torch.Tensor:
