@@ -22,5 +22,7 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",
     ],
-    extras_require={"test": ["pytest>=8", "peft>=0.17"]},
+    # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
+    extras_require={"test": ["pytest>=8", "peft>=0.17",
+                             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
 )

@@ -10,11 +10,22 @@ Tensor parallel (DeepSpeed AutoTP layers)::
     from miss_ds.parallel.autotp import shard_model
     shard_model(model, tp_group); apply_miss(model, MissConfig(r=64))
 """
-from .config import MissConfig
-from .functional import MissShapeError
-from .inject import adapter_state_dict, apply_miss, load_adapter_state_dict, merge_and_unload, miss_layers
-from .layers import MissLinear
+from __future__ import annotations
 
-__all__ = ["MissConfig", "MissShapeError", "MissLinear", "apply_miss", "adapter_state_dict",
-           "load_adapter_state_dict", "merge_and_unload", "miss_layers"]
+import importlib
+from typing import Any
+
+#: Public name -> submodule. Imported on first use, so that ``miss_ds.preemption`` (the first import of
+#: launch/train.py, whose signal handler must be in place within milliseconds) does not pull in torch.
+_EXPORTS = {"MissConfig": "config", "MissShapeError": "functional", "MissLinear": "layers",
+            **{name: "inject" for name in ("apply_miss", "adapter_state_dict", "load_adapter_state_dict",
+                                           "merge_and_unload", "miss_layers")}}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'miss_ds' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

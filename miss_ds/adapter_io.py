@@ -44,7 +44,7 @@ def base_summary(model: nn.Module) -> dict[str, Any]:
 def adapter_parameters(model: nn.Module, config: MissConfig) -> dict[str, nn.Parameter]:
     """The parameters an adapter holds, by name: every D, then the parameters of ``modules_to_save``."""
     names = set(adapter_state_dict(model, config))
-    return {n: p for n, p in model.named_parameters() if n in names}
+    return {n: p for n, p in model.named_parameters(remove_duplicate=False) if n in names}
 
 
 def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
@@ -120,7 +120,7 @@ def check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
 def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
     """Copy full adapter tensors into a (possibly TP-split) model: each layer keeps its own part of D."""
     layers = dict(miss_layers(model))
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, layer in layers.items():
         key = f"{name}.{D_NAME}"
         if key not in full:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 Mode = Literal["miss", "mini", "bat"]
 MODES: tuple[str, ...] = ("miss", "mini", "bat")

@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 
 #: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
 PREEMPTED_EXIT_CODE = 85
@@ -202,8 +203,37 @@ def init_distributed(timeout_s: int = 1800) -> RankInfo:
     accelerator.set_device(info.local_rank % max(accelerator.device_count(), 1))
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=info.rank, world_size=info.world_size)
+    if accelerator.device_name() == "cpu":
+        _unlink_shm_buffer(info)
     _initialized = info
     return info
+
+
+def _unlink_shm_buffer(info: RankInfo) -> None:
+    """Remove the name of this rank's /dev/shm segment of DeepSpeed's CPU all-reduce.
+
+    DeepSpeed maps a 69 MB segment per rank and never unlinks it, so every CPU run, finished or killed, kept that
+    much RAM until reboot. Once every rank has mapped every segment (DeepSpeed's init does; the barrier waits for
+    all ranks to be past it) the names can go: the memory then lives exactly as long as the processes.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down.
+
+    Leaving it to interpreter exit lets gloo's worker threads die during static destruction, which aborts a
+    rank ("terminate called without an active exception") after its work is done and fails the launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _complete_from_mpi(info: RankInfo) -> RankInfo:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 
 class MissShapeError(ValueError):
     """A layer's shape (or its tensor-parallel shard) cannot carry the requested MiSS mode."""
@@ -142,18 +144,22 @@ def broadcast_chunks(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> tor
 class _AdditiveMissLinear(torch.autograd.Function):
     """``x W^T + agg(x) @ D`` as one autograd node (``miss``/``mini``), built to move few bytes.
 
-    Forward: the small GEMM writes the delta and the frozen GEMM accumulates onto it in its epilogue (beta=1),
-    instead of a separate read-add-write pass over the output. Only agg(x) is saved (r values a token), not x.
-    Backward: the MiSS input gradient (dy D^T spread over the input chunks) is written once and the frozen
-    input-gradient GEMM accumulates onto it; D's gradient is agg(x)^T dy.
+    Forward: on GPU (bf16/fp16) one Triton GEMM with agg(x) @ D as its last K step (:mod:`miss_ds.kernels`);
+    otherwise the small GEMM writes the delta and the frozen GEMM accumulates onto it (beta=1). Only agg(x) is
+    saved (r values a token), not x. Backward: the MiSS input gradient g = dy D^T, spread over the input chunks,
+    is added in the input-gradient GEMM's epilogue (on GPU) or written first for that GEMM to accumulate onto;
+    D's gradient is agg(x)^T dy.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         agg = aggregate(x2, r, in_offset)
-        out = agg @ d.to(x.dtype)
-        out.addmm_(x2, w.t())
+        if kernels.enabled(x2) and w.dtype == x.dtype:
+            out = kernels.miss_forward(x2, w, agg, d.to(x.dtype))
+        else:
+            out = agg @ d.to(x.dtype)
+            out.addmm_(x2, w.t())
         ctx.save_for_backward(agg, w, d)
         ctx.r, ctx.in_offset = r, in_offset
         return out.reshape(*x.shape[:-1], w.shape[0])
@@ -164,8 +170,12 @@ class _AdditiveMissLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dd = None
         if ctx.needs_input_grad[0]:
-            dx = broadcast_chunks(dy2 @ d.to(dy.dtype).t(), w.shape[1], ctx.r, ctx.in_offset).contiguous()
-            dx.addmm_(dy2, w)
+            g = dy2 @ d.to(dy.dtype).t()
+            if kernels.enabled(dy2) and w.dtype == dy.dtype:
+                dx = kernels.miss_input_grad(dy2, w, g, ctx.in_offset)
+            else:
+                dx = broadcast_chunks(g, w.shape[1], ctx.r, ctx.in_offset).contiguous()
+                dx.addmm_(dy2, w)
             dx = dx.reshape(*dy.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[2]:
             dd = (agg.t() @ dy2).to(d.dtype)

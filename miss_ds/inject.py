@@ -78,13 +78,13 @@ def miss_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> dict[str, torch.Tensor]:
     """Only what training changed: every D, plus the full parameters of ``modules_to_save``."""
     saved = tuple(config.modules_to_save) if config else ()
-    return {name: p.detach() for name, p in model.named_parameters()
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)
             if name.endswith("." + D_NAME) or _in_modules_to_save(name, saved)}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
     """Copy D tensors (and saved modules) into ``model``; every key must exist with the same shape."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     missing = [k for k in params if k.endswith("." + D_NAME) and k not in state]
     if missing:
         raise KeyError(f"{source} has no D for {missing[0]} (and {len(missing) - 1} more): "
@@ -134,8 +134,17 @@ def _in_modules_to_save(param_name: str, modules: tuple[str, ...]) -> bool:
 
 
 def _set_trainable(model: nn.Module, config: MissConfig) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("." + D_NAME) or _in_modules_to_save(name, tuple(config.modules_to_save)))
+    """D and ``modules_to_save`` train. A tied tensor (an LM head sharing the embedding) is listed once by
+    ``named_parameters``, under its first name, so every name it has is checked."""
+    saved = tuple(config.modules_to_save)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for p in model.parameters():
+        train = any(n.endswith("." + D_NAME) or _in_modules_to_save(n, saved) for n in names[id(p)])
+        if train and len(names[id(p)]) > 1:
+            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names[id(p)], list(saved))
+        p.requires_grad_(train)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from . import adapter_io, engine as miss_engine, memory_plan
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .data import SyntheticBatches
 from .distributed import PREEMPTED_EXIT_CODE, init_distributed
 from .metrics import MetricsLogger
@@ -93,8 +92,22 @@ class Trainer:
         if self.is_main:
             dist.barrier()
             logger.info("data: %s", stats)
+        self._check_splits_fill_a_batch()
         self.batches = BatchIterator(self.train_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp,
                                      seed=data.seed)
+
+    def _check_splits_fill_a_batch(self) -> None:
+        """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,
+        after training has run (at the end: before the final checkpoint)."""
+        data, micro = self.cfg.data, self.cfg.train.micro_batch_size
+        eval_source = (f"data.eval_path={data.eval_path}" if data.eval_path else
+                       f"the data.eval_fraction={data.eval_fraction} hold-out of data.train_path={data.train_path}")
+        for split, dataset, source in (("train", self.train_ds, f"data.train_path={data.train_path}"),
+                                       ("eval", self.eval_ds, eval_source)):
+            if dataset is not None and len(dataset) < micro * self.dp:
+                raise ValueError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
+                                 f"train.micro_batch_size={micro} x {self.dp} data-parallel ranks; add {split} "
+                                 "rows or lower train.micro_batch_size")
 
     def _build_engine(self) -> None:
         cfg = self.cfg
@@ -119,6 +132,8 @@ class Trainer:
         self.engine, _, self.scheduler = miss_engine.initialize(
             model, self.deepspeed_config(), tp_size=self.tp,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        # A plain torch optimizer (ZeRO-0, fp32) has no overflow check: the trainer checks the gradients itself.
+        self._grads_unchecked = not hasattr(self.engine.optimizer, "overflow")
         if self.is_main:
             logger.info("%s", self.report)
 
@@ -205,41 +220,76 @@ class Trainer:
         return 0
 
     def _train_step(self) -> float:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss over DP ranks."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss over DP ranks.
+
+        A micro-batch with a non-finite loss is skipped before backward. Non-finite gradients (with a finite
+        loss) make DeepSpeed skip the optimizer step (``skipped_steps``; for ZeRO-0 fp32, whose plain torch
+        optimizer has no such check, ``_optimizer_step`` does it): that discards the whole accumulation
+        window, so its losses are dropped too and the window starts again. Both count as skipped batches.
+        """
         losses = []
         while len(losses) < self.cfg.train.grad_accum_steps:
             batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
             loss = self.engine(**batch).loss
             if not self._all_finite(loss):
-                self._skip_bad_batch()
+                self._skip_bad_batch("loss")
+                continue
+            self.engine.backward(loss)
+            skipped = self.engine.skipped_steps
+            self._optimizer_step()
+            # One all-reduce: did any rank's optimizer skip the step, and how many tokens went in.
+            stats = torch.stack([torch.tensor(float(self.engine.skipped_steps != skipped), device=self.device),
+                                 batch["attention_mask"].sum().float()])
+            dist.all_reduce(stats)
+            if stats[0].item() > 0:
+                losses.clear()
+                self._skip_bad_batch("gradients")
                 continue
             self.bad_in_row = 0
-            self.engine.backward(loss)
-            self.engine.step()
             losses.append(loss.detach().float())
-            tokens = batch["attention_mask"].sum()
-            stats = torch.stack([torch.stack(losses[-1:]).sum(), tokens.float()])
-            dist.all_reduce(stats)
             self.tokens_seen += int(stats[1].item()) // self.tp
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         return mean.item() / self.world
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+    def _all_finite(self, *tensors: torch.Tensor) -> bool:
+        """Whether every given tensor is finite on every rank."""
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        bad = (~finite).float().reshape(1).to(self.device)  # one host sync, in .item() below
         dist.all_reduce(bad)
         return bad.item() == 0
 
-    def _skip_bad_batch(self) -> None:
+    def _optimizer_step(self) -> None:
+        """``engine.step()``. DeepSpeed's ZeRO and bf16 optimizers skip a step with non-finite gradients
+        themselves (``skipped_steps`` grows, the LR schedule holds); the plain torch optimizer of ZeRO-0 fp32
+        has no such check and would write NaN into D. So for it the trainer checks the gradients at the
+        accumulation boundary and, if a rank has a non-finite one, has DeepSpeed take its overflow path."""
+        optimizer = self.engine.optimizer
+        if not self._grads_unchecked or not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return
+        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+        if self._all_finite(*grads):
+            self.engine.step()
+            return
+        step = optimizer.step
+        optimizer.overflow, optimizer.step = True, lambda *args, **kwargs: None
+        try:
+            self.engine.step()  # clips, skips the update, counts skipped_steps, clears the gradients
+        finally:
+            optimizer.overflow, optimizer.step = False, step
+
+    def _skip_bad_batch(self, what: str) -> None:
         self.bad_in_row += 1
         self.bad_total += 1
-        logger.warning("step %d: non-finite loss on some rank; micro-batch skipped (%d in a row)",
-                       self.step + 1, self.bad_in_row)
+        skipped = "micro-batch skipped" if what == "loss" else "optimizer step skipped, its micro-batches dropped"
+        logger.warning("step %d: non-finite %s on some rank; %s (%d in a row)", self.step + 1, what, skipped,
+                       self.bad_in_row)
         if self.bad_in_row >= self.cfg.train.max_bad_steps:
             raise TrainingStopped(
-                f"{self.bad_in_row} micro-batches in a row gave a non-finite loss (train.max_bad_steps="
-                f"{self.cfg.train.max_bad_steps}) at step {self.step + 1}: lower train.lr, check the data, "
-                "or resume from the last checkpoint")
+                f"{self.bad_in_row} micro-batches in a row gave a non-finite loss or gradients (train.max_bad_steps="
+                f"{self.cfg.train.max_bad_steps}; the last: non-finite {what}) at step {self.step + 1}: lower "
+                "train.lr, check the data, or resume from the last checkpoint")
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -291,21 +341,33 @@ class Trainer:
             (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
     def _resume(self, resume: Optional[str]) -> None:
-        path = self.checkpoints.resolve(resume)
+        path = self._resolve_checkpoint(resume)
         if path is None:
             if resume not in (None, "auto"):
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+            dropped = self.metrics.truncate_after(0)  # lines of an earlier attempt that saved no checkpoint
+            if dropped:
+                logger.warning("starting at step 0: dropped %d lines of an earlier run from %s", dropped,
+                               self.metrics.path)
             return
         state = json.loads((path / TRAINER_STATE).read_text())
+        # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
+        adapter_io.check_base(adapter_io.read_adapter_config(path / "adapter"), self.engine.module, str(path))
         if state["tp_size"] == self.tp and state["world_size"] == self.world:
             self.engine.load_checkpoint(str(path / "engine"), tag="state", load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
             rng_file = path / "rng" / f"rank{self.rank:05d}.pt"
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:
+            saved_model = state.get("config", {}).get("model", {})
+            if state["tp_size"] != self.tp and (_random_base(saved_model) or _random_base(to_dict(self.cfg)["model"])):
+                raise ValueError(
+                    f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size={self.tp}: "
+                    "the base model has random weights (model.path null or model.random_init), drawn per "
+                    "tensor-parallel shard, so another tp_size builds another base and D would not fit it. Resume "
+                    f"with parallel.tp_size={state['tp_size']}, or train on a base checkpoint (model.path)")
             # Another layout: D carries over (the adapter is TP-independent); optimizer state starts afresh.
-            meta, full = adapter_io.read_full_adapter(path / "adapter")
-            adapter_io.check_base(meta, self.engine.module, str(path))
+            _, full = adapter_io.read_full_adapter(path / "adapter")
             adapter_io.load_full_adapter_into(self.engine.module, full, str(path))
             self.scheduler.last_epoch = state["step"]
             logger.warning("resuming %s written by tp_size=%d on %d ranks with tp_size=%d on %d ranks: D is "
@@ -317,6 +379,27 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if self.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
+
+    def _resolve_checkpoint(self, resume: Optional[str]) -> Optional[Path]:
+        """The checkpoint to resume from. Rank 0 checks every file's sha256 (sizes alone miss a flipped byte;
+        ``auto`` then falls back to an older checkpoint) and the other ranks take its answer, so every rank
+        loads the same checkpoint and it is hashed once."""
+        if resume is None:
+            return None
+        answer: list[Optional[str]] = [None, None]  # path, error
+        failure: Optional[Exception] = None
+        if self.is_main:
+            try:
+                path = self.checkpoints.resolve(resume, full=True)
+                answer[0] = None if path is None else str(path)
+            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, or they wait forever
+                failure, answer[1] = exc, str(exc)
+        dist.broadcast_object_list(answer, src=0)
+        if failure is not None:
+            raise failure
+        if answer[1] is not None:
+            raise CheckpointError(answer[1])
+        return None if answer[0] is None else Path(answer[0])
 
     # ----------------------------------------------------------------- preemption and end
     def _preempted(self) -> bool:
@@ -359,6 +442,11 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         self.engine.destroy()
+
+
+def _random_base(model: dict[str, Any]) -> bool:
+    """Whether a run config's ``model`` section builds random base weights (they depend on the TP layout)."""
+    return bool(model) and (model.get("path") is None or bool(model.get("random_init")))
 
 
 def _merge(base: dict, extra: dict) -> dict:

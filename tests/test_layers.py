@@ -188,6 +188,22 @@ def test_modules_to_save_train_and_are_saved():
     assert "lm_head.weight" in adapter_state_dict(model, MissConfig(r=8, modules_to_save=["lm_head"]))
 
 
+def test_a_tied_lm_head_in_modules_to_save_trains():
+    """With tie_word_embeddings the head's weight is the embedding's, listed once under the embedding's name:
+    it must train all the same (and the embedding with it), and be saved under the head's name."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    cfg = MissConfig(r=8, modules_to_save=["lm_head"])
+    apply_miss(model, cfg)
+    assert model.lm_head.weight.requires_grad
+    assert "lm_head.weight" in adapter_state_dict(model, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("model.norm") or ".mlp.up_proj.weight" in n for n in trainable)
+
+
 @pytest.mark.parametrize("mode", ["miss", "bat"])
 def test_merge_and_unload_gives_plain_model_with_same_output(mode):
     model = _llama()

@@ -9,8 +9,16 @@ tokens/s per GPU, MFU, peak memory and time to the first step, each as a ratio t
         --variant "miss=train:configs/llama-70b-tp2.yaml" \\
         --variant "mini=train:configs/llama-70b-tp2.yaml miss.mode=mini miss.mini_r=64"
 
-``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode,
-PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats).
+``model``: in one process, training steps of a stack of Llama-7B-shape decoder layers (bf16, seq 4096, micro-batch
+2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
+r16, and miss_ds in each mode (``miss`` also with its fused kernels off), each as a ratio to the floor, with
+tokens/s, MFU and peak memory against the floor plus the variant's optimizer state.
+
+    python tools/bench.py model --layers 8
+
+``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode
+(``miss`` fused and not), PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
+``--profile`` adds each variant's top GPU kernels.
 """
 from __future__ import annotations
 
@@ -95,11 +103,102 @@ def cmd_step(args: argparse.Namespace) -> None:
     print(table(results, args.ref), flush=True)
 
 
+MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-unfused", "mini", "bat")
+
+
+def _llama(args: argparse.Namespace):
+    """The benchmark's Llama stack, random bf16 weights on the GPU, recompute on every layer, input grads on."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=32000,
+                         max_position_embeddings=args.seq)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.requires_grad_(False)
+    return config, model
+
+
+def _adapted(name: str, model, r: int):
+    """``model`` with variant ``name``'s adapter (the floor trains the final norm only, so that backward runs)."""
+    from miss_ds import MissConfig, apply_miss, kernels
+    from miss_ds.modeling import enable_recompute
+
+    kernels.use(name != "miss-unfused")
+    if name == "frozen":
+        model.model.norm.weight.requires_grad_(True)
+    elif name.startswith("peft"):
+        import peft
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        cfg = peft.MissConfig(r=r, target_modules=targets) if name == "peft-miss" else \
+            peft.LoraConfig(r=16, lora_alpha=16, target_modules=targets)
+        model = peft.get_peft_model(model, cfg)  # PEFT's defaults: fp32 adapter weights
+    else:
+        mode = name.split("-")[0]
+        apply_miss(model, MissConfig(r=r, mode=mode, mini_r=r))  # fp32 D, as the trainer keeps it
+    enable_recompute(model, None)
+    model.enable_input_require_grads()
+    return model
+
+
+def cmd_model(args: argparse.Namespace) -> None:
+    import gc
+
+    import torch
+
+    from miss_ds.flops import frozen_finetune_flops_per_token, peak_flops
+
+    tokens = args.mbs * args.seq
+    ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
+    for name in args.variants.split(","):
+        config, model = _llama(args)
+        model = _adapted(name, model, args.r)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.warmup + args.repeat):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        step = sorted(times[args.warmup:])[args.repeat // 2]
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+        results.append({"variant": name, "step_s": step, "tokens_per_s": tokens / step,
+                        "mfu": tokens / step * frozen_finetune_flops_per_token(config, args.seq)
+                        / peak_flops(ids.device, torch.bfloat16),
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "optimizer_state_gib": state / 2**30,
+                        "trainable_m": sum(p.numel() for p in params) / 1e6})
+        print(json.dumps(results[-1]), flush=True)
+        del model, optimizer, params
+        gc.collect()
+        torch.cuda.empty_cache()
+    floor = next(r for r in results if r["variant"] == "frozen")
+    print(f"| {args.layers} layers {args.hidden}/{args.intermediate}, seq {args.seq}, mbs {args.mbs}, r={args.r}, "
+          f"{torch.cuda.get_device_name()} | s/step | x floor | tokens/s | MFU | peak GiB | x (floor + opt state) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        budget = floor["peak_gib"] + r["optimizer_state_gib"]
+        print(f"| {r['variant']} | {r['step_s']:.4f} | {r['step_s'] / floor['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mfu']:.3f} | {r['peak_gib']:.2f} | {r['peak_gib'] / budget:.3f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
 def cmd_layer(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from miss_ds import MissConfig, MissLinear
+    from miss_ds import MissConfig, MissLinear, kernels
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -109,16 +208,17 @@ def cmd_layer(args: argparse.Namespace) -> None:
     def frozen() -> nn.Module:
         return nn.Linear(args.in_features, args.out_features, bias=False, device=device, dtype=dtype).requires_grad_(False)
 
-    variants = {"frozen": frozen()}
+    variants = {"frozen": (frozen(), True)}
     for mode in ("miss", "mini", "bat"):
-        cfg = MissConfig(r=args.r, mode=mode, mini_r=args.r, target_modules=["x"], adapter_dtype="model")
-        variants[f"miss_ds-{mode}"] = MissLinear(frozen(), cfg)
+        cfg = MissConfig(r=args.r, mode=mode, mini_r=args.r, target_modules=["x"])
+        variants[f"miss_ds-{mode}"] = (MissLinear(frozen(), cfg), True)
+    variants["miss_ds-miss-unfused"] = (variants["miss_ds-miss"][0], False)
     try:
         import peft
 
         for label, pcfg in (("peft-miss", peft.MissConfig(r=args.r, target_modules=["0"])),
                             ("peft-lora-r16", peft.LoraConfig(r=16, target_modules=["0"]))):
-            variants[label] = peft.get_peft_model(nn.Sequential(frozen()), pcfg)
+            variants[label] = (peft.get_peft_model(nn.Sequential(frozen()), pcfg), True)
     except ImportError:
         pass
 
@@ -140,12 +240,30 @@ def cmd_layer(args: argparse.Namespace) -> None:
                 times.append(elapsed)
         return sorted(times)[len(times) // 2]
 
-    base = timed(variants["frozen"])
+    def profile(module: nn.Module) -> str:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                module(x).backward(grad)
+            torch.cuda.synchronize()
+        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
+
+    rows, tables = [], {}
+    for name, (module, fused) in variants.items():
+        kernels.use(fused)
+        rows.append((name, timed(module)))
+        if args.profile and cuda:
+            tables[name] = profile(module)
+    kernels.use(True)
+    base = rows[0][1]
     print(f"| layer {args.tokens}x{args.in_features}->{args.out_features}, r={args.r}, {dtype} on {device} | ms | x frozen |")
     print("|---|---|---|")
-    for name, module in variants.items():
-        t = base if name == "frozen" else timed(module)
+    for name, t in rows:
         print(f"| {name} | {t * 1e3:.3f} | {t / base:.3f} |", flush=True)
+    for name, table in tables.items():
+        print(f"\n{name} (3 forward+backward):\n{table}")
 
 
 def main() -> None:
@@ -159,6 +277,20 @@ def main() -> None:
     s.add_argument("--work", default=None, help="where training runs write checkpoints (default: --out)")
     s.add_argument("--timeout", type=int, default=600)
     s.set_defaults(func=cmd_step)
+    m = sub.add_parser("model", help="training steps of a Llama stack, one process, every variant (CUDA)")
+    m.add_argument("--variants", default=",".join(MODEL_VARIANTS), help=f"comma list of {', '.join(MODEL_VARIANTS)}")
+    m.add_argument("--layers", type=int, default=8)
+    m.add_argument("--hidden", type=int, default=4096)
+    m.add_argument("--intermediate", type=int, default=11008)
+    m.add_argument("--heads", type=int, default=32)
+    m.add_argument("--kv-heads", type=int, default=32)
+    m.add_argument("--seq", type=int, default=4096)
+    m.add_argument("--mbs", type=int, default=2)
+    m.add_argument("--r", type=int, default=64)
+    m.add_argument("--warmup", type=int, default=3)
+    m.add_argument("--repeat", type=int, default=5)
+    m.add_argument("--out", default=None, help="write the results as JSON here")
+    m.set_defaults(func=cmd_model)
     l = sub.add_parser("layer", help="one layer's forward + backward")
     l.add_argument("--tokens", type=int, default=8192)
     l.add_argument("--in-features", type=int, default=4096)
@@ -166,6 +298,7 @@ def main() -> None:
     l.add_argument("--r", type=int, default=64)
     l.add_argument("--warmup", type=int, default=5)
     l.add_argument("--repeat", type=int, default=20)
+    l.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels (CUDA)")
     l.set_defaults(func=cmd_layer)
     args = p.parse_args()
     args.func(args)

@@ -4,12 +4,14 @@
 layer (every rank reads the whole input, so its gradient is summed) and on a D that is replicated in the TP
 group (every rank computes part of its gradient).
 ``reduce_from_tp``: all-reduce forward, identity backward. The output of a row-parallel layer.
-Both return at once when the group has a single rank.
+Both return at once when the group has a single rank. The all-reduces go through ``deepspeed.comm`` when it is
+initialised (always, once DeepSpeed started the process group), so DeepSpeed's comms logger records them.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import deepspeed.comm as ds_comm
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
@@ -17,6 +19,11 @@ from torch.distributed import ProcessGroup
 
 def tp_world_size(group: Optional[ProcessGroup]) -> int:
     return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: ProcessGroup) -> None:
+    """In-place sum over ``group``: through deepspeed.comm (logged) when it is up, else torch.distributed."""
+    (ds_comm if ds_comm.is_initialized() else dist).all_reduce(x, group=group)
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -28,7 +35,7 @@ class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        _all_reduce(grad, ctx.group)
         return grad, None
 
 
@@ -36,7 +43,7 @@ class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         x = x.contiguous()
-        dist.all_reduce(x, group=group)
+        _all_reduce(x, group)
         return x
 
     @staticmethod

@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import groups
@@ -25,6 +24,7 @@ from transformers import AutoConfig
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, adapter_io, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
+from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from miss_ds.loading import build_model_on_meta, load_sharded_weights, materialize_random  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from tests.dist.export_make import input_ids  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--cases", required=True, help="JSON list of cases")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     tp, rank = dist.get_world_size(), dist.get_rank()
     miss_engine.tensor_parallel_group(tp)
     cases = json.loads(args.cases)
@@ -98,6 +98,7 @@ def main() -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         print("RESULT " + json.dumps({"tp": tp, "ranks": gathered}), flush=True)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import groups
@@ -21,6 +20,7 @@ from deepspeed.utils import groups
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, adapter_io, apply_miss  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
+from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from miss_ds.inject import adapter_state_dict  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
@@ -70,13 +70,14 @@ def main() -> None:
     p.add_argument("--modes", default="miss,mini,bat")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     tp = dist.get_world_size()
     miss_engine.tensor_parallel_group(tp)
     for mode in args.modes.split(","):
         make(mode, Path(args.out), tp)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "modes": args.modes.split(",")}), flush=True)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
+from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from miss_ds.parallel.gather import full_d, full_merged_weight  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
@@ -35,6 +36,11 @@ CLIP = 0.5
 MODES = {"miss": dict(mode="miss", r=8), "mini": dict(mode="mini", r=8, mini_r=4), "bat": dict(mode="bat", r=4)}
 # bat needs every shard to hold whole r x r blocks: an MLP width of 96 splits into 48s and 24s.
 MODEL = {"miss": {}, "mini": {}, "bat": {"intermediate_size": 96}}
+
+
+def model_config(mode: str, tp: int):
+    """The mode's tiny Llama, with a KV head for each rank when TP=8."""
+    return tiny_llama_config(**MODEL[mode], **({"num_key_value_heads": 8} if tp > 4 else {}))
 
 
 def ds_config(zero: int, offload: bool) -> dict:
@@ -84,7 +90,7 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, failures: list, tol:
 
 
 def run_mode(mode: str, args, tp: int, failures: list) -> dict:
-    cfg = tiny_llama_config(**MODEL[mode])
+    cfg = model_config(mode, tp)
     miss_cfg = MissConfig(init_weights=False, **MODES[mode])
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
@@ -169,7 +175,7 @@ def main() -> None:
     p.add_argument("--modes", default="miss,mini,bat")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     tp = args.tp
     miss_engine.tensor_parallel_group(tp)
     failures: list[str] = []
@@ -179,6 +185,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "zero": args.zero, "world": dist.get_world_size(),
                                       "results": results, "failures": sum(all_failures, [])}), flush=True)
+    shutdown_distributed()
     sys.exit(1 if any(all_failures) else 0)
 
 

@@ -1,0 +1,567 @@
+"""Reliability: crashes, preemption and bad input lose nothing and explain themselves (CPU, gloo).
+
+* SIGKILL of both ranks and the launcher at seeded random points (one of them during a checkpoint save), then
+  ``--resume auto`` until done: every ``step_*`` verifies, the newest is found, and the final D and every
+  logged loss equal an uninterrupted run's.
+* SIGTERM makes a rank save and exit 85; a TP=2 resume of that TP=1 checkpoint loads D and warns.
+* Non-finite losses and gradients are skipped and counted; too many in a row stop training with the reason.
+* Bad input (r, tokenizer, too little data, damaged or foreign checkpoints, a full disk) fails before training,
+  naming the module, key, file or path.
+* ``MISS_DS_SOAK=1``: a few thousand steps with frequent checkpoints keep RSS and open fds flat (minutes).
+
+The in-process scenarios run in one subprocess, ``tests/dist/reliability_trainer.py`` (see its docstring).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from miss_ds.adapter_io import read_full_adapter
+from miss_ds.checkpoint import verify
+from miss_ds.metrics import read_metrics
+from tests.launch_utils import ROOT, free_port, result_of
+from tests.test_train import CONFIG, QUICK, env, run, train_cmd, train_losses
+
+SOAK = os.environ.get("MISS_DS_SOAK") == "1"
+
+
+def step_dirs(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step_*"))
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.05) -> None:
+    """Poll ``condition()`` until true; fail if ``proc`` exits first or the timeout passes."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training exited ({proc.returncode}) before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def last_train_step(out: Path) -> int:
+    return max((r["step"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"), default=0)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it at once, as a node failure would (no-op once it ended)."""
+    try:
+        root = psutil.Process(proc.pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
+
+
+def release_shm(port: int | str) -> None:
+    """Unlink the /dev/shm segments (69 MB of RAM per rank) that DeepSpeed's CPU all-reduce leaves behind for
+    the job that used ``port``: without the trainer fix every CPU run, finished or killed, leaks them."""
+    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        segment.unlink(missing_ok=True)
+
+
+def port_of(cmd: list[str]) -> str:
+    return cmd[cmd.index("--master_port") + 1]
+
+
+def launch(cmd: list[str], log: Path, port: int | None = None) -> subprocess.Popen:
+    """Start ``cmd`` with output to ``log``; ``port``: the MASTER_PORT of a one-process run (release_shm needs it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**env(), **({"MASTER_PORT": str(port)} if port else {})},
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def run_2ranks(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return run(cmd)
+    finally:
+        release_shm(port_of(cmd))
+
+
+# ---------------------------------------------------------------------------------- kill -9 and resume
+KILL_SEED = 20261123
+KILL_COUNT = int(os.environ.get("MISS_DS_KILLS", "3"))
+KILL_STEPS = 24
+KILL_RUN = (f"train.max_steps={KILL_STEPS}", "checkpoint.every_steps=3", "checkpoint.keep_last=2",
+            "eval.every_steps=0")
+
+
+def kill_plan(seed: int, count: int) -> list[tuple[str, int]]:
+    """``count`` kill points (kind, step) after the first checkpoint (step 3), steps at least 3 apart so that a
+    resumed run's stale metrics lines never reach the next point: one 'save' kill (as soon as the next
+    checkpoint save has created its temp dir), the others 'step' kills (a random moment after that step is
+    logged). A crash before any checkpoint is a scenario of its own (test_restart_without_a_checkpoint_...)."""
+    rng = random.Random(seed)
+    steps = [s + rng.randrange(3) for s in sorted(rng.sample(range(4, KILL_STEPS - 4, 5), count))]
+    during_save = rng.randrange(count)
+    return [("save" if i == during_save else "step", s) for i, s in enumerate(steps)]
+
+
+def run_segment(launcher: subprocess.Popen, kill: tuple[str, int] | None, out: Path, rng: random.Random):
+    """Let the run reach ``kill`` = (kind, step) and SIGKILL everything, or run to the end (``kill`` None).
+    Returns the kind of kill, or None."""
+    if kill is None:
+        launcher.wait(timeout=600)
+        return None
+    kind, step = kill
+    wait_for(lambda: last_train_step(out) >= step, launcher, f"step {step}")
+    if kind == "save":
+        wait_for(lambda: any((out / "checkpoints").glob(".tmp-step_*")), launcher, "a save", poll=0.002)
+    else:
+        time.sleep(rng.uniform(0.0, 0.3))
+    kill_tree(launcher)
+    return kind
+
+
+def test_sigkill_at_random_points_then_resume_auto_loses_nothing(tmp_path):
+    """Every kill leaves only complete checkpoints; ``--resume auto`` picks the newest, and the finished run's
+    D and per-step losses equal those of a run that was never interrupted."""
+    reference, broken = tmp_path / "reference", tmp_path / "broken"
+    proc = run_2ranks(train_cmd(2, reference, *KILL_RUN))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rng = random.Random(KILL_SEED + 1)
+    plan = kill_plan(KILL_SEED, KILL_COUNT)
+    resume_from: int | None = None
+    history = []
+    for segment in range(len(plan) + 1):
+        cmd = train_cmd(2, broken, *KILL_RUN, resume="auto" if segment else None)
+        log = tmp_path / f"segment{segment}.log"
+        launcher = launch(cmd, log)
+        try:
+            ended = run_segment(launcher, plan[segment] if segment < len(plan) else None, broken, rng)
+        finally:
+            kill_tree(launcher)
+            release_shm(port_of(cmd))
+        output = log.read_text()
+        if ended is None:
+            assert launcher.returncode == 0, output[-3000:]
+        mid_save = sorted(p.name for p in (broken / "checkpoints").glob(".tmp-step_*"))
+        if ended == "save":
+            assert mid_save, "the kill was meant to land inside a checkpoint save"
+        if segment and resume_from is None:
+            assert "resumed from" not in output, output[-3000:]
+        elif segment:  # (b) the newest complete checkpoint was found and used
+            assert f"step_{resume_from:08d} at step {resume_from}" in output, output[-3000:]
+        for path in step_dirs(broken):  # (a) nothing named step_* is ever incomplete
+            verify(path, full=True)
+        if segment < len(plan):
+            resume_from = step_of(step_dirs(broken)[-1]) if step_dirs(broken) else None
+            history.append((*plan[segment], last_train_step(broken), mid_save, resume_from))
+    print(f"\n{len(plan)} kills (kind, planned step, last logged step, temp dirs left, resumed from): {history}")
+
+    final = f"checkpoints/step_{KILL_STEPS:08d}/adapter"
+    _, want = read_full_adapter(reference / final)
+    _, got = read_full_adapter(broken / final)
+    assert sorted(got) == sorted(want)
+    for key in want:  # (c)
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    steps = [r["step"] for r in read_metrics(broken / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, KILL_STEPS + 1)), "metrics.jsonl must hold each step once, in order"
+    expected, losses = train_losses(reference), train_losses(broken)
+    assert sorted(losses) == sorted(expected) == list(range(1, KILL_STEPS + 1))
+    for step, loss in expected.items():  # (d)
+        assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), f"step {step}, kills {history}"
+
+
+# ---------------------------------------------------------------------------------- SIGTERM and another TP size
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> Path:
+    """The tiny config's Llama as a Hugging Face checkpoint: a base whose weights, unlike the random base's
+    (drawn per TP shard), are the same for every tp_size."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from miss_ds.modeling import hf_config
+    from miss_ds.run_config import load_config
+
+    model_cfg = load_config(ROOT / CONFIG).model
+    vocab = len(AutoTokenizer.from_pretrained(ROOT / "data/arith/tokenizer"))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf_base") / "llama"
+    LlamaForCausalLM(hf_config(model_cfg, vocab_size=vocab)).save_pretrained(path)
+    return path
+
+
+SIGTERM_RUN = ("train.max_steps=20", "eval.every_steps=0", "checkpoint.every_steps=0")
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory, hf_base) -> tuple[Path, int, str]:
+    """A one-process TP=1 run on ``hf_base`` sent SIGTERM after step 6: (output dir, return code, output)."""
+    out, port = tmp_path_factory.mktemp("sigterm") / "run", free_port()
+    proc = launch(train_cmd(1, out, *SIGTERM_RUN, f"model.path={hf_base}"), out.parent / "run.log", port)
+    try:
+        wait_for(lambda: last_train_step(out) >= 6, proc, "step 6", poll=0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        kill_tree(proc)
+        release_shm(port)
+    return out, proc.returncode, (out.parent / "run.log").read_text()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_85(sigterm_run):
+    """Slurm and Kubernetes preempt with SIGTERM: the step ends, a complete checkpoint is saved, exit code 85."""
+    out, returncode, output = sigterm_run
+    assert returncode == 85, output[-3000:]
+    saved = step_dirs(out)
+    assert len(saved) == 1, saved
+    stopped_at = step_of(saved[0])
+    assert 6 <= stopped_at < 20
+    assert verify(saved[0], full=True)["metadata"]["step"] == stopped_at
+    assert f"signal {int(signal.SIGTERM)} received, checkpoint saved at step {stopped_at}; exiting with 85" in output
+
+
+def test_sigterm_right_after_start_still_exits_85(tmp_path):
+    """A notice during start-up must not kill the job either: it saves after its first step and exits 85."""
+    port = free_port()
+    out = tmp_path / "out"
+    proc = launch(train_cmd(1, out, "train.max_steps=4", "train.warmup_steps=0", "checkpoint.every_steps=0"),
+                  tmp_path / "run.log", port)
+    try:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 85, (tmp_path / "run.log").read_text()[-3000:]
+        assert [step_of(p) for p in step_dirs(out)] == [1]
+    finally:
+        kill_tree(proc)
+        release_shm(port)
+
+
+def test_tp2_resume_of_a_tp1_checkpoint_loads_d_and_warns(sigterm_run, hf_base, scenarios, tmp_path):
+    """Another TP size cannot take the optimizer state over: D (and lm_head) load, the run says so and goes on;
+    its first step has the loss the TP=1 run itself has after resuming (same base, D, batch; dp=1 both)."""
+    source, returncode, _ = sigterm_run
+    assert returncode == 85
+    out = shutil.copytree(source, tmp_path / "run")
+    stopped_at = step_of(step_dirs(out)[0])
+    proc = run_2ranks(train_cmd(2, out, *SIGTERM_RUN, "parallel.tp_size=2", f"model.path={hf_base}", resume="auto"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert (f"step_{stopped_at:08d} written by tp_size=1 on 1 ranks with tp_size=2 on 2 ranks: D is loaded, "
+            "optimizer state restarts") in output
+    losses = train_losses(out)
+    assert sorted(losses) == list(range(1, 21))
+    assert scenarios["tp1_continuation"]["error"] is None
+    tp1 = train_losses(scenarios["root"] / "tp1_continuation")
+    assert losses[stopped_at + 1] == pytest.approx(tp1[stopped_at + 1], rel=1e-4)
+
+
+def test_tp_change_on_a_random_base_is_refused(sigterm_run, tmp_path):
+    """A random base is drawn per TP shard, so under another tp_size it is another model and D, loaded onto it
+    silently, is meaningless: a resume that changes tp_size with a random base (here this run's; the checkpoint's
+    counts too) must refuse and say why. (Without the refusal the run stops one step later.)"""
+    out = shutil.copytree(sigterm_run[0], tmp_path / "run")
+    stopped_at = step_of(step_dirs(out)[0])
+    proc = run_2ranks(train_cmd(2, out, *SIGTERM_RUN, f"train.max_steps={stopped_at + 1}", "parallel.tp_size=2",
+                                "model.path=null", resume="auto"))
+    assert proc.returncode != 0
+    assert "(written with tp_size=1) with parallel.tp_size=2: the base model has random weights" in proc.stderr
+    assert "Resume with parallel.tp_size=1, or train on a base checkpoint (model.path)" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- in-process scenarios
+COMMON = ["train.warmup_steps=1", "eval.every_steps=0", "eval.max_batches=1", "logging.every_steps=1",
+          "checkpoint.every_steps=0"]
+OPTIM_FILE = "engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+TMPFS_SIZE = "4m"  # one checkpoint of the tiny model (2.6 MiB) fits, a second does not
+
+
+def _mount_tmpfs(directory: Path) -> bool:
+    directory.mkdir(parents=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(directory)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
+    """Outcomes of every in-process scenario (one subprocess); keys: scenario names, plus 'root'."""
+    root = tmp_path_factory.mktemp("scenarios")
+    base, step4 = root / "base", "checkpoints/step_00000004"
+
+    def job(name: str, *overrides: str, **extra) -> dict:
+        return {"name": name, "overrides": [*COMMON, f"output_dir={root / name}", *overrides], **extra}
+
+    def resume(checkpoint: str, name: str, *overrides: str, **damage: str) -> dict:
+        """Resume in a copy of the base run (``checkpoint``: 'auto' or a path in it), a file of step 4 damaged."""
+        copy = root / f"resume_{name}"
+        return job(copy.name, "train.max_steps=5", *overrides, copy=[str(base), str(copy)],
+                   resume=checkpoint if checkpoint == "auto" else str(copy / checkpoint),
+                   **{how: str(copy / step4 / file) for how, file in damage.items()})
+
+    tokenizer = shutil.copytree(ROOT / "data/arith/tokenizer", root / "tokenizer_without_template")
+    (tokenizer / "chat_template.jinja").unlink()
+    rows = (ROOT / "data/arith/train.jsonl").read_text().splitlines(keepends=True)
+    (root / "ten.jsonl").write_text("".join(rows[:10]))
+    (root / "five.jsonl").write_text("".join(rows[:5]))
+    nan_run = ("train.max_steps=6", "train.max_bad_steps=3")
+    jobs = [
+        job("base", "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3"),
+        *(job(f"nan_{what}_zero{zero}", *nan_run, f"parallel.zero_stage={zero}", **{f"nan_{what}": [2, 5, 6]})
+          for zero in (0, 1) for what in ("loss", "grad")),
+        job("nan_loss_in_a_row", *nan_run, nan_loss=[3, 4, 5]),
+        *(job(f"nan_grad_in_a_row_zero{zero}", *nan_run, f"parallel.zero_stage={zero}", nan_grad=[3, 4, 5])
+          for zero in (0, 1)),
+        job("r_too_large", "miss.r=256"),
+        job("chat_without_template", f"tokenizer={tokenizer}", "data.format=chat",
+            "data.train_path=data/arith/train_chat.jsonl", "data.eval_path=null"),
+        job("train_smaller_than_a_batch", f"data.train_path={root / 'ten.jsonl'}", "data.eval_path=null"),
+        job("eval_smaller_than_a_batch", f"data.eval_path={root / 'five.jsonl'}", "eval.every_steps=1",
+            "train.max_steps=3"),
+        resume(step4, "truncated", truncate=OPTIM_FILE),
+        resume(step4, "flipped", flip=OPTIM_FILE),
+        resume("auto", "auto_flipped", flip=OPTIM_FILE),
+        resume("auto", "other_base", "model.config.hidden_size=64"),
+        job("init_adapter_other_base", f"init_adapter={base / step4}", "model.config.hidden_size=64"),
+        job("restart_without_checkpoint", "train.max_steps=2", resume="auto", stale_metrics=3),
+        {"name": "tp1_continuation", "resume": "auto", "copy": [str(sigterm_run[0]), str(root / "tp1_continuation")],
+         "overrides": [*QUICK, f"output_dir={root / 'tp1_continuation'}", *SIGTERM_RUN, f"model.path={hf_base}"]},
+    ]
+    mounted = _mount_tmpfs(root / "disk_full" / "checkpoints")
+    if mounted:
+        jobs.append(job("disk_full", "train.max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=3"))
+    port = free_port()
+    try:
+        proc = subprocess.run([sys.executable, "tests/dist/reliability_trainer.py", "--scenarios", json.dumps(jobs)],
+                              cwd=ROOT, env={**env(), "MASTER_PORT": str(port)}, capture_output=True, text=True,
+                              timeout=900)
+        results = result_of(proc)
+        if mounted:  # look before the tmpfs goes
+            results["disk_full"]["left"] = {p.name: _verifies(p) for p in (root / "disk_full/checkpoints").iterdir()}
+    finally:
+        release_shm(port)
+        if mounted:
+            subprocess.run(["umount", str(root / "disk_full" / "checkpoints")], check=False)
+    assert results["base"]["error"] is None, results["base"]
+    return {**results, "root": root}
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify(path, full=True)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def test_non_finite_losses_are_skipped_and_counted(scenarios):
+    """NaN losses on micro-batches 2, 5 and 6 (two in a row, below max_bad_steps=3): training finishes, D stays
+    finite, and skipped_batches counts 3 in metrics.jsonl and summary.json."""
+    outcome, out = scenarios["nan_loss_zero1"], scenarios["root"] / "nan_loss_zero1"
+    assert outcome["error"] is None and outcome["step"] == 6 and outcome["d_finite"]
+    assert json.loads((out / "summary.json").read_text())["skipped_batches"] == 3
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["skipped_batches"] for r in rows] == [0, 1, 1, 3, 3, 3]
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN reaches the logged mean
+    assert sum("non-finite loss" in w for w in outcome["log"]) == 3
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_non_finite_gradients_skip_the_step_like_a_non_finite_loss(scenarios, zero):
+    """A finite loss with NaN gradients must not reach D (ZeRO-0: torch AdamW would apply it) nor pass silently
+    (ZeRO-1: DeepSpeed skips the step but nobody counted it): the step is skipped and counted, and the run is
+    step for step the run whose loss was NaN on the same micro-batches."""
+    root = scenarios["root"]
+    grads, losses = scenarios[f"nan_grad_zero{zero}"], scenarios[f"nan_loss_zero{zero}"]
+    assert grads["error"] is None, grads
+    assert grads["d_finite"] and grads["step"] == 6
+    assert json.loads((root / f"nan_grad_zero{zero}" / "summary.json").read_text())["skipped_batches"] == 3
+    assert sum("non-finite gradients" in w for w in grads["log"]) == 3, grads["log"]
+    assert losses["error"] is None
+    want, got = train_losses(root / f"nan_loss_zero{zero}"), train_losses(root / f"nan_grad_zero{zero}")
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def test_max_bad_steps_in_a_row_stop_training_with_the_reason(scenarios):
+    """Three NaN losses in a row (train.max_bad_steps=3) stop the run, saying how many, where and what to do."""
+    outcome = scenarios["nan_loss_in_a_row"]
+    assert outcome["error_type"] == "TrainingStopped"
+    assert outcome["step"] == 2
+    assert "3 micro-batches in a row" in outcome["error"] and "train.max_bad_steps=3" in outcome["error"]
+    assert "at step 3" in outcome["error"] and "non-finite loss" in outcome["error"]
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_non_finite_gradients_in_a_row_stop_training(scenarios, zero):
+    """Gradients that stay non-finite are as fatal as such losses: stop, with D still finite."""
+    outcome = scenarios[f"nan_grad_in_a_row_zero{zero}"]
+    assert outcome["error_type"] == "TrainingStopped", outcome
+    assert outcome["d_finite"] and outcome["step"] == 2
+    assert "train.max_bad_steps=3" in outcome["error"] and "gradients" in outcome["error"]
+
+
+def test_r_larger_than_a_layer_names_the_module(scenarios):
+    """miss.r=256 > in_features=128: refused before training, naming the module and an r that fits."""
+    outcome = scenarios["r_too_large"]
+    assert outcome["error_type"] == "MissShapeError" and outcome["step"] is None
+    assert "miss.r=256" in outcome["error"] and "'model.layers.0.self_attn.q_proj'" in outcome["error"]
+    assert "use r <= 128" in outcome["error"]
+
+
+def test_chat_format_with_a_tokenizer_without_template_names_the_tokenizer(scenarios):
+    """data.format=chat with a tokenizer directory lacking chat_template.jinja: the key and the directory named."""
+    outcome = scenarios["chat_without_template"]
+    assert outcome["error_type"] == "ValueError" and outcome["step"] is None
+    assert 'data.format is "chat"' in outcome["error"] and "no chat_template" in outcome["error"]
+    assert "tokenizer_without_template" in outcome["error"]
+
+
+@pytest.mark.parametrize("name,key,file", [
+    ("train_smaller_than_a_batch", "data.train_path=", "ten.jsonl"),
+    ("eval_smaller_than_a_batch", "data.eval_path=", "five.jsonl"),
+])
+def test_data_that_cannot_fill_one_batch_fails_before_training(scenarios, name, key, file):
+    """Both splits must fill one batch, checked before the first step: unchecked, eval data too small crashes
+    at the first evaluation, after training steps (with eval only at the end: before the final checkpoint)."""
+    outcome = scenarios[name]
+    assert outcome["error_type"] == "ValueError" and outcome["step"] is None, outcome
+    assert key in outcome["error"] and file in outcome["error"] and "train.micro_batch_size=16" in outcome["error"]
+    assert not (scenarios["root"] / name / "metrics.jsonl").exists()
+
+
+def test_resume_from_a_truncated_checkpoint_names_the_file(scenarios):
+    """``--resume PATH`` of a checkpoint with a truncated shard: refused, naming the file and what else to resume."""
+    outcome = scenarios["resume_truncated"]
+    assert outcome["error_type"] == "CheckpointError" and outcome["step"] is None
+    assert f"'{OPTIM_FILE}' has" in outcome["error"] and "truncated" in outcome["error"]
+    assert "step_00000002" in outcome["error"]  # the hint lists what can be resumed instead
+
+
+def test_resume_from_a_same_size_corruption_names_the_file(scenarios):
+    """A flipped byte keeps the size, so only the manifest's sha256 catches it; checking sizes alone, the resume
+    loads the corrupt optimizer state silently."""
+    outcome = scenarios["resume_flipped"]
+    assert outcome["error_type"] == "CheckpointError", outcome
+    assert f"'{OPTIM_FILE}' does not match its sha256" in outcome["error"]
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(scenarios):
+    """``--resume auto`` with a corrupt newest checkpoint: it is skipped with a warning, the older one used."""
+    outcome = scenarios["resume_auto_flipped"]
+    assert outcome["error"] is None and outcome["step"] == 5, outcome
+    assert any("skipping checkpoint" in w and "step_00000004" in w and "sha256" in w for w in outcome["log"])
+    assert any("resumed from" in w and "step_00000002 at step 2" in w for w in outcome["log"])
+
+
+def test_resume_with_another_base_model_is_refused(scenarios):
+    """A checkpoint of a hidden_size=128 base resumed on a hidden_size=64 one: refused by name, not by shapes."""
+    outcome = scenarios["resume_other_base"]
+    assert outcome["error_type"] == "ValueError", outcome
+    assert "step_00000004" in outcome["error"] and "another base model" in outcome["error"]
+    assert "hidden_size: adapter 128 vs model 64" in outcome["error"]
+
+
+def test_init_adapter_from_another_base_model_is_refused(scenarios):
+    """``init_adapter`` of a checkpoint of another base: refused, naming the adapter and the differing field."""
+    outcome = scenarios["init_adapter_other_base"]
+    assert outcome["error_type"] == "ValueError" and outcome["step"] is None
+    assert "step_00000004/adapter was trained on another base model" in outcome["error"]
+    assert "hidden_size: adapter 128 vs model 64" in outcome["error"]
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_earlier_checkpoints(scenarios):
+    """checkpoints/ is a 4 MiB tmpfs: the step-2 save fits, the step-4 save runs out of space."""
+    if "disk_full" not in scenarios:
+        pytest.skip("needs root to mount a tmpfs")
+    outcome = scenarios["disk_full"]
+    assert outcome["error_type"] == "DiskFullError", outcome
+    assert "disk full while saving checkpoint step 4" in outcome["error"]
+    assert str(scenarios["root"] / "disk_full/checkpoints/.tmp-step_00000004") in outcome["error"]
+    assert "earlier checkpoints are intact" in outcome["error"]
+    assert outcome["left"] == {"step_00000002": True}
+
+
+def test_restart_without_a_checkpoint_drops_the_stale_metrics(scenarios):
+    """A run killed before its first checkpoint left steps 1-3 in metrics.jsonl; the restart (``--resume auto``
+    finds nothing) must not append to them, or every step appears twice and the loss plot mixes both runs."""
+    outcome = scenarios["restart_without_checkpoint"]
+    assert outcome["error"] is None and outcome["step"] == 2
+    rows = [r for r in read_metrics(scenarios["root"] / "restart_without_checkpoint/metrics.jsonl")
+            if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] < 99 for r in rows)
+
+
+def test_cpu_all_reduce_segment_does_not_outlive_the_run(scenarios):
+    """Once the trainer is built every rank has mapped every segment, so the names must be gone: the memory
+    then goes with the processes, even after kill -9."""
+    assert scenarios["base"]["shm_left"] is False
+
+
+# ---------------------------------------------------------------------------------- soak
+SOAK_STEPS = int(os.environ.get("MISS_DS_SOAK_STEPS", "2000"))
+
+
+def sample_workers(launcher: subprocess.Popen, every: float = 2.0) -> dict[int, list[tuple[float, int, int]]]:
+    """Until the launcher exits: (seconds, RSS bytes, open fds) of each rank, every ``every`` seconds."""
+    samples: dict[int, list[tuple[float, int, int]]] = {}
+    start = time.time()
+    while launcher.poll() is None:
+        try:
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                       if any(a.startswith("--local_rank") for a in p.cmdline())]
+            for rank, p in enumerate(sorted(workers, key=lambda p: p.pid)):
+                samples.setdefault(rank, []).append((time.time() - start, p.memory_info().rss, p.num_fds()))
+        except psutil.Error:
+            pass
+        time.sleep(every)
+    return samples
+
+
+def quarters(rows: list[tuple[float, int, int]]) -> dict:
+    """Second- against last-quarter figures of one rank's samples (the first quarter is warm-up)."""
+    n = len(rows)
+    q2, q4 = rows[n // 4: n // 2], rows[3 * n // 4:]
+    rss2, rss4 = statistics.median(r[1] for r in q2), statistics.median(r[1] for r in q4)
+    return {"samples": n, "rss_q2_mib": round(rss2 / 2**20, 1), "rss_q4_mib": round(rss4 / 2**20, 1),
+            "rss_growth": round(rss4 / rss2 - 1, 4), "rss_max_mib": round(max(r[1] for r in rows) / 2**20, 1),
+            "fds_q2_max": max(r[2] for r in q2), "fds_q4_max": max(r[2] for r in q4)}
+
+
+@pytest.mark.skipif(not SOAK, reason="soak run of several minutes: set MISS_DS_SOAK=1")
+def test_soak_memory_and_file_descriptors_stay_flat(tmp_path):
+    """Thousands of 2-rank steps with a checkpoint every 5 and an eval every 100: per rank, the last quarter's
+    median RSS is within 10% of the second quarter's, and the open-fd count does not grow."""
+    out = tmp_path / "soak"
+    cmd = train_cmd(2, out, f"train.max_steps={SOAK_STEPS}", "checkpoint.every_steps=5", "checkpoint.keep_last=2",
+                    "eval.every_steps=100", "eval.max_batches=2", "train.warmup_steps=10")
+    start = time.time()
+    launcher = launch(cmd, tmp_path / "soak.log")
+    try:
+        samples = sample_workers(launcher)
+    finally:
+        kill_tree(launcher)
+        release_shm(port_of(cmd))
+    assert launcher.returncode == 0, (tmp_path / "soak.log").read_text()[-3000:]
+    assert last_train_step(out) == SOAK_STEPS and len(samples) == 2
+    report = {"steps": SOAK_STEPS, "seconds": round(time.time() - start),
+              "ranks": {rank: quarters(rows) for rank, rows in samples.items()}}
+    print("\nsoak: " + json.dumps(report))
+    for rank, figures in report["ranks"].items():
+        assert figures["samples"] >= 40, (rank, figures)
+        assert figures["rss_growth"] < 0.10, (rank, figures)
+        assert figures["fds_q4_max"] <= figures["fds_q2_max"] + 4, (rank, figures)
