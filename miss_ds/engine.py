@@ -25,12 +25,12 @@ def tensor_parallel_group(tp_size: int) -> Optional[ProcessGroup]:
     return groups.get_tensor_model_parallel_group()
 
 
-def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int) -> TrainableReport:
+def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int, tp_grain_size: int = 1) -> TrainableReport:
     """Split the targeted linears over the TP group (DeepSpeed's AutoTP layers), then wrap them with MiSS."""
     if tp_size > 1:
         from .parallel.autotp import shard_model
 
-        shard_model(model, tensor_parallel_group(tp_size))
+        shard_model(model, tensor_parallel_group(tp_size), grain=tp_grain_size)
     return apply_miss(model, miss)
 
 

@@ -48,6 +48,9 @@ class ParallelConfig:
     """ZeRO stage for D's optimizer state, gradients (2) and D itself (3) over data-parallel ranks."""
     offload_optimizer: bool = False
     """Keep D's optimizer state in CPU memory."""
+    tp_grain_size: int = 1
+    """MLP splits that do not divide evenly keep every shard a multiple of this (DeepSpeed's tp_grain_size):
+    ``bat`` needs a multiple of r."""
 
 
 @dataclass
@@ -216,7 +219,8 @@ def validate(cfg: RunConfig, source: str) -> None:
 
     t = cfg.train
     for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("train.max_steps", t.max_steps), ("parallel.tp_size", cfg.parallel.tp_size)):
+                       ("train.max_steps", t.max_steps), ("parallel.tp_size", cfg.parallel.tp_size),
+                       ("parallel.tp_grain_size", cfg.parallel.tp_grain_size)):
         if value < 1:
             fail(key, f"is {value}; it must be at least 1")
     if t.lr <= 0:

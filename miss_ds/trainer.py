@@ -116,7 +116,7 @@ class Trainer:
         dtype = DTYPES[cfg.model.dtype]
         # Build on meta, split for TP and add MiSS there, then give each rank only its own shards.
         model = build_model_on_meta(self.model_config, dtype)
-        self.report = miss_engine.prepare_model(model, cfg.miss, self.tp)
+        self.report = miss_engine.prepare_model(model, cfg.miss, self.tp, cfg.parallel.tp_grain_size)
         if cfg.model.path is not None and not cfg.model.random_init:
             stats = load_sharded_weights(model, cfg.model.path, self.device, dtype, miss_config=cfg.miss)
             self.checkpoint_bytes_read = stats.bytes_read

@@ -47,7 +47,7 @@ def test_bat_shard_that_splits_a_block_is_rejected(cls, sizes, dim):
     out_full, in_full = (100, 64) if cls is ColumnParallelMissLinear else (64, 100)
     shard_shape = (sizes[0], in_full) if cls is ColumnParallelMissLinear else (out_full, sizes[0])
     weight = nn.Parameter(torch.zeros(shard_shape))
-    with pytest.raises(MissShapeError, match=rf"'mlp.proj'.*{dim} shards {re.escape(str(sizes))}.*tp_grain_size"):
+    with pytest.raises(MissShapeError, match=rf"'mlp.proj'.*{dim} shards {re.escape(str(sizes))}.*parallel.tp_grain_size"):
         cls(weight, None, config=MissConfig(mode="bat", r=4, target_modules=["proj"]), name="mlp.proj",
             group=None, partition_sizes=sizes, tp_rank=0, full_shape=(out_full, in_full))
 

@@ -100,6 +100,21 @@ def base_yaml() -> str:
     return (ROOT / CONFIG).read_text()
 
 
+def test_tp_grain_size_aligns_bat_blocks_with_mlp_shards(tmp_path):
+    """bat r=32 on TP=2: the MLP's 352 features split 176/176, not whole 32-blocks, and the error names the fix;
+    parallel.tp_grain_size=32 splits 192/160 and trains."""
+    bat = ("miss.mode=bat", "miss.r=32", "parallel.tp_size=2", "train.max_steps=3", "train.warmup_steps=0",
+           "eval.every_steps=0", "checkpoint.every_steps=0")
+    refused = run(train_cmd(2, tmp_path / "even", *bat))
+    assert refused.returncode != 0
+    assert "'model.layers.0.mlp.gate_proj'" in refused.stdout + refused.stderr
+    assert "out_features shards [176, 176]" in refused.stdout + refused.stderr
+    assert "parallel.tp_grain_size to a multiple of 32" in refused.stdout + refused.stderr
+    proc = run(train_cmd(2, tmp_path / "grain", *bat, "parallel.tp_grain_size=32"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(train_losses(tmp_path / "grain")) == [1, 2, 3]
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     proc = run_cli(tmp_path, base_yaml() + "\nmiss: [unclosed\n")
     assert proc.returncode == 2

@@ -25,12 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
     p.add_argument("--output", required=True, help="new (or empty) adapter directory")
     p.add_argument("--base", help="local base model directory (its config.json decides the split)")
+    p.add_argument("--tp-grain-size", type=int, default=1, help="the new run's parallel.tp_grain_size")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base)
+    out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base, args.tp_grain_size)
     print(f"adapter for tp_size={args.tp} written to {out}")
     print(f"WARNING: {OPTIMIZER_WARNING}", file=sys.stderr)
     return 0

@@ -32,11 +32,11 @@ OPTIMIZER_WARNING = ("only the adapter is resharded, not the optimizer state: a 
 
 
 def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
-                    base: Optional[Path | str] = None) -> Path:
+                    base: Optional[Path | str] = None, tp_grain_size: int = 1) -> Path:
     """Write the adapter of ``checkpoint`` to ``output`` split for ``tp_size`` ranks.
 
     The partition needs the base model's config: from ``base`` (a model directory, checked against the
-    adapter) or else rebuilt from the base summary stored in the adapter.
+    adapter) or else rebuilt from the base summary stored in the adapter; and the run's ``tp_grain_size``.
     """
     if tp_size < 1:
         raise ValueError(f"--tp must be a positive integer, got {tp_size}")
@@ -46,7 +46,7 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
         adapter_io.check_base(adapter.meta, SimpleNamespace(config=config), str(adapter.directory))
     else:
         config = config_from_summary(adapter.meta["base_model"], adapter.directory)
-    view = tp_view(config, adapter, tp_size)
+    view = tp_view(config, adapter, tp_size, tp_grain_size)
     layouts = adapter_io.layouts(view, adapter.config)
     if set(layouts) != set(adapter.tensors):
         raise ValueError(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
@@ -73,10 +73,10 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
     return config
 
 
-def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int) -> nn.Module:
+def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_size: int = 1) -> nn.Module:
     """The base model on meta with every adapted module replaced by the MiSS layer TP rank 0 would build."""
     model = build_model_on_meta(config)
-    tp_meta = AutoTPMeta.from_model_config(config)
+    tp_meta = AutoTPMeta.from_model_config(config, tp_grain_size=tp_grain_size)
     for key in adapter.d:
         name = module_of(key)
         try:

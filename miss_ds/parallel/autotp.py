@@ -26,14 +26,16 @@ LLAMA_TP_PLAN: dict[str, str] = {
 assert set(LLAMA_TP_PLAN) == set(LLAMA_TARGETS)
 
 
-def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str, str] = LLAMA_TP_PLAN) -> int:
+def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str, str] = LLAMA_TP_PLAN,
+                grain: int = 1) -> int:
     """Replace every linear named in ``plan`` (by its last name component) with DeepSpeed's TP layer.
 
-    Other modules (embeddings, norms, lm_head) stay replicated. Marks the model so that
-    ``deepspeed.initialize`` does not partition it again. Returns how many layers were split.
+    Other modules (embeddings, norms, lm_head) stay replicated. Uneven MLP splits keep every shard a multiple
+    of ``grain`` (DeepSpeed's tp_grain_size). Marks the model so that ``deepspeed.initialize`` does not
+    partition it again. Returns how many layers were split.
     """
     set_autotp_mode(training=True)
-    meta = AutoTPMeta.from_model_config(getattr(model, "config", None))
+    meta = AutoTPMeta.from_model_config(getattr(model, "config", None), tp_grain_size=grain)
     layer_types = {"column": LinearLayer, "row": LinearAllreduce}
     count = 0
     for name, module in list(model.named_modules()):

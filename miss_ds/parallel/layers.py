@@ -68,7 +68,7 @@ class _ParallelMissLinear(nn.Module):
             raise MF.MissShapeError(
                 f"miss.mode='bat' with r={r} cannot split module '{self.name}' ({self.parallel}-parallel, "
                 f"{dim} shards {list(self.partition_sizes)}): every shard must be a multiple of r. Use an r "
-                f"dividing all shards, or set tensor_parallel.tp_grain_size to a multiple of {r}")
+                f"dividing all shards, or set parallel.tp_grain_size to a multiple of {r}")
 
     def d_layout(self) -> dict:
         """How the local D relates to the full D: split along ``dim`` in ``sizes``, or replicated (dim None)."""
