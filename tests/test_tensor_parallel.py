@@ -20,7 +20,9 @@ CASES = [  # (ranks, tp, zero, offload)
     (2, 2, 0, False), (2, 2, 1, False), (2, 2, 2, False), (2, 2, 3, False),
     (4, 4, 0, False), (4, 4, 3, False), (4, 2, 1, False), (4, 2, 2, True), (4, 2, 3, False),
 ]
-#: The 8-GPU layouts of docs/scale.md as 8 CPU ranks: minutes on 2 cores, so only with MISS_DS_RANKS8=1.
+#: The 8-GPU layouts of docs/scale.md as 8 CPU ranks: minutes on 2 cores, so only with MISS_DS_RANKS8=1. They run
+#: in float64: in fp32, 8-way reduction order alone moves mini's shared D gradient by up to 5e-4 after two AdamW
+#: steps, above the 1e-4 bound (float64 meets it).
 CASES8 = [(8, 8, 1, False), (8, 8, 3, False), (8, 4, 1, False), (8, 4, 2, False), (8, 4, 3, False),
           (8, 2, 1, False), (8, 2, 2, False), (8, 2, 3, False)]
 if os.environ.get("MISS_DS_RANKS8") == "1":
@@ -31,6 +33,7 @@ if os.environ.get("MISS_DS_RANKS8") == "1":
                          ids=[f"tp{t}xdp{r // t}-zero{z}{'-offload' if o else ''}" for r, t, z, o in CASES])
 def test_tp_run_equals_single_device(ranks, tp, zero, offload):
     args = ["--tp", str(tp), "--zero", str(zero)] + (["--offload"] if offload else [])
+    args += ["--float64"] if ranks == 8 else []
     proc = deepspeed_run("tests/dist/tp_equivalence.py", args, ranks)
     result = result_of(proc)
     assert result["failures"] == [], result["failures"]

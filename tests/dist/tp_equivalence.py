@@ -173,8 +173,11 @@ def main() -> None:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--modes", default="miss,mini,bat")
+    p.add_argument("--float64", action="store_true", help="build and train everything in float64")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
     init_distributed()
     tp = args.tp
     miss_engine.tensor_parallel_group(tp)
