@@ -23,6 +23,7 @@ setup(
         "psutil>=5.9",
     ],
     # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
-    extras_require={"test": ["pytest>=8", "peft>=0.17",
+    # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
+    extras_require={"test": ["pytest>=8", "peft>=0.17", "megatron-core>=0.12",
                              "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
 )

@@ -119,9 +119,11 @@ def _factory_for(module: nn.Module) -> Callable[[nn.Module, MissConfig, str], nn
 
 
 def _import_parallel_layers() -> None:
-    """Register DeepSpeed's TP layer types, if DeepSpeed's layers are in use (a model holding them imported them)."""
+    """Register the TP layer types of DeepSpeed and Megatron-core, if in use (a model holding them imported them)."""
     if "deepspeed.module_inject.layers" in sys.modules:
         from .parallel import autotp  # noqa: F401
+    if "megatron.core.tensor_parallel" in sys.modules:
+        from .parallel import megatron  # noqa: F401
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

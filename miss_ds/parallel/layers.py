@@ -114,9 +114,13 @@ class ColumnParallelMissLinear(_ParallelMissLinear):
         return MF.MissGeometry(g.mode, g.r, g.mini_r, g.in_features, size, in_offset=0, out_offset=offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = copy_to_tp(x, self.group)
-        y = MF.adapted_linear(x, self.weight, self._d_for_forward(), self.geometry, self.dropout)
+        y = self.product(x)
         return y if self.bias is None else y + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted product of this rank's columns, without bias."""
+        return MF.adapted_linear(copy_to_tp(x, self.group), self.weight, self._d_for_forward(), self.geometry,
+                                 self.dropout)
 
 
 class RowParallelMissLinear(_ParallelMissLinear):
@@ -128,6 +132,10 @@ class RowParallelMissLinear(_ParallelMissLinear):
         return MF.MissGeometry(g.mode, g.r, g.mini_r, size, g.out_features, in_offset=offset, out_offset=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = MF.adapted_linear(x, self.weight, self._d_for_forward(), self.geometry, self.dropout)
-        y = reduce_from_tp(partial, self.group)
+        y = self.product(x)
         return y if self.bias is None else y + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted product summed over the TP group (one all-reduce), without bias."""
+        partial = MF.adapted_linear(x, self.weight, self._d_for_forward(), self.geometry, self.dropout)
+        return reduce_from_tp(partial, self.group)
