@@ -7,13 +7,17 @@ run with CUDA tensors (``tools/scale_x2.sh kernels``).
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from miss_ds import MissConfig, MissLinear, kernels
 from miss_ds import functional as MF
+from tests.launch_utils import ROOT
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
@@ -117,3 +121,16 @@ def test_miss_linear_in_half_precision_takes_the_fused_path(fused_on_cpu, monkey
     want = x.double() @ base.weight.double().T + base.bias.double() + agg @ layer.miss_block.detach().double()
     assert rel_err(layer(x), want) < 1e-2
     assert calls == [1]
+
+
+def test_every_autotune_config_compiles_for_hopper_with_pipelined_tensor_core_loops():
+    """No GPU needed: Triton's own ptxas builds every autotune configuration of both kernels for sm_90. Each must
+    fit the H100's 227 KiB of shared memory, pipeline its loads (cp.async) and multiply with wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "tools/kernel_aot.py", "--arch", "90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {r["kernel"] for r in rows} == {"forward", "input_grad"} and len(rows) >= 4
+    for row in rows:
+        assert row["pipelined"] and row["wgmma"] > 0 and row["shared_bytes"] <= 227 * 1024, row
