@@ -8,6 +8,7 @@
 * Bad input (r, tokenizer, too little data, damaged or foreign checkpoints, a full disk) fails before training,
   naming the module, key, file or path.
 * ``MISS_DS_SOAK=1``: a few thousand steps with frequent checkpoints keep RSS and open fds flat (minutes).
+* ``MISS_DS_KILLS`` (at most 4, default 3) and ``MISS_DS_KILL_SEED`` choose the kill points.
 
 The in-process scenarios run in one subprocess, ``tests/dist/reliability_trainer.py`` (see its docstring).
 """
@@ -100,7 +101,7 @@ def run_2ranks(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 # ---------------------------------------------------------------------------------- kill -9 and resume
-KILL_SEED = 20261123
+KILL_SEED = int(os.environ.get("MISS_DS_KILL_SEED", "20261123"))
 KILL_COUNT = int(os.environ.get("MISS_DS_KILLS", "3"))
 KILL_STEPS = 24
 KILL_RUN = (f"train.max_steps={KILL_STEPS}", "checkpoint.every_steps=3", "checkpoint.keep_last=2",
@@ -112,8 +113,12 @@ def kill_plan(seed: int, count: int) -> list[tuple[str, int]]:
     resumed run's stale metrics lines never reach the next point: one 'save' kill (as soon as the next
     checkpoint save has created its temp dir), the others 'step' kills (a random moment after that step is
     logged). A crash before any checkpoint is a scenario of its own (test_restart_without_a_checkpoint_...)."""
+    slots = range(4, KILL_STEPS - 4, 5)
+    if count > len(slots):
+        raise ValueError(f"MISS_DS_KILLS={count}: at most {len(slots)} kill points fit in a {KILL_STEPS}-step run; "
+                         "run more seeds (MISS_DS_KILL_SEED) instead")
     rng = random.Random(seed)
-    steps = [s + rng.randrange(3) for s in sorted(rng.sample(range(4, KILL_STEPS - 4, 5), count))]
+    steps = [s + rng.randrange(3) for s in sorted(rng.sample(slots, count))]
     during_save = rng.randrange(count)
     return [("save" if i == during_save else "step", s) for i, s in enumerate(steps)]
 
