@@ -4,29 +4,19 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import MissConfig
 from .layers import MissLinear
+from .registry import factory_for
 
 logger = logging.getLogger(__name__)
 
 #: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
 D_NAME = "miss_block"
-
-# (base type, factory) pairs tried in order; tensor-parallel layers register theirs in miss_ds.parallel.
-_FACTORIES: list[tuple[type, Callable[[nn.Module, MissConfig, str], nn.Module]]] = []
-
-
-def register_layer(base_type: type, factory: Callable[[nn.Module, MissConfig, str], nn.Module]) -> None:
-    """Teach ``apply_miss`` to wrap another kind of base layer (e.g. a tensor-parallel linear)."""
-    _FACTORIES.insert(0, (base_type, factory))
-
-
-register_layer(nn.Linear, MissLinear)
 
 
 @dataclass(frozen=True)
@@ -58,7 +48,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     for name, module in targets:
         if _is_miss_layer(module):
             raise ValueError(f"module '{name}' already has a MiSS adapter")
-        factory = _factory_for(module)
+        factory = factory_for(module)
         if factory is None:
             raise ValueError(f"module '{name}' matched miss.target_modules but is a {type(module).__name__}, "
                              "which MiSS cannot wrap; narrow target_modules to linear layers")
@@ -111,11 +101,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def _is_miss_layer(module: nn.Module) -> bool:
     return isinstance(getattr(module, D_NAME, None), nn.Parameter)
-
-
-def _factory_for(module: nn.Module) -> Callable[[nn.Module, MissConfig, str], nn.Module] | None:
-    return next((f for t, f in _FACTORIES if type(module) is t), None) or \
-        next((f for t, f in _FACTORIES if isinstance(module, t)), None)
 
 
 def _import_parallel_layers() -> None:

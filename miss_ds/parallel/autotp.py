@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..config import LLAMA_TARGETS, MissConfig
-from ..inject import register_layer
+from ..registry import register_layer
 from .layers import ColumnParallelMissLinear, RowParallelMissLinear
 
 #: Llama-family plan: which projection is split along out (column) and which along in (row).

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..config import MissConfig
-from ..inject import register_layer
+from ..registry import register_layer
 from .layers import ColumnParallelMissLinear, RowParallelMissLinear
 
 Output = tuple[torch.Tensor, Optional[torch.Tensor]]
