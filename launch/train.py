@@ -36,17 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from miss_ds.distributed import shutdown_distributed
     from miss_ds.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, preemption=preemption)
     try:
-        code = trainer.train()
+        return trainer.train()
     finally:
         trainer.close()
-    shutdown_distributed()  # every rank got here: a clean teardown (an exception above skips it and exits)
-    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from miss_ds.distributed import exit_process
+
+    exit_process(main())  # every rank got here (an exception above exits with its traceback instead)

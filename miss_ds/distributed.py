@@ -15,14 +15,17 @@ process group. Neither imports deepspeed at module import time.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 #: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
 PREEMPTED_EXIT_CODE = 85
@@ -223,17 +226,28 @@ def _unlink_shm_buffer(info: RankInfo) -> None:
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def shutdown_distributed() -> None:
-    """Wait for every rank, then tear the process group down.
+def exit_process(code: int) -> NoReturn:
+    """End a worker with ``code``: wait for every rank, tear the process group down, flush, leave by ``os._exit``.
 
-    Leaving it to interpreter exit lets gloo's worker threads die during static destruction, which aborts a
-    rank ("terminate called without an active exception") after its work is done and fails the launch.
+    A normal interpreter exit runs C++ static destructors while gloo's and the rendezvous store's threads may still
+    be alive; std::terminate then aborts a rank whose work is done ("terminate called without an active
+    exception", rc -6), and the job reads as failed. Nothing is left to run at that point: files are closed, logs
+    and output flushed here.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    if "mpi4py.MPI" in sys.modules:  # mpirun counts a rank that skips MPI_Finalize as failed
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _complete_from_mpi(info: RankInfo) -> RankInfo:

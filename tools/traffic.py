@@ -275,7 +275,7 @@ def worker(args: argparse.Namespace) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from miss_ds.data import SyntheticBatches
-    from miss_ds.distributed import init_distributed
+    from miss_ds.distributed import exit_process, init_distributed
     from miss_ds.memory_plan import shape_of
     from miss_ds.modeling import hf_config
     from miss_ds.run_config import load_config
@@ -326,6 +326,7 @@ def worker(args: argparse.Namespace) -> None:
                "layouts": [{**{k: v for k, v in lay.items() if k != "steps"},
                             "ranks": [g[i]["steps"] for g in gathered]} for i, lay in enumerate(gathered[0])]}
         print("RESULT " + json.dumps(run), flush=True)
+    exit_process(0)
 
 
 def _free_port() -> int:

@@ -24,7 +24,7 @@ from transformers import AutoConfig
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, adapter_io, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
-from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.loading import build_model_on_meta, load_sharded_weights, materialize_random  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from tests.dist.export_make import input_ids  # noqa: E402
@@ -98,7 +98,7 @@ def main() -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         print("RESULT " + json.dumps({"tp": tp, "ranks": gathered}), flush=True)
-    shutdown_distributed()
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from deepspeed.utils import groups
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, adapter_io, apply_miss  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
-from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.inject import adapter_state_dict  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
         make(mode, Path(args.out), tp)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "modes": args.modes.split(",")}), flush=True)
-    shutdown_distributed()
+    exit_process(0)
 
 
 if __name__ == "__main__":

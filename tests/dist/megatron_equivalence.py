@@ -23,7 +23,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E40
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
 
 from miss_ds import MissConfig, apply_miss  # noqa: E402
-from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 
 HIDDEN, INNER = 40, 64
 MODES = {"miss": dict(mode="miss", r=12), "mini": dict(mode="mini", r=8, mini_r=4), "bat": dict(mode="bat", r=8)}
@@ -113,7 +113,7 @@ def main() -> None:
     if info.rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
     parallel_state.destroy_model_parallel()
-    shutdown_distributed()
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from miss_ds.distributed import exit_process  # noqa: E402
 from miss_ds.run_config import load_config  # noqa: E402
 from miss_ds.trainer import Trainer  # noqa: E402
 
@@ -139,6 +140,7 @@ def main() -> None:
     logging.getLogger().addHandler(log)
     results = {s["name"]: run(s, log) for s in json.loads(args.scenarios)}
     print("RESULT " + json.dumps(results), flush=True)
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
-from miss_ds.distributed import init_distributed, shutdown_distributed  # noqa: E402
+from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from miss_ds.parallel.gather import full_d, full_merged_weight  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
@@ -188,8 +188,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"tp": tp, "zero": args.zero, "world": dist.get_world_size(),
                                       "results": results, "failures": sum(all_failures, [])}), flush=True)
-    shutdown_distributed()
-    sys.exit(1 if any(all_failures) else 0)
+    exit_process(1 if any(all_failures) else 0)
 
 
 if __name__ == "__main__":
