@@ -194,7 +194,7 @@ def init_distributed(timeout_s: int = 1800) -> RankInfo:
         info = _complete_from_mpi(info)
     elif info.launcher == "single" and "MASTER_PORT" not in os.environ:
         # Two single-process runs on one machine must not both take port 29500.
-        info = replace(info, master_port=_free_port())
+        info = replace(info, master_port=free_port())
     os.environ.update(info.torch_env())
 
     import deepspeed
@@ -269,7 +269,7 @@ def _complete_from_mpi(info: RankInfo) -> RankInfo:
         # One node: stay on loopback. Several: the other nodes need an address of this one.
         single_node = info.local_world_size == info.world_size
         addr = info.master_addr or (LOOPBACK if single_node else _host_address())
-        port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else _free_port()
+        port = int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else free_port()
         rendezvous = (addr, port)
     addr, port = comm.bcast(rendezvous, root=0)
     return replace(info, master_addr=addr, master_port=port)
@@ -289,7 +289,7 @@ def _host_address() -> str:
         return socket.gethostname()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port that is free now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))

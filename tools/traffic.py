@@ -21,7 +21,6 @@ import gc
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from miss_ds.distributed import free_port  # noqa: E402
 from miss_ds.memory_plan import Shape, local_base_params, local_d_params  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
@@ -329,18 +329,11 @@ def worker(args: argparse.Namespace) -> None:
     exit_process(0)
 
 
-def _free_port() -> int:
-    """A TCP port free on this host now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(ranks: int, layouts: str, tp: int, sets: list[str], steps: int = 3,
            config: str = "configs/llama-70b-tp2.yaml", timeout: int = 1800) -> dict:
     """Run ``worker`` on ``ranks`` ranks under the deepspeed launcher; returns its RESULT."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(_free_port()), "tools/traffic.py", "worker", "--config", config, "--layouts", layouts, "--tp", str(tp),
+           str(free_port()), "tools/traffic.py", "worker", "--config", config, "--layouts", layouts, "--tp", str(tp),
            "--steps", str(steps), *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -60,6 +60,13 @@ class _ParallelMissLinear(nn.Module):
     def _local_geometry(self, g: MF.MissGeometry, offset: int, size: int) -> MF.MissGeometry:
         raise NotImplementedError
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x)
+        return y if self.bias is None else y + self.bias
+
     def _check_shards(self) -> None:
         """``bat`` works on whole r x r blocks, so every shard boundary must fall on a block boundary."""
         r = self.full_geometry.r
@@ -113,10 +120,6 @@ class ColumnParallelMissLinear(_ParallelMissLinear):
     def _local_geometry(self, g: MF.MissGeometry, offset: int, size: int) -> MF.MissGeometry:
         return MF.MissGeometry(g.mode, g.r, g.mini_r, g.in_features, size, in_offset=0, out_offset=offset)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.product(x)
-        return y if self.bias is None else y + self.bias
-
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted product of this rank's columns, without bias."""
         return MF.adapted_linear(copy_to_tp(x, self.group), self.weight, self._d_for_forward(), self.geometry,
@@ -130,10 +133,6 @@ class RowParallelMissLinear(_ParallelMissLinear):
 
     def _local_geometry(self, g: MF.MissGeometry, offset: int, size: int) -> MF.MissGeometry:
         return MF.MissGeometry(g.mode, g.r, g.mini_r, size, g.out_features, in_offset=offset, out_offset=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.product(x)
-        return y if self.bias is None else y + self.bias
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted product summed over the TP group (one all-reduce), without bias."""

@@ -40,39 +40,35 @@ def _checked(layer: ColumnParallelLinear | RowParallelLinear, name: str) -> tupl
     return [split // tp] * tp, dist.get_rank(layer.tp_group)
 
 
-def _with_bias(y: torch.Tensor, bias: Optional[torch.Tensor], skip_bias_add: bool) -> Output:
-    if skip_bias_add or bias is None:
-        return y, bias if skip_bias_add else None
-    return y + bias, None
+class _MegatronMiss:
+    """What both Megatron MiSS layers add to the column/row layer: construction from the Megatron layer, and
+    Megatron's ``(output, bias)`` result."""
 
-
-class MegatronColumnMissLinear(ColumnParallelMissLinear):
-    """MiSS over Megatron's ColumnParallelLinear (weight split along out; the bias is split with it)."""
-
-    def __init__(self, layer: ColumnParallelLinear, config: MissConfig, name: str) -> None:
-        sizes, rank = _checked(layer, name)
-        super().__init__(layer.weight, layer.bias, config=config, name=name, group=layer.tp_group,
-                         partition_sizes=sizes, tp_rank=rank, full_shape=(layer.output_size, layer.input_size))
-        self.skip_bias_add = layer.skip_bias_add
-
-    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                runtime_gather_output: Optional[bool] = None) -> Output:
-        if weight is not None or runtime_gather_output:
-            raise ValueError(f"'{self.name}': MiSS layers use their own frozen weight and keep the output split")
-        return _with_bias(self.product(x), self.bias, self.skip_bias_add)
-
-
-class MegatronRowMissLinear(RowParallelMissLinear):
-    """MiSS over Megatron's RowParallelLinear (weight split along in; the bias is whole, added after the sum)."""
-
-    def __init__(self, layer: RowParallelLinear, config: MissConfig, name: str) -> None:
+    def __init__(self, layer: ColumnParallelLinear | RowParallelLinear, config: MissConfig, name: str) -> None:
         sizes, rank = _checked(layer, name)
         super().__init__(layer.weight, layer.bias, config=config, name=name, group=layer.tp_group,
                          partition_sizes=sizes, tp_rank=rank, full_shape=(layer.output_size, layer.input_size))
         self.skip_bias_add = layer.skip_bias_add
 
     def forward(self, x: torch.Tensor) -> Output:
-        return _with_bias(self.product(x), self.bias, self.skip_bias_add)
+        y = self.product(x)
+        if self.skip_bias_add or self.bias is None:
+            return y, self.bias if self.skip_bias_add else None
+        return y + self.bias, None
+
+
+class MegatronColumnMissLinear(_MegatronMiss, ColumnParallelMissLinear):
+    """MiSS over Megatron's ColumnParallelLinear (weight split along out; the bias is split with it)."""
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None) -> Output:
+        if weight is not None or runtime_gather_output:
+            raise ValueError(f"'{self.name}': MiSS layers use their own frozen weight and keep the output split")
+        return super().forward(x)
+
+
+class MegatronRowMissLinear(_MegatronMiss, RowParallelMissLinear):
+    """MiSS over Megatron's RowParallelLinear (weight split along in; the bias is whole, added after the sum)."""
 
 
 register_layer(ColumnParallelLinear, MegatronColumnMissLinear)
