@@ -10,8 +10,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.19.8",
-        "transformers>=5.0",
+        "deepspeed>=0.19.8,<0.20",  # private internals: miss_ds/ds_compat.py
+        "transformers>=5.0,<6",  # model internals: modeling.py, loading.py
         "datasets>=4.3",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
@@ -24,6 +24,6 @@ setup(
     ],
     # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
     # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
-    extras_require={"test": ["pytest>=8", "peft>=0.17", "megatron-core>=0.12",
+    extras_require={"test": ["pytest>=8", "peft>=0.17", "megatron-core>=0.12,<0.17",
                              "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
 )

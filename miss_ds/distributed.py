@@ -204,6 +204,10 @@ def init_distributed(timeout_s: int = 1800) -> RankInfo:
     # tasks that see only their own GPU (srun --gpus-per-task=1).
     accelerator = get_accelerator()
     accelerator.set_device(info.local_rank % max(accelerator.device_count(), 1))
+    if accelerator.device_name() == "cpu" and info.world_size == 1:
+        from .ds_compat import skip_cpu_shm_op
+
+        skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=info.rank, world_size=info.world_size)
     if accelerator.device_name() == "cpu":

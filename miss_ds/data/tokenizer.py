@@ -59,6 +59,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 512) 
             minloglevel=2,
         )
         tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir, pad_token=PAD)
+    # Said explicitly, since transformers releases convert sentencepiece's user-defined symbols differently
+    # (added special tokens, or a pre-tokenizer split): the role markers are special tokens either way.
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ROLE_MARKERS)})
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return tokenizer
