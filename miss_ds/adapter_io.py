@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MissConfig
+from .ds_compat import full_shape
 from .inject import D_NAME, adapter_state_dict, miss_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,7 +52,7 @@ def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
     """Per adapter tensor: how this run splits it over TP ranks, and its full shape."""
     out = {}
     for name, p in adapter_parameters(model, config).items():
-        out[name] = {"dim": None, "sizes": None, "full_shape": list(getattr(p, "ds_shape", p.shape))}
+        out[name] = {"dim": None, "sizes": None, "full_shape": list(full_shape(p))}
     for name, layer in miss_layers(model):
         layout = getattr(layer.miss_block, "miss_tp_layout", {"dim": None, "sizes": None})
         full = list(getattr(layer, "full_geometry", layer.geometry).d_shape)

@@ -225,9 +225,10 @@ def _unlink_shm_buffer(info: RankInfo) -> None:
     """
     import torch.distributed as dist
 
+    from .ds_compat import cpu_shm_segment
+
     dist.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    cpu_shm_segment(info.master_addr, info.master_port, info.rank).unlink(missing_ok=True)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -6,10 +6,10 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
-from deepspeed.utils import groups
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from . import ds_compat
 from .config import MissConfig
 from .inject import TrainableReport, apply_miss
 
@@ -21,8 +21,7 @@ def tensor_parallel_group(tp_size: int) -> Optional[ProcessGroup]:
     world = torch.distributed.get_world_size()
     if world % tp_size:
         raise ValueError(f"tensor_parallel.size={tp_size} does not divide the world size {world}")
-    groups._init_tp_mesh_device(tensor_model_parallel_size=tp_size)
-    return groups.get_tensor_model_parallel_group()
+    return ds_compat.init_tp_group(tp_size)
 
 
 def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int, tp_grain_size: int = 1) -> TrainableReport:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import MissConfig
+from .ds_compat import full_numel
 from .layers import MissLinear
 from .registry import factory_for
 
@@ -137,7 +138,7 @@ def _set_trainable(model: nn.Module, config: MissConfig) -> None:
 def _count(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        n = full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from . import ds_compat
 from . import functional as MF
 from .adapter_io import load_full_adapter_into
 from .config import MissConfig
-from .export.hf_checkpoint import HFCheckpoint
+from .hf_checkpoint import HFCheckpoint
 from .inject import D_NAME, miss_layers
 
 
@@ -141,7 +142,8 @@ def _split_of(model: nn.Module, param_name: str) -> Optional[_Split]:
     elif "deepspeed.module_inject.layers" in sys.modules and _is_deepspeed_tp_layer(module):
         from deepspeed.module_inject.layers import LinearLayer
 
-        sizes, rank, column = module._partition_sizes, module.tp_index, isinstance(module, LinearLayer)
+        split = ds_compat.autotp_split(module)
+        sizes, rank, column = split.sizes, split.rank, isinstance(module, LinearLayer)
     else:
         return None
     if not column and attr != "weight":

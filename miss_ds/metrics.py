@@ -142,18 +142,6 @@ def read_metrics(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
     return records
 
 
-def format_summary(wall_time_s: float, tokens: int, peak_memory_bytes: Optional[int] = None) -> str:
-    """Final run summary: wall time, tokens, tokens/s and peak memory, one aligned line each."""
-    hours, rest = divmod(int(wall_time_s), 3600)
-    minutes, seconds = divmod(rest, 60)
-    rows = [("wall time", f"{hours}h {minutes:02d}m {seconds:02d}s ({wall_time_s:.1f} s)"),
-            ("tokens", f"{tokens:,}"),
-            ("tokens/s", f"{tokens / wall_time_s:,.1f}" if wall_time_s > 0 else "n/a")]
-    if peak_memory_bytes is not None:
-        rows.append(("peak memory", f"{peak_memory_bytes / 2**30:.2f} GiB"))
-    return "\n".join(f"{name:<12} {value}" for name, value in rows)
-
-
 def _scalar(name: str, value: Any) -> Scalar:
     """A JSON-friendly scalar from a number, a string, or anything with ``.item()`` (tensors, numpy)."""
     if hasattr(value, "item"):

@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import adapter_io, engine as miss_engine, memory_plan
+from . import adapter_io, ds_compat, engine as miss_engine, memory_plan
 from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from .data import SyntheticBatches
 from .distributed import PREEMPTED_EXIT_CODE, init_distributed
@@ -133,7 +133,7 @@ class Trainer:
             model, self.deepspeed_config(), tp_size=self.tp,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         # A plain torch optimizer (ZeRO-0, fp32) has no overflow check: the trainer checks the gradients itself.
-        self._grads_unchecked = not hasattr(self.engine.optimizer, "overflow")
+        self._grads_unchecked = not ds_compat.checks_overflow(self.engine.optimizer)
         if self.is_main:
             logger.info("%s", self.report)
 
@@ -169,7 +169,7 @@ class Trainer:
         """Start from an existing adapter: a PEFT MiSS adapter or a miss_ds adapter/checkpoint directory."""
         source = Path(path)
         if (source / "adapter_model.safetensors").is_file():
-            from .export.peft import read_peft_adapter
+            from .convert.peft import read_peft_adapter
 
             _, full = read_peft_adapter(source)
         else:
@@ -264,20 +264,14 @@ class Trainer:
         themselves (``skipped_steps`` grows, the LR schedule holds); the plain torch optimizer of ZeRO-0 fp32
         has no such check and would write NaN into D. So for it the trainer checks the gradients at the
         accumulation boundary and, if a rank has a non-finite one, has DeepSpeed take its overflow path."""
-        optimizer = self.engine.optimizer
         if not self._grads_unchecked or not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
             return
         grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
         if self._all_finite(*grads):
             self.engine.step()
-            return
-        step = optimizer.step
-        optimizer.overflow, optimizer.step = True, lambda *args, **kwargs: None
-        try:
-            self.engine.step()  # clips, skips the update, counts skipped_steps, clears the gradients
-        finally:
-            optimizer.overflow, optimizer.step = False, step
+        else:
+            ds_compat.step_without_update(self.engine)
 
     def _skip_bad_batch(self, what: str) -> None:
         self.bad_in_row += 1

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,10 +11,12 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from miss_ds.data import IGNORE_INDEX, BatchIterator, DataConfig, build_datasets, eval_batches, train_tokenizer
-from miss_ds.data.corpus import chat_rows, instruction_rows
+from miss_ds.data import IGNORE_INDEX, BatchIterator, DataConfig, build_datasets, eval_batches
 
-ARITH = Path(__file__).resolve().parents[1] / "data" / "arith"
+ROOT = Path(__file__).resolve().parents[1]
+ARITH = ROOT / "data" / "arith"
+sys.path.insert(0, str(ROOT / "tools"))
+from arith_corpus import chat_rows, instruction_rows, train_tokenizer  # noqa: E402
 
 PROBLEMS = [
     {"prompt": "Tom has 12 apples and buys 7 more. How many apples does Tom have now?",

@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from miss_ds import MissConfig, MissShapeError, adapter_io, adapter_state_dict, apply_miss
-from miss_ds.export.hf_checkpoint import INDEX_FILE, HFCheckpoint
-from miss_ds.export.merge import merge_to_hf
-from miss_ds.export.peft import read_peft_adapter, write_peft_adapter
-from miss_ds.export.reshard import reshard_adapter
+from miss_ds.hf_checkpoint import INDEX_FILE, HFCheckpoint
+from miss_ds.convert.merge import merge_to_hf
+from miss_ds.convert.peft import read_peft_adapter, write_peft_adapter
+from miss_ds.convert.reshard import reshard_adapter
 from miss_ds.loading import build_model_on_meta, load_sharded_weights
 from miss_ds.parallel.autotp import LLAMA_TP_PLAN
 from tests.conftest import tiny_llama_config

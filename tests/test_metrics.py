@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from miss_ds.metrics import MetricsLogger, format_summary, read_metrics
+from miss_ds.metrics import MetricsLogger, read_metrics
 
 
 def tensorboard_scalars(output_dir, tag: str) -> list[tuple[int, float]]:
@@ -109,10 +109,3 @@ def test_disabled_logger_is_a_no_op(tmp_path):
     assert logger.plot_losses(tmp_path / "run" / "loss.png") is None
     logger.close()
     assert not (tmp_path / "run").exists()
-
-
-def test_format_summary():
-    text = format_summary(wall_time_s=3725.0, tokens=7_450_000, peak_memory_bytes=3 * 2**30)
-    assert text.splitlines() == ["wall time    1h 02m 05s (3725.0 s)", "tokens       7,450,000",
-                                 "tokens/s     2,000.0", "peak memory  3.00 GiB"]
-    assert "peak memory" not in format_summary(0.0, 0)

@@ -31,6 +31,7 @@ import torch
 
 from miss_ds.adapter_io import read_full_adapter
 from miss_ds.checkpoint import verify
+from miss_ds.ds_compat import cpu_shm_segment
 from miss_ds.metrics import read_metrics
 from tests.launch_utils import ROOT, free_port, result_of
 from tests.test_train import CONFIG, QUICK, env, run, train_cmd, train_losses
@@ -78,7 +79,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
 def release_shm(port: int | str) -> None:
     """Unlink the /dev/shm segments (69 MB of RAM per rank) that DeepSpeed's CPU all-reduce leaves behind for
     the job that used ``port``: without the trainer fix every CPU run, finished or killed, leaks them."""
-    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+    pattern = cpu_shm_segment("*", port, "*")
+    for segment in pattern.parent.glob(pattern.name):
         segment.unlink(missing_ok=True)
 
 

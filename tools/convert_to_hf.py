@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from miss_ds.export.merge import merge_to_hf
-from miss_ds.export.peft import write_peft_adapter
+from miss_ds.convert.merge import merge_to_hf
+from miss_ds.convert.peft import write_peft_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,16 +2,16 @@
 
     python tools/make_corpus.py --out data/arith
 
-run from the repository root with miss_ds importable (`pip install -e .`, or
-prefix the command with `PYTHONPATH=.`). It takes a few seconds and creates, under --out:
+run from the repository root (tools/arith_corpus.py holds the generator and the tokenizer training). It takes a
+few seconds and creates, under --out:
   train.jsonl       20,000 {"prompt", "response"} rows
   eval.jsonl        500 rows whose prompts are not in train.jsonl
   train_chat.jsonl  2,000 {"messages": [...]} conversations (some with two turns)
   tokenizer/        sentencepiece BPE tokenizer (vocab 512) trained on train.jsonl,
                     saved for transformers.AutoTokenizer, with a chat template
 
-Output is fully determined by --seed, so rerunning reproduces the committed files
-byte for byte; commit them again whenever corpus.py or tokenizer.py change.
+The rows are fully determined by --seed; the tokenizer's vocabulary and encodings are too (its JSON file may be
+written differently by another tokenizers release). Commit the files again whenever arith_corpus.py changes.
 """
 
 import argparse
@@ -19,8 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from miss_ds.data.corpus import chat_rows, instruction_rows
-from miss_ds.data.tokenizer import train_tokenizer
+from arith_corpus import chat_rows, instruction_rows, train_tokenizer
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

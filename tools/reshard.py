@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from miss_ds.export.reshard import OPTIMIZER_WARNING, reshard_adapter
+from miss_ds.convert.reshard import OPTIMIZER_WARNING, reshard_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

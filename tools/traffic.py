@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import os
 import subprocess
@@ -148,54 +147,42 @@ def modelled(run: dict, layout: dict) -> Traffic:
 
 # ----------------------------------------------------------------------------------------------- measurement
 class CommsTally:
-    """Bytes of every collective DeepSpeed's comms logger records, by training step, phase, process group and op.
-
-    The logger records an op's name and size but not its group: wrapping the function that sizes each logged op
-    notes the group, and wrapping ``CommsLogger.append`` files the size under it. Ops outside a phase are skipped.
-    """
+    """Bytes of every collective DeepSpeed's comms logger records, by training step, phase, process group and op
+    (``ds_compat.tally_comms`` reports each with its group). Ops outside a phase are skipped."""
 
     def __init__(self) -> None:
-        import deepspeed.comm.comm as ds_comm
         import torch.distributed as dist
+
+        from miss_ds.ds_compat import tally_comms
 
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.tp_ranks: set[int] = set()
         self.dp_ranks: set[int] = set()
         self.phase: Optional[str] = None
         self.steps: list[dict[str, dict]] = []
-        self._group: Any = None
-        msg_size, append = ds_comm.get_msg_size_from_args, ds_comm.comms_logger.append
-
-        def noting_group(func: Callable, *args: Any, **kwargs: Any) -> int:  # sizes each op before it is logged
-            self._group = inspect.signature(func).bind_partial(*args, **kwargs).arguments.get("group")
-            return msg_size(func, *args, **kwargs)
-
-        def counted(raw_name: str, record_name: str, latency: float, size: int) -> None:
-            append(raw_name, record_name, latency, size)
-            self._count(raw_name, size)
-        ds_comm.get_msg_size_from_args, ds_comm.comms_logger.append = noting_group, counted
+        tally_comms(self._count)
 
     def layout(self, tp: int) -> None:
         """Set the groups: TP ranks [k*tp, (k+1)*tp), DP ranks equal modulo tp (DeepSpeed's mesh)."""
         first = self.rank // tp * tp
         self.tp_ranks, self.dp_ranks = set(range(first, first + tp)), set(range(self.rank % tp, self.world, tp))
 
-    def _group_class(self) -> tuple[str, int]:
-        """The last sized op's group as "tp", "dp", "world" or "other", and its size."""
+    def _group_class(self, group: Any) -> tuple[str, int]:
+        """An op's group as "tp", "dp", "world" or "other", and its size."""
         import torch.distributed as dist
 
-        ranks = set(range(self.world)) if self._group is None else set(dist.get_process_group_ranks(self._group))
+        ranks = set(range(self.world)) if group is None else set(dist.get_process_group_ranks(group))
         if len(ranks) > 1 and ranks == self.dp_ranks:
             return "dp", len(ranks)  # with TP=1 the DP group is the world
         if len(ranks) > 1 and ranks == self.tp_ranks:
             return "tp", len(ranks)
         return ("world" if len(ranks) == self.world else "other"), len(ranks)
 
-    def _count(self, op: str, msg_size: int) -> None:
+    def _count(self, op: str, msg_size: int, process_group: Any) -> None:
         """File one logged op under the current step, phase and group."""
         if self.phase is None:
             return
-        group, size = self._group_class()
+        group, size = self._group_class(process_group)
         payload = msg_size * size if op in GATHERS else msg_size
         cell = self.steps[-1][self.phase].setdefault(group, {}).setdefault(op, {"bytes": 0, "count": 0, "sizes": {}})
         cell["bytes"] += payload

@@ -30,8 +30,6 @@ Typical use in a trainer::
   peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass.
 - `SyntheticBatches(vocab_size, seq_len, micro_batch_size, dp_rank, seed)` (synthetic.py): random
   tokens for benchmarks (`data.synthetic: true`), with no files and no `datasets` import.
-- `CHAT_TEMPLATE`, `train_tokenizer` (tokenizer.py) and `corpus.py` build the shipped
-  `data/arith` corpus and tokenizer (see tools/make_corpus.py).
 """
 
 import importlib
@@ -41,7 +39,7 @@ import importlib
 _EXPORTS = {
     "DataConfig": "config", "IGNORE_INDEX": "encode", "Batch": "loader", "BatchIterator": "loader",
     "eval_batches": "loader", "DataStats": "pipeline", "SplitStats": "pipeline", "build_datasets": "pipeline",
-    "CHAT_TEMPLATE": "tokenizer", "train_tokenizer": "tokenizer", "SyntheticBatches": "synthetic",
+    "SyntheticBatches": "synthetic",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, set_autotp_mode
-from deepspeed.module_inject.tp_shard import AutoTPMeta
+from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from .. import ds_compat
 from ..config import LLAMA_TARGETS, MissConfig
 from ..registry import register_layer
 from .layers import ColumnParallelMissLinear, RowParallelMissLinear
@@ -34,8 +34,7 @@ def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str,
     of ``grain`` (DeepSpeed's tp_grain_size). Marks the model so that ``deepspeed.initialize`` does not
     partition it again. Returns how many layers were split.
     """
-    set_autotp_mode(training=True)
-    meta = AutoTPMeta.from_model_config(getattr(model, "config", None), tp_grain_size=grain)
+    meta = ds_compat.autotp_meta(getattr(model, "config", None), grain)
     layer_types = {"column": LinearLayer, "row": LinearAllreduce}
     count = 0
     for name, module in list(model.named_modules()):
@@ -46,7 +45,7 @@ def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str,
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer_types[style](module, group, tp_meta=meta, name=name))
         count += 1
-    model.ds_autotp_parsed = True
+    ds_compat.mark_tp_split(model)
     return count
 
 
@@ -54,17 +53,17 @@ def _column(layer: LinearLayer, config: MissConfig, name: str) -> ColumnParallel
     if type(layer) is not LinearLayer or layer.gather_output:
         raise ValueError(f"module '{name}' is a {type(layer).__name__} (gather_output={layer.gather_output}); "
                          "MiSS supports plain column-parallel layers whose output stays split")
-    return ColumnParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=layer.mp_group,
-                                    partition_sizes=layer._partition_sizes, tp_rank=layer.tp_index,
-                                    full_shape=tuple(layer._orig_weight_shape))
+    split = ds_compat.autotp_split(layer)
+    return ColumnParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=split.group,
+                                    partition_sizes=split.sizes, tp_rank=split.rank, full_shape=split.full_shape)
 
 
 def _row(layer: LinearAllreduce, config: MissConfig, name: str) -> RowParallelMissLinear:
     if type(layer) is not LinearAllreduce:
         raise ValueError(f"module '{name}' is a {type(layer).__name__}; MiSS supports plain row-parallel layers")
-    return RowParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=layer.mp_group,
-                                 partition_sizes=layer._partition_sizes, tp_rank=layer.tp_index,
-                                 full_shape=tuple(layer._orig_weight_shape))
+    split = ds_compat.autotp_split(layer)
+    return RowParallelMissLinear(layer.weight, layer.bias, config=config, name=name, group=split.group,
+                                 partition_sizes=split.sizes, tp_rank=split.rank, full_shape=split.full_shape)
 
 
 register_layer(LinearLayer, _column)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from miss_ds.distributed import exit_process  # noqa: E402
+from miss_ds.ds_compat import cpu_shm_segment  # noqa: E402
 from miss_ds.run_config import load_config  # noqa: E402
 from miss_ds.trainer import Trainer  # noqa: E402
 
@@ -84,8 +85,7 @@ def _inject(trainer: Trainer, nan_loss: set[int], nan_grad: set[int]) -> None:
 
 def _shm_segment() -> Path:
     """This rank's segment of DeepSpeed's CPU all-reduce (named by the rendezvous the process group used)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
-                               f"{os.environ.get('MASTER_PORT')}_0")
+    return cpu_shm_segment(os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), 0)
 
 
 def _prepare(scenario: dict) -> None:

@@ -24,7 +24,7 @@ from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
 from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
-from miss_ds.parallel.gather import full_d, full_merged_weight  # noqa: E402
+from tests.tp_gather import full_d, full_merged_weight  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
 
 # Adam divides by |grad|: with a tiny eps, a gradient element that is zero up to rounding gets a +-lr update whose

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from .. import adapter_io
+from .. import adapter_io, ds_compat
 from ..config import MissConfig
 from ..layers import MissLinear
 from ..loading import build_model_on_meta
@@ -76,7 +75,7 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
 def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_size: int = 1) -> nn.Module:
     """The base model on meta with every adapted module replaced by the MiSS layer TP rank 0 would build."""
     model = build_model_on_meta(config)
-    tp_meta = AutoTPMeta.from_model_config(config, tp_grain_size=tp_grain_size)
+    tp_meta = ds_compat.autotp_meta(config, tp_grain_size)
     for key in adapter.d:
         name = module_of(key)
         try:
@@ -90,13 +89,13 @@ def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_s
     return model
 
 
-def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: AutoTPMeta) -> nn.Module:
+def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> nn.Module:
     """``shard_model``'s rule: a planned projection is split when TP > 1, anything else stays whole."""
     style = LLAMA_TP_PLAN.get(name.rpartition(".")[2]) if tp_size > 1 else None
     if style is None:
         return MissLinear(linear, config, name)
     out_features, in_features = linear.weight.shape
-    sizes = get_shard_size_list(out_features if style == "column" else in_features, tp_size, tp_meta, name)
+    sizes = ds_compat.autotp_shard_sizes(out_features if style == "column" else in_features, tp_size, tp_meta, name)
     shard_shape = (sizes[0], in_features) if style == "column" else (out_features, sizes[0])
     cls = ColumnParallelMissLinear if style == "column" else RowParallelMissLinear
     return cls(nn.Parameter(torch.empty(shard_shape, device="meta"), requires_grad=False), None, config=config,

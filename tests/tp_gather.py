@@ -1,12 +1,12 @@
-"""Reassemble full tensors from the TP shards of a MiSS layer (tests, export from a live job)."""
+"""Test helper: reassemble full tensors from the TP shards of a live MiSS layer (the references compare whole tensors)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import functional as MF
-from .mappings import tp_world_size
+from miss_ds import functional as MF
+from miss_ds.parallel.mappings import tp_world_size
 
 
 def all_gather_uneven(shard: torch.Tensor, sizes: list[int], dim: int, group) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .. import functional as MF
 from ..checkpoint import MANIFEST, verify
 from ..config import MissConfig
 from ..inject import D_NAME
-from .hf_checkpoint import HFCheckpoint
+from ..hf_checkpoint import HFCheckpoint
 
 CHECKPOINT_ADAPTER_DIR = "adapter"
 

@@ -15,7 +15,7 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from .. import functional as MF
-from .hf_checkpoint import HFCheckpoint, ShardedWriter
+from ..hf_checkpoint import HFCheckpoint, ShardedWriter
 from .output import copy_model_files, new_output_dir
 from .source import Adapter, check_fits_base, full_geometry, module_of, read_adapter, read_base_config, weight_key_of
 
