@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from miss_ds.preemption import Preemption  # noqa: E402
+from miss_ds.train.preemption import Preemption  # noqa: E402
 from miss_ds.run_config import ConfigError, load_config  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from miss_ds.trainer import Trainer
+    from miss_ds.train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, preemption=preemption)
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: Public name -> submodule. Imported on first use, so that ``miss_ds.preemption`` (the first import of
+#: Public name -> submodule. Imported on first use, so that ``miss_ds.train.preemption`` (the first import of
 #: launch/train.py, whose signal handler must be in place within milliseconds) does not pull in torch.
 _EXPORTS = {"MissConfig": "config", "MissShapeError": "functional", "MissLinear": "layers",
             **{name: "inject" for name in ("apply_miss", "adapter_state_dict", "load_adapter_state_dict",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from miss_ds.metrics import MetricsLogger, read_metrics
+from miss_ds.train.metrics import MetricsLogger, read_metrics
 
 
 def tensorboard_scalars(output_dir, tag: str) -> list[tuple[int, float]]:

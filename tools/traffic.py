@@ -213,7 +213,7 @@ def _frozen_engine(cfg: Any, device: Any) -> Any:
     from miss_ds.loading import build_model_on_meta, materialize_random
     from miss_ds.modeling import DTYPES, enable_recompute, hf_config
     from miss_ds.parallel.autotp import shard_model
-    from miss_ds.trainer import Trainer
+    from miss_ds.train.trainer import Trainer
 
     tp, dtype = cfg.parallel.tp_size, DTYPES[cfg.model.dtype]
     model = build_model_on_meta(hf_config(cfg.model), dtype)
@@ -237,7 +237,7 @@ def _peft_engine(cfg: Any, device: Any) -> tuple[Any, float]:
     from transformers import AutoModelForCausalLM
 
     from miss_ds.modeling import DTYPES, hf_config
-    from miss_ds.trainer import _merge
+    from miss_ds.train.trainer import _merge
 
     ds = _merge({"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size, "gradient_accumulation_steps": 1,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
@@ -266,7 +266,7 @@ def worker(args: argparse.Namespace) -> None:
     from miss_ds.memory_plan import shape_of
     from miss_ds.modeling import hf_config
     from miss_ds.run_config import load_config
-    from miss_ds.trainer import Trainer
+    from miss_ds.train.trainer import Trainer
 
     info = init_distributed()
     device = torch.device(get_accelerator().current_device_name())

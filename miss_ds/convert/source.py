@@ -15,7 +15,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io
 from .. import functional as MF
-from ..checkpoint import MANIFEST, verify
+from ..train.atomic import MANIFEST, verify
 from ..config import MissConfig
 from ..inject import D_NAME
 from ..hf_checkpoint import HFCheckpoint

@@ -1,4 +1,4 @@
-"""Run ``miss_ds.trainer.Trainer`` in this process, one scenario after another, with faults no config can cause.
+"""Run ``miss_ds.train.trainer.Trainer`` in this process, one scenario after another, with faults no config can cause.
 
     python tests/dist/reliability_trainer.py --scenarios '[{"name": "nan", "overrides": [...], ...}, ...]'
 
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from miss_ds.distributed import exit_process  # noqa: E402
 from miss_ds.ds_compat import cpu_shm_segment  # noqa: E402
 from miss_ds.run_config import load_config  # noqa: E402
-from miss_ds.trainer import Trainer  # noqa: E402
+from miss_ds.train.trainer import Trainer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 

@@ -22,15 +22,15 @@ from deepspeed.utils import safe_get_full_fp32_param
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import adapter_io, ds_compat, engine as miss_engine, memory_plan
-from .checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
-from .data import SyntheticBatches
-from .distributed import PREEMPTED_EXIT_CODE, init_distributed
+from .. import adapter_io, ds_compat, engine as miss_engine, memory_plan
+from .atomic import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ..data import SyntheticBatches
+from ..distributed import PREEMPTED_EXIT_CODE, init_distributed
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .loading import build_model_on_meta, load_sharded_weights, materialize_random
-from .modeling import DTYPES, enable_recompute, hf_config
-from .run_config import RunConfig, to_dict
+from ..loading import build_model_on_meta, load_sharded_weights, materialize_random
+from ..modeling import DTYPES, enable_recompute, hf_config
+from ..run_config import RunConfig, to_dict
 from .schedule import lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class Trainer:
             self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, self.cfg.train.micro_batch_size,
                                             self.dp_rank, seed=data.seed)
             return
-        from .data import BatchIterator, build_datasets
+        from ..data import BatchIterator, build_datasets
 
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
         if not self.is_main:
@@ -169,7 +169,7 @@ class Trainer:
         """Start from an existing adapter: a PEFT MiSS adapter or a miss_ds adapter/checkpoint directory."""
         source = Path(path)
         if (source / "adapter_model.safetensors").is_file():
-            from .convert.peft import read_peft_adapter
+            from ..convert.peft import read_peft_adapter
 
             _, full = read_peft_adapter(source)
         else:
@@ -292,7 +292,7 @@ class Trainer:
             return None
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
-        from .data import eval_batches
+        from ..data import eval_batches
 
         for i, batch in enumerate(eval_batches(self.eval_ds, self.cfg.train.micro_batch_size, self.dp_rank, self.dp)):
             if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
@@ -428,7 +428,7 @@ class Trainer:
 
     def _mfu(self, tokens_per_s_per_gpu: float) -> float:
         """Model FLOPs utilisation of a frozen-base fine-tune; see ``miss_ds.flops``."""
-        from .flops import frozen_finetune_flops_per_token, peak_flops
+        from ..flops import frozen_finetune_flops_per_token, peak_flops
 
         return tokens_per_s_per_gpu * frozen_finetune_flops_per_token(self.model_config, self._seq_len()) \
             / peak_flops(self.device, DTYPES[self.cfg.model.dtype])
