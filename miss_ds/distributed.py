@@ -24,7 +24,6 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import NoReturn
 
 #: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
@@ -65,6 +64,36 @@ class RankInfo:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where a rank sits in DeepSpeed's TP x DP mesh: TP groups are ranks ``[k*tp, (k+1)*tp)``, so TP peers are
+    neighbours (one node) and the data-parallel rank is ``rank // tp``."""
+
+    rank: int
+    world: int
+    tp: int
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.world % self.tp:
+            raise ValueError(f"parallel.tp_size={self.tp} does not divide the {self.world} ranks of this job")
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def discover(env: Mapping[str, str] | None = None) -> RankInfo:

@@ -1,4 +1,9 @@
-"""DeepSpeed glue: split the base for tensor parallelism, add MiSS, and build the engine around D alone."""
+"""DeepSpeed glue: the DeepSpeed config of a run, the TP split of the base, MiSS on top, and the engine around D.
+
+``deepspeed_config`` is the one place a run config becomes DeepSpeed JSON (the trainer, the tools and the tests use
+it); ``prepare_model`` splits the targeted linears over the TP group and wraps them with MiSS; ``initialize`` builds
+the engine over the trainable parameters only.
+"""
 from __future__ import annotations
 
 import copy
@@ -12,6 +17,31 @@ from torch.distributed import ProcessGroup
 from . import ds_compat
 from .config import MissConfig
 from .inject import TrainableReport, apply_miss
+from .run_config import RunConfig
+
+
+def deepspeed_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed JSON of a run: batch sizes, AdamW over D, clipping, ZeRO stage, bf16; the run's ``deepspeed:``
+    section is merged over it (its values win)."""
+    t, p = cfg.train, cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type != "cpu"}
+    ds = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+          "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
+                                                    "weight_decay": t.weight_decay, "torch_adam": True}},
+          "gradient_clipping": t.grad_clip, "zero_optimization": zero, "steps_per_print": 10**12,
+          "bf16": {"enabled": cfg.model.dtype == "bfloat16"}, "wall_clock_breakdown": False}
+    return merge_configs(ds, cfg.deepspeed)
+
+
+def merge_configs(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in recursively; ``extra``'s values win."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge_configs(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def tensor_parallel_group(tp_size: int) -> Optional[ProcessGroup]:
@@ -37,9 +67,8 @@ def with_tensor_parallel(ds_config: dict[str, Any], model: nn.Module, tp_size: i
     """The DeepSpeed config for a model prepared by ``prepare_model``.
 
     Adds ``tensor_parallel.autotp_size`` (DeepSpeed then builds its DP groups across TP groups and skips its own
-    partitioning, since the model is marked parsed). Under ZeRO-3 the frozen TP shards are made persistent:
-    they are gathered once and stay resident, so only D, its gradient and optimizer state are partitioned
-    over data-parallel ranks and no step re-gathers the base.
+    partitioning, since the model is marked split). Under ZeRO-3 the frozen TP shards are made persistent:
+    they are gathered once and stay resident.
     """
     cfg = copy.deepcopy(ds_config)
     if tp_size > 1:
@@ -53,6 +82,7 @@ def with_tensor_parallel(ds_config: dict[str, Any], model: nn.Module, tp_size: i
 
 def initialize(model: nn.Module, ds_config: dict[str, Any], tp_size: int = 1, **kwargs: Any):
     """``deepspeed.initialize`` over the trainable parameters (D and modules_to_save) of a prepared model."""
+    ds_compat.check_version()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, config=with_tensor_parallel(ds_config, model, tp_size), **kwargs)

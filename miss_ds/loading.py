@@ -12,6 +12,7 @@ the model's own ``_init_weights``.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import zlib
 from dataclasses import dataclass
@@ -24,10 +25,15 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from . import ds_compat
 from . import functional as MF
-from .adapter_io import load_full_adapter_into
+from .adapter_io import check_base, load_full_adapter_into, read_full_adapter
 from .config import MissConfig
+from .engine import prepare_model
 from .hf_checkpoint import HFCheckpoint
-from .inject import D_NAME, miss_layers
+from .inject import D_NAME, TrainableReport, miss_layers
+from .modeling import DTYPES, enable_recompute
+from .run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,3 +226,49 @@ def _check_materialized(model: nn.Module) -> None:
         for name, tensor in items:
             if tensor is not None and tensor.is_meta:
                 raise RuntimeError(f"{kind} '{name}' is still on the meta device after loading")
+
+
+@dataclass
+class BuiltModel:
+    """A run's model on this rank, ready for ``engine.initialize``, and what building it took."""
+
+    model: nn.Module
+    report: TrainableReport
+    bytes_read: int
+    recompute_layers: Optional[int]
+
+
+def build_model(cfg: RunConfig, model_config: PretrainedConfig, tp: int, device: torch.device,
+                recompute_layers: Optional[int]) -> BuiltModel:
+    """The run's model: built on meta, split for TP and given MiSS there, then only this rank's shards loaded from
+    ``model.path`` (or drawn at random), ``recompute_layers`` layers recomputed (with gradient checkpointing), and
+    the adapter of ``init_adapter`` loaded."""
+    dtype = DTYPES[cfg.model.dtype]
+    model = build_model_on_meta(model_config, dtype)
+    report = prepare_model(model, cfg.miss, tp, cfg.parallel.tp_grain_size)
+    bytes_read = 0
+    if cfg.model.path is not None and not cfg.model.random_init:
+        bytes_read = load_sharded_weights(model, cfg.model.path, device, dtype, miss_config=cfg.miss).bytes_read
+        logger.info("read %.2f GiB of %s", bytes_read / 2**30, cfg.model.path)
+    else:
+        materialize_random(model, device, dtype, cfg.seed, miss_config=cfg.miss)
+    recomputed = enable_recompute(model, recompute_layers) if cfg.model.gradient_checkpointing else None
+    if cfg.init_adapter:
+        load_init_adapter(model, cfg.init_adapter)
+    return BuiltModel(model, report, bytes_read, recomputed)
+
+
+def load_init_adapter(model: nn.Module, path: str) -> None:
+    """Set D (and modules_to_save) from an existing adapter: a PEFT MiSS adapter or a miss_ds adapter/checkpoint."""
+    source = Path(path)
+    if (source / "adapter_model.safetensors").is_file():
+        from .convert.peft import read_peft_adapter
+
+        _, full = read_peft_adapter(source)
+    else:
+        from .train.checkpoint import TrainCheckpoint
+
+        adapter_dir = TrainCheckpoint.adapter_dir(source)
+        meta, full = read_full_adapter(adapter_dir)
+        check_base(meta, model, str(adapter_dir))
+    load_full_adapter_into(model, full, str(source))

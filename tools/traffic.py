@@ -207,13 +207,10 @@ class CommsTally:
 
 def _frozen_engine(cfg: Any, device: Any) -> Any:
     """The frozen TP base (no adapter, input gradients only, as the floor probe) in the trainer's DeepSpeed setup."""
-    from types import SimpleNamespace
-
     from miss_ds import engine as miss_engine
     from miss_ds.loading import build_model_on_meta, materialize_random
     from miss_ds.modeling import DTYPES, enable_recompute, hf_config
     from miss_ds.parallel.autotp import shard_model
-    from miss_ds.train.trainer import Trainer
 
     tp, dtype = cfg.parallel.tp_size, DTYPES[cfg.model.dtype]
     model = build_model_on_meta(hf_config(cfg.model), dtype)
@@ -225,8 +222,7 @@ def _frozen_engine(cfg: Any, device: Any) -> Any:
     if cfg.model.gradient_checkpointing:
         enable_recompute(model, cfg.model.recompute_layers)
     model.enable_input_require_grads()
-    ds_config = Trainer.deepspeed_config(SimpleNamespace(cfg=cfg, device=device))  # reads only cfg and device
-    return miss_engine.initialize(model, ds_config, tp_size=tp)[0]
+    return miss_engine.initialize(model, miss_engine.deepspeed_config(cfg, device.type), tp_size=tp)[0]
 
 
 def _peft_engine(cfg: Any, device: Any) -> tuple[Any, float]:
@@ -236,10 +232,10 @@ def _peft_engine(cfg: Any, device: Any) -> tuple[Any, float]:
     from peft import MissConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from miss_ds.engine import merge_configs
     from miss_ds.modeling import DTYPES, hf_config
-    from miss_ds.train.trainer import _merge
 
-    ds = _merge({"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size, "gradient_accumulation_steps": 1,
+    ds = merge_configs({"train_micro_batch_size_per_gpu": cfg.train.micro_batch_size, "gradient_accumulation_steps": 1,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
                  "bf16": {"enabled": DTYPES[cfg.model.dtype] == torch.bfloat16}, "steps_per_print": 10**9,
                  "zero_optimization": dict(PEFT_ZERO3)}, cfg.deepspeed)

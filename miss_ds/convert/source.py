@@ -1,7 +1,7 @@
 """The inputs of every export: a miss_ds adapter (given directly or inside a training checkpoint) and its base.
 
-A training checkpoint ``step_XXXXXXXX/`` holds the adapter in ``adapter/``; either path is accepted.
-``check_fits_base`` refuses a base model the adapter was not trained on before anything is written.
+A training checkpoint or the adapter directory inside it is accepted (``TrainCheckpoint.adapter_dir`` knows the
+layout). ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written.
 """
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io
 from .. import functional as MF
-from ..train.atomic import MANIFEST, verify
 from ..config import MissConfig
-from ..inject import D_NAME
 from ..hf_checkpoint import HFCheckpoint
-
-CHECKPOINT_ADAPTER_DIR = "adapter"
+from ..inject import D_NAME
+from ..train.checkpoint import TrainCheckpoint
 
 
 @dataclass
@@ -43,26 +41,9 @@ class Adapter:
         return {k: v for k, v in self.tensors.items() if not is_d_key(k)}
 
 
-def adapter_dir(path: Path | str) -> Path:
-    """The adapter directory of ``path``: ``path/adapter`` for a training checkpoint, else ``path`` itself.
-
-    A checkpoint with a manifest has its file sizes verified first, so a truncated save is named, not misread.
-    """
-    path = Path(path)
-    inner = path / CHECKPOINT_ADAPTER_DIR
-    if (inner / adapter_io.ADAPTER_CONFIG).is_file():
-        if (path / MANIFEST).is_file():
-            verify(path, full=False)
-        return inner
-    if (path / adapter_io.ADAPTER_CONFIG).is_file():
-        return path
-    raise FileNotFoundError(f"{path} is neither a miss_ds adapter directory ({adapter_io.ADAPTER_CONFIG}) nor a "
-                            f"training checkpoint with {CHECKPOINT_ADAPTER_DIR}/{adapter_io.ADAPTER_CONFIG}")
-
-
 def read_adapter(path: Path | str) -> Adapter:
     """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape."""
-    directory = adapter_dir(path)
+    directory = TrainCheckpoint.adapter_dir(path)
     meta, tensors = adapter_io.read_full_adapter(directory)
     return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors)
 

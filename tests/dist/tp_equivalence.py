@@ -24,6 +24,7 @@ from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
 from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
+from miss_ds.run_config import ModelConfig, ParallelConfig, RunConfig, TrainConfig  # noqa: E402
 from tests.tp_gather import full_d, full_merged_weight  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
 
@@ -44,15 +45,15 @@ def model_config(mode: str, tp: int):
 
 
 def ds_config(zero: int, offload: bool) -> dict:
+    """The trainer's DeepSpeed config (``engine.deepspeed_config``) for these settings."""
     # ZeRO-3's default keeps parameters under 1e5 elements resident anyway; 0 makes every parameter a candidate
     # for partitioning, so the check below sees whether miss_ds keeps the frozen TP shards resident.
-    zero_cfg = {"stage": zero, **({"stage3_param_persistence_threshold": 0} if zero == 3 else {})}
-    if offload:
-        zero_cfg["offload_optimizer"] = {"device": "cpu"}
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.99], "eps": ADAM_EPS,
-                                                      "weight_decay": 0.0, "torch_adam": True}},
-            "zero_optimization": zero_cfg, "zero_allow_untested_optimizer": True, "gradient_clipping": CLIP}
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if zero == 3 else {}
+    run = RunConfig(output_dir="unused", model=ModelConfig(dtype="float32"),
+                    parallel=ParallelConfig(zero_stage=zero, offload_optimizer=offload),
+                    train=TrainConfig(micro_batch_size=2, lr=LR, betas=(0.9, 0.99), eps=ADAM_EPS, grad_clip=CLIP),
+                    deepspeed=extra)
+    return miss_engine.deepspeed_config(run, "cpu")
 
 
 class CollectiveCounter:

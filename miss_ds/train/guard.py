@@ -1,0 +1,69 @@
+"""Non-finite losses and gradients: skip what is broken, agreed by every rank, and stop when it keeps happening."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import ds_compat
+from .state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class NonFiniteGuard:
+    """Decides, the same way on every rank, whether a micro-batch's loss and an optimizer step's gradients are finite.
+
+    A micro-batch with a non-finite loss is skipped before backward. Non-finite gradients (with a finite loss) make
+    DeepSpeed's ZeRO and bf16 optimizers skip the optimizer step themselves (``skipped_steps`` grows, the LR schedule
+    holds); the plain torch optimizer of ZeRO-0 in fp32 has no such check and would write NaN into D, so for it the
+    guard checks the gradients at the accumulation boundary and takes DeepSpeed's overflow path. Every skipped
+    micro-batch counts towards ``max_bad_in_row``.
+    """
+
+    def __init__(self, engine: Any, device: torch.device, max_bad_in_row: int, state: TrainState) -> None:
+        self.engine, self.device, self.max_bad_in_row, self.state = engine, device, max_bad_in_row, state
+        self.bad_in_row = 0
+        self._grads_unchecked = not ds_compat.checks_overflow(engine.optimizer)
+
+    def all_finite(self, *tensors: torch.Tensor) -> bool:
+        """Whether every given tensor is finite on every rank (one all-reduce, one host sync)."""
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        bad = (~finite).float().reshape(1).to(self.device)
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
+    def step(self) -> bool:
+        """``engine.step()``; returns whether this rank's optimizer skipped an update for non-finite gradients."""
+        skipped = self.engine.skipped_steps
+        if not self._grads_unchecked or not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+        else:
+            grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+            if self.all_finite(*grads):
+                self.engine.step()
+            else:
+                ds_compat.step_without_update(self.engine)
+        return self.engine.skipped_steps != skipped
+
+    def good(self) -> None:
+        self.bad_in_row = 0
+
+    def bad(self, what: str) -> None:
+        """Count a skipped micro-batch (``what``: "loss" or "gradients"); stop after ``max_bad_in_row`` in a row."""
+        self.bad_in_row += 1
+        self.state.skipped_batches += 1
+        step = self.state.step + 1
+        skipped = "micro-batch skipped" if what == "loss" else "optimizer step skipped, its micro-batches dropped"
+        logger.warning("step %d: non-finite %s on some rank; %s (%d in a row)", step, what, skipped, self.bad_in_row)
+        if self.bad_in_row >= self.max_bad_in_row:
+            raise TrainingStopped(
+                f"{self.bad_in_row} micro-batches in a row gave a non-finite loss or gradients (train.max_bad_steps="
+                f"{self.max_bad_in_row}; the last: non-finite {what}) at step {step}: lower train.lr, check the data, "
+                "or resume from the last checkpoint")
