@@ -41,7 +41,8 @@ GATHERS = ("all_gather", "all_gather_into_tensor")
 RING: dict[str, Callable[[int], float]] = {"all_reduce": lambda n: 2 * (n - 1) / n,
                                            "all_gather_into_tensor": lambda n: (n - 1) / n,
                                            "reduce_scatter_tensor": lambda n: (n - 1) / n}
-#: ZeRO-3 of the PEFT baseline probe (.probes/baseline70b.py --mode zero3), the run of docs/scale.md.
+#: ZeRO-3 of the PEFT baseline probe (baseline70b.py --mode zero3), the run of docs/scale.md. The probe is not in
+#: this repository: it is the shared reference ../shared/probes/baseline70b.py, copied into the ignored .probes/.
 PEFT_ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "stage3_prefetch_bucket_size": 5e8,
               "stage3_param_persistence_threshold": 1e5}
 #: The small Llama of the CPU measurement: run-config overrides of configs/llama-70b-tp2.yaml.
