@@ -36,7 +36,8 @@ class ModelConfig:
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
     """With gradient_checkpointing: how many decoder layers recompute (null: all). Fewer is faster and needs
-    more memory. ``auto``: the fewest that fit in 85% of the GPU by miss_ds.memory_plan (tools/plan_memory.py)."""
+    more memory. ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
+    ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
     attn_implementation: str = "sdpa"
 
 
