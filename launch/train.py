@@ -21,6 +21,7 @@ from miss_ds.run_config import ConfigError, load_config  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     preemption = Preemption().install()  # before anything slow: a notice while loading must not kill us
+    print("preemption handler installed: SIGTERM/SIGUSR1 save a checkpoint and exit 85", file=sys.stderr, flush=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -33,7 +33,9 @@ class MissConfig:
     modules_to_save: list[str] = field(default_factory=list)
     """Other modules (e.g. ``lm_head``) trained in full and saved with the adapter."""
     adapter_dtype: Literal["float32", "model"] = "float32"
-    """Keep D in fp32 (default, like PEFT) or in the dtype of the layer it adapts."""
+    """D's dtype when the layer is built: fp32 (default, like PEFT) or the dtype of the layer it adapts. Under
+    DeepSpeed's bf16 mode (the trainer with ``model.dtype: bfloat16``) DeepSpeed casts D to bf16 either way and
+    keeps an fp32 master copy in its optimizer; the forward computes agg(x)·D in x's dtype."""
 
     def __post_init__(self) -> None:
         if self.init_weights == "miss":

@@ -1,34 +1,30 @@
 """Model FLOPs of a frozen-base fine-tune, for MFU.
 
-Per token, a decoder's forward pass costs F = 2 * P + 4 * L * s * d: two FLOPs per weight of every matrix
-product (P: all linear weights, LM head included; embeddings are lookups) plus the two attention products
-(QK^T and AV, each 2 * s * d per token per layer, causal masking not discounted, as in the PaLM MFU).
-Training with the base frozen runs the forward and the input-gradient backward (the same cost again) and no
-weight gradient, so a step costs 2 F per token. MiSS's own work (r/in of the base) and activation recompute are
-not counted: MFU measures useful work. MFU = 2 F * tokens/s per GPU / the GPU's dense peak.
+Per token, a decoder's forward pass costs F = 2 * P + 4 * L * s * q: two FLOPs per weight of every matrix
+product (P: all linear weights, LM head included; embeddings are lookups; ``ModelShape.linear_params``) plus the
+two attention products (QK^T and AV, each 2 * s * q per token per layer with q = heads * head_dim, causal masking
+not discounted, as in the PaLM MFU). With the base frozen, backward computes input gradients only: the linear
+layers cost 2 * P again, no weight gradient. A step is counted as 2 F per token, so the attention products'
+backward, which costs twice their forward (both operands are activations), is counted at the forward's cost:
+the count is 4 * L * s * q per token short (3.5% of a step's FLOPs at the Llama-2-70B shape, seq 4096) and MFU
+reads that much low. MiSS's own work (r/in of the base) and activation recompute are not counted: MFU measures
+useful work. MFU = 2 F * tokens/s per GPU / the GPU's dense peak.
 """
 from __future__ import annotations
 
 import torch
 from transformers import PretrainedConfig
 
+from .model_shape import ModelShape
+
 #: Dense peak FLOP/s by device name fragment (vendor datasheets; H100 SXM and H200 share the compute die).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def linear_params(config: PretrainedConfig) -> int:
-    """Weights of every matrix product of a Llama-style decoder (attention, MLP, LM head)."""
-    d, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q = d * config.num_attention_heads * head_dim
-    kv = 2 * d * config.num_key_value_heads * head_dim
-    o = config.num_attention_heads * head_dim * d
-    mlp = 3 * d * inter
-    return layers * (q + kv + o + mlp) + d * config.vocab_size
-
-
 def frozen_finetune_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
-    forward = 2 * linear_params(config) + 4 * config.num_hidden_layers * seq_len * config.hidden_size
+    """2 F (see the module docstring) for a Hugging Face decoder config at sequence length ``seq_len``."""
+    m = ModelShape.from_config(config)
+    forward = 2 * m.linear_params() + 4 * m.layers * seq_len * m.q_dim
     return 2 * forward
 
 

@@ -36,7 +36,8 @@ class ModelConfig:
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
     """With gradient_checkpointing: how many decoder layers recompute (null: all). Fewer is faster and needs
-    more memory. ``auto``: the fewest that fit in 85% of the GPU by miss_ds.memory_plan (tools/plan_memory.py)."""
+    more memory. ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
+    ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
     attn_implementation: str = "sdpa"
 
 
@@ -69,7 +70,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 disables)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss (each is skipped)."""
+    """Stop after this many bad micro-batches in a row: a non-finite loss (the micro-batch is skipped) or
+    non-finite gradients (the optimizer step is skipped and its accumulation window dropped) each count one."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from miss_ds import memory_plan
+from miss_ds.model_shape import ModelShape
 from miss_ds.run_config import load_config
 from tests.launch_utils import ROOT
 
@@ -42,12 +43,23 @@ def test_plan_memory_cli_reports_fit():
     assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
 
 
+LLAMA_70B = ModelShape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000)
+
+
 def test_plan_grows_as_fewer_layers_recompute_and_shrinks_with_zero():
-    shape = memory_plan.Shape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000)
     kw = dict(tp=2, dp=4, offload=False, micro_batch=2, seq=4096)
-    totals = [memory_plan.plan(shape, zero=1, recompute=k, **kw).total for k in (80, 60, 40, 0)]
+    totals = [memory_plan.plan(LLAMA_70B, zero=1, recompute=k, **kw).total for k in (80, 60, 40, 0)]
     assert totals == sorted(totals)
-    adapter = [memory_plan.plan(shape, zero=z, recompute=80, **kw).adapter for z in (0, 1, 2, 3)]
+    adapter = [memory_plan.plan(LLAMA_70B, zero=z, recompute=80, **kw).adapter for z in (0, 1, 2, 3)]
     assert adapter == sorted(adapter, reverse=True) and adapter[0] > 2 * adapter[1]
-    budget = memory_plan.plan(shape, zero=1, recompute=50, **kw).total
-    assert memory_plan.layers_to_recompute(shape, budget, zero=1, **kw) == 50
+    budget = memory_plan.plan(LLAMA_70B, zero=1, recompute=50, **kw).total
+    assert memory_plan.layers_to_recompute(LLAMA_70B, budget, zero=1, **kw) == 50
+
+
+def test_auto_recompute_plans_for_a_share_of_the_gpu():
+    """``auto`` picks the fewest recomputed layers whose plan fits AUTO_MEMORY_FRACTION of the GPU, for mini
+    with its own mini_r."""
+    kw = dict(tp=2, dp=1, zero=1, offload=False, micro_batch=2, seq=4096, r=64, mode="mini", mini_r=16)
+    gpu = memory_plan.plan(LLAMA_70B, recompute=30, **kw).total / memory_plan.AUTO_MEMORY_FRACTION
+    assert memory_plan.auto_recompute_layers(LLAMA_70B, gpu, **kw) == 30
+    assert memory_plan.plan(LLAMA_70B, recompute=29, **kw).total > memory_plan.AUTO_MEMORY_FRACTION * gpu

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.colors
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from miss_ds.train.metrics import MetricsLogger, read_metrics
+from miss_ds.train.metrics import PLOT_DPI, PLOT_INCHES, MetricsLogger, read_metrics
 
 
 def tensorboard_scalars(output_dir, tag: str) -> list[tuple[int, float]]:
@@ -87,19 +89,45 @@ def test_truncate_after_hides_later_tensorboard_events(tmp_path):
     assert tensorboard_scalars(tmp_path, "train/loss") == [(1, 1.0), (2, 20.0)]
 
 
-def test_plot_losses_writes_png(tmp_path):
+def plotted_lines(figure) -> dict[str, list[tuple[float, float]]]:
+    (axes,) = figure.axes
+    return {line.get_label(): [tuple(xy) for xy in line.get_xydata()] for line in axes.get_lines()}
+
+
+def loss_series(path) -> dict[str, list[tuple[float, float]]]:
+    """Each split's (step, loss) pairs as metrics.jsonl has them, labelled as the plot's legend says."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for record in read_metrics(path):
+        if "loss" in record:
+            series.setdefault(f"{record['split']} loss", []).append((record["step"], record["loss"]))
+    return series
+
+
+def pixels_of(image: np.ndarray, color) -> int:
+    """How many pixels of an RGBA float image have ``color`` (a matplotlib colour)."""
+    return int((np.abs(image[..., :3] - matplotlib.colors.to_rgb(color)).max(axis=-1) < 0.02).sum())
+
+
+def test_plot_losses_draws_each_split_of_metrics_jsonl(tmp_path):
     logger = MetricsLogger(tmp_path / "run")
     assert logger.plot_losses(tmp_path / "empty.png") is None  # nothing logged yet
     for step in range(1, 11):
         logger.log(step, {"loss": 3.0 / step})
     logger.log(5, {"loss": 0.9}, split="eval")
     logger.log(10, {"loss": 0.5}, split="eval")
-    path = logger.plot_losses(tmp_path / "plots" / "loss.png")
+    logger.log(10, {"lr": 0.1})  # no loss: not plotted
+    path = tmp_path / "plots" / "loss.png"
+    figure = logger.plot_losses(path)
     logger.close()
-    assert path == tmp_path / "plots" / "loss.png"
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
     assert not (tmp_path / "empty.png").exists()
+    want = loss_series(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(want) == ["eval loss", "train loss"] and len(want["train loss"]) == 10
+    assert plotted_lines(figure) == want
+    image = matplotlib.image.imread(path)
+    width, height = PLOT_INCHES
+    assert image.shape == (height * PLOT_DPI, width * PLOT_DPI, 4)
+    for line in figure.axes[0].get_lines():  # every line is drawn in its own colour, not only its legend entry
+        assert pixels_of(image, line.get_color()) > 400, line.get_label()  # the legend swatch alone: ~110
 
 
 def test_disabled_logger_is_a_no_op(tmp_path):

@@ -211,6 +211,8 @@ def hf_base(tmp_path_factory) -> Path:
 
 
 SIGTERM_RUN = ("train.max_steps=20", "eval.every_steps=0", "checkpoint.every_steps=0")
+#: What launch/train.py prints once SIGTERM/SIGUSR1 no longer kill it.
+HANDLER_INSTALLED = "preemption handler installed"
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +245,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_85(sigterm_run):
 def test_sigterm_right_after_start_still_exits_85(tmp_path):
     """A notice during start-up must not kill the job either: it saves after its first step and exits 85."""
     port = free_port()
-    out = tmp_path / "out"
-    proc = launch(train_cmd(1, out, "train.max_steps=4", "train.warmup_steps=0", "checkpoint.every_steps=0"),
-                  tmp_path / "run.log", port)
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = launch(train_cmd(1, out, "train.max_steps=4", "train.warmup_steps=0", "checkpoint.every_steps=0"), log, port)
     try:
-        time.sleep(0.5)
+        wait_for(lambda: HANDLER_INSTALLED in log.read_text(), proc, "the preemption handler", poll=0.01)
+        assert not (out / "metrics.jsonl").exists(), "the signal must come during start-up, before any step"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=300) == 85, (tmp_path / "run.log").read_text()[-3000:]
         assert [step_of(p) for p in step_dirs(out)] == [1]
@@ -291,7 +293,9 @@ def test_tp_change_on_a_random_base_is_refused(sigterm_run, tmp_path):
 # ---------------------------------------------------------------------------------- in-process scenarios
 COMMON = ["train.warmup_steps=1", "eval.every_steps=0", "eval.max_batches=1", "logging.every_steps=1",
           "checkpoint.every_steps=0"]
-OPTIM_FILE = "engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+#: DeepSpeed's optimizer state in a checkpoint, found by pattern (its file name is DeepSpeed's to choose).
+OPTIM_FILE = "engine/**/*optim_states.pt"
+STEP4 = "checkpoints/step_00000004"
 TMPFS_SIZE = "4m"  # one checkpoint of the tiny model (2.6 MiB) fits, a second does not
 
 
@@ -307,13 +311,14 @@ def _mount_tmpfs(directory: Path) -> bool:
 def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
     """Outcomes of every in-process scenario (one subprocess); keys: scenario names, plus 'root'."""
     root = tmp_path_factory.mktemp("scenarios")
-    base, step4 = root / "base", "checkpoints/step_00000004"
+    base, step4 = root / "base", STEP4
 
     def job(name: str, *overrides: str, **extra) -> dict:
         return {"name": name, "overrides": [*COMMON, f"output_dir={root / name}", *overrides], **extra}
 
     def resume(checkpoint: str, name: str, *overrides: str, **damage: str) -> dict:
-        """Resume in a copy of the base run (``checkpoint``: 'auto' or a path in it), a file of step 4 damaged."""
+        """Resume in a copy of the base run (``checkpoint``: 'auto' or a path in it), the one file of step 4 that
+        a pattern matches damaged."""
         copy = root / f"resume_{name}"
         return job(copy.name, "train.max_steps=5", *overrides, copy=[str(base), str(copy)],
                    resume=checkpoint if checkpoint == "auto" else str(copy / checkpoint),
@@ -364,6 +369,13 @@ def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
             subprocess.run(["umount", str(root / "disk_full" / "checkpoints")], check=False)
     assert results["base"]["error"] is None, results["base"]
     return {**results, "root": root}
+
+
+def optim_file(checkpoint: Path) -> str:
+    """The path, relative to ``checkpoint``, of its one file matching OPTIM_FILE."""
+    matches = list(checkpoint.glob(OPTIM_FILE))
+    assert len(matches) == 1, f"{checkpoint}: {len(matches)} files match {OPTIM_FILE}: {matches}"
+    return matches[0].relative_to(checkpoint).as_posix()
 
 
 def _verifies(path: Path) -> bool:
@@ -455,7 +467,8 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(scenarios):
     """``--resume PATH`` of a checkpoint with a truncated shard: refused, naming the file and what else to resume."""
     outcome = scenarios["resume_truncated"]
     assert outcome["error_type"] == "CheckpointError" and outcome["step"] is None
-    assert f"'{OPTIM_FILE}' has" in outcome["error"] and "truncated" in outcome["error"]
+    damaged = optim_file(scenarios["root"] / "resume_truncated" / STEP4)
+    assert f"'{damaged}' has" in outcome["error"] and "truncated" in outcome["error"]
     assert "step_00000002" in outcome["error"]  # the hint lists what can be resumed instead
 
 
@@ -464,7 +477,8 @@ def test_resume_from_a_same_size_corruption_names_the_file(scenarios):
     loads the corrupt optimizer state silently."""
     outcome = scenarios["resume_flipped"]
     assert outcome["error_type"] == "CheckpointError", outcome
-    assert f"'{OPTIM_FILE}' does not match its sha256" in outcome["error"]
+    damaged = optim_file(scenarios["root"] / "resume_flipped" / STEP4)
+    assert f"'{damaged}' does not match its sha256" in outcome["error"]
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(scenarios):

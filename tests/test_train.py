@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from tests.launch_utils import ROOT, free_port
+from tests.test_metrics import pixels_of
 
 CONFIG = "configs/tiny-cpu.yaml"
 QUICK = ["train.max_steps=40", "eval.every_steps=20", "eval.max_batches=2", "checkpoint.every_steps=20",
@@ -40,9 +41,31 @@ def train_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("overrides", [["parallel.tp_size=2", "parallel.zero_stage=1"], ["parallel.zero_stage=2"]],
-                         ids=["tp2", "zero2-dp2"])
-def test_default_config_trains_and_loss_falls(tmp_path, overrides):
+def consumed_tokens(overrides: list[str], steps: int, dp: int) -> int:
+    """Non-padding tokens of the micro-batches ``steps`` steps take from every DP rank, rebuilt from the data."""
+    from transformers import AutoTokenizer
+
+    from miss_ds.data import BatchIterator, build_datasets
+    from miss_ds.run_config import load_config
+
+    cfg = load_config(ROOT / CONFIG, [*QUICK, *overrides, "output_dir=unused"])
+    train_ds, _, _ = build_datasets(cfg.data, AutoTokenizer.from_pretrained(cfg.tokenizer))
+    micro_batches = steps * cfg.train.grad_accum_steps
+    total = 0
+    for rank in range(dp):
+        batches = BatchIterator(train_ds, cfg.train.micro_batch_size, rank, dp, seed=cfg.data.seed)
+        total += sum(int(next(batches)["attention_mask"].sum()) for _ in range(micro_batches))
+    return total
+
+
+@pytest.mark.parametrize("overrides,dp", [(["parallel.tp_size=2", "parallel.zero_stage=1"], 1),
+                                          (["parallel.zero_stage=2"], 2)], ids=["tp2", "zero2-dp2"])
+def test_default_config_trains_and_loss_falls(tmp_path, monkeypatch, overrides, dp):
+    import matplotlib
+    import matplotlib.image
+
+    from miss_ds.train.metrics import PLOT_DPI, PLOT_INCHES, read_metrics
+
     proc = run(train_cmd(2, tmp_path, *overrides))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = train_losses(tmp_path)
@@ -50,8 +73,17 @@ def test_default_config_trains_and_loss_falls(tmp_path, overrides):
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(38, 41)) / 3
     assert last < 0.7 * first, (first, last)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["eval_loss"] < first and summary["tokens_per_s"] > 0
-    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert summary["eval_loss"] < first
+    monkeypatch.chdir(ROOT)  # the config's data paths are relative to the repository
+    assert summary["tokens"] == consumed_tokens(overrides, 40, dp)
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"], rel=1e-3)
+    logged = [r["tokens"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert logged[-1] == summary["tokens"] and logged == sorted(logged)
+    image = matplotlib.image.imread(tmp_path / "loss.png")
+    width, height = PLOT_INCHES
+    assert image.shape == (height * PLOT_DPI, width * PLOT_DPI, 4)
+    for color in matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][:2]:  # the eval and the train line
+        assert pixels_of(image, color) > 400, color  # more than the legend swatch alone (~110)
     assert list((tmp_path / "tensorboard").iterdir())
     final = tmp_path / "checkpoints" / "step_00000040"
     assert (final / "manifest.json").is_file() and (final / "adapter" / "adapter_config.json").is_file()

@@ -9,6 +9,11 @@ tokens/s per GPU, MFU, peak memory and time to the first step, each as a ratio t
         --variant "miss=train:configs/llama-70b-tp2.yaml" \\
         --variant "mini=train:configs/llama-70b-tp2.yaml miss.mode=mini miss.mini_r=64"
 
+The baseline probe is not in this repository: it is the shared reference ``../shared/probes/baseline70b.py``
+(the shared probes folder beside the checkout); copy it into the ignored ``.probes/`` first
+(``mkdir -p .probes && cp ../shared/probes/baseline70b.py .probes/``). A missing probe script stops the run
+before any variant starts.
+
 ``model``: in one process, training steps of a stack of Llama-7B-shape decoder layers (bf16, seq 4096, micro-batch
 2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
 r16, and miss_ds in each mode (``miss`` also with its fused kernels off), each as a ratio to the floor, with
@@ -37,6 +42,22 @@ sys.path.insert(0, str(ROOT))
 
 def launcher(gpus: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus)]
+
+
+#: Where the baseline probes come from: shared reference scripts outside the repository.
+PROBES_SOURCE = "../shared/probes"
+
+
+def check_probes(specs: list[str]) -> None:
+    """Exit naming the missing script, and where to get it, if a ``probe`` variant's script does not exist."""
+    for spec in specs:
+        kind, _, args = spec.partition("=")[2].partition(":")
+        script = next(iter(shlex.split(args)), "")
+        if kind == "probe" and not (ROOT / script).is_file():
+            name = Path(script).name
+            raise SystemExit(f"--variant {spec!r}: probe script {script} not found. The baseline probes are not "
+                             f"in this repository: copy the shared reference {PROBES_SOURCE}/{name} into the "
+                             f"ignored .probes/ folder (mkdir -p .probes && cp {PROBES_SOURCE}/{name} .probes/)")
 
 
 def run_variant(spec: str, gpus: int, out_root: Path, work: Path, timeout: int) -> dict:
@@ -93,6 +114,7 @@ def table(results: list[dict], ref: str) -> str:
 
 
 def cmd_step(args: argparse.Namespace) -> None:
+    check_probes(args.variant)
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -139,7 +161,7 @@ def _adapted(name: str, model, r: int):
         model = peft.get_peft_model(model, cfg)  # PEFT's defaults: fp32 adapter weights
     else:
         mode = name.split("-")[0]
-        apply_miss(model, MissConfig(r=r, mode=mode, mini_r=r))  # fp32 D, as the trainer keeps it
+        apply_miss(model, MissConfig(r=r, mode=mode, mini_r=r))  # fp32 D, cast to bf16 in the forward
     enable_recompute(model, None)
     model.enable_input_require_grads()
     return model

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from miss_ds import memory_plan  # noqa: E402
+from miss_ds.model_shape import ModelShape  # noqa: E402
 from miss_ds.modeling import hf_config  # noqa: E402
 from miss_ds.run_config import load_config  # noqa: E402
 
@@ -26,22 +27,23 @@ def main() -> None:
     p.add_argument("--gpu-gib", type=float, default=139.8, help="GPU memory (H200: 139.8, H100: 79.1)")
     args = p.parse_args()
     cfg = load_config(args.config, args.set)
-    shape = memory_plan.shape_of(hf_config(cfg.model))
+    shape = ModelShape.from_config(hf_config(cfg.model))
     tp, t = cfg.parallel.tp_size, cfg.train
     dp = (args.world or tp) // tp
     seq = cfg.data.seq_len
     kw = dict(tp=tp, dp=dp, zero=cfg.parallel.zero_stage, offload=cfg.parallel.offload_optimizer,
-              micro_batch=t.micro_batch_size, seq=seq, r=cfg.miss.r, mode=cfg.miss.mode)
+              micro_batch=t.micro_batch_size, seq=seq, r=cfg.miss.r, mode=cfg.miss.mode, mini_r=cfg.miss.mini_r)
     wanted = cfg.model.recompute_layers
     if not cfg.model.gradient_checkpointing:
         recompute = 0
     elif wanted == "auto":
-        recompute = memory_plan.layers_to_recompute(shape, 0.85 * args.gpu_gib * GIB, **kw)
+        recompute = memory_plan.auto_recompute_layers(shape, args.gpu_gib * GIB, **kw)
     else:
         recompute = shape.layers if wanted is None else wanted
     plan = memory_plan.plan(shape, recompute=recompute, **kw)
     print(f"{args.config}: TP={tp} DP={dp} ZeRO-{cfg.parallel.zero_stage} micro-batch {t.micro_batch_size} x seq {seq}, "
-          f"{recompute} of {shape.layers} layers recompute, MiSS {cfg.miss.mode} r={cfg.miss.r}")
+          f"{recompute} of {shape.layers} layers recompute, MiSS {cfg.miss.mode} r={cfg.miss.r}"
+          + (f" mini_r={cfg.miss.mini_r}" if cfg.miss.mode == "mini" else ""))
     for name, value in plan.rows():
         print(f"  {name:28s} {value / GIB:8.2f} GiB")
     fits = plan.total <= args.gpu_gib * GIB

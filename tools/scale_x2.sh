@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The 70B runs of docs/scale.md on one host with 2 H200s (device kind nvidia-h200-x2), from the repository root,
-# with DeepSpeed and its missing dependencies as wheels in .whl/ and the shared baseline probe in .probes/.
+# with DeepSpeed and its missing dependencies as wheels in .whl/ and the shared baseline probe in .probes/ (it is not
+# in the repository: mkdir -p .probes && cp ../shared/probes/baseline70b.py .probes/).
 #   bash tools/scale_x2.sh smoke layer core modes recompute auto hfload peft      # stages to run, in order
 set -uo pipefail
 OUT=${OUT:-runs/scale}; LOGS=/tmp/scale-logs; WORK=/tmp/scale-work; mkdir -p "$OUT" "$LOGS" "$WORK"

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from miss_ds.distributed import free_port  # noqa: E402
-from miss_ds.memory_plan import Shape, local_base_params, local_d_params  # noqa: E402
+from miss_ds.model_shape import ROW, ModelShape  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 #: Collectives that DeepSpeed's logger sizes by one rank's input shard; the payload is the gathered whole.
@@ -41,7 +41,8 @@ GATHERS = ("all_gather", "all_gather_into_tensor")
 RING: dict[str, Callable[[int], float]] = {"all_reduce": lambda n: 2 * (n - 1) / n,
                                            "all_gather_into_tensor": lambda n: (n - 1) / n,
                                            "reduce_scatter_tensor": lambda n: (n - 1) / n}
-#: ZeRO-3 of the PEFT baseline probe (.probes/baseline70b.py --mode zero3), the run of docs/scale.md.
+#: ZeRO-3 of the PEFT baseline probe (baseline70b.py --mode zero3), the run of docs/scale.md. The probe is not in
+#: this repository: it is the shared reference ../shared/probes/baseline70b.py, copied into the ignored .probes/.
 PEFT_ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "stage3_prefetch_bucket_size": 5e8,
               "stage3_param_persistence_threshold": 1e5}
 #: The small Llama of the CPU measurement: run-config overrides of configs/llama-70b-tp2.yaml.
@@ -49,7 +50,7 @@ SMALL = ["model.config.hidden_size=256", "model.config.intermediate_size=688", "
          "model.config.num_attention_heads=8", "model.config.num_key_value_heads=2", "model.config.head_dim=32",
          "model.config.max_position_embeddings=256", "model.dtype=float32", "data.seq_len=256",
          "train.micro_batch_size=2", "miss.r=16"]
-LLAMA_70B = Shape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000)
+LLAMA_70B = ModelShape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000)
 #: Per GPU: 400 Gb/s across nodes, NVLink inside a node (H100/H200: 450 GB/s each way).
 INTER_NODE, NVLINK = 400e9 / 8, 450e9
 GPUS_PER_NODE = 8
@@ -66,7 +67,7 @@ def _add(t: Traffic, phase: str, group: str, op: str, nbytes: float) -> None:
         ops[op] = ops.get(op, 0) + nbytes
 
 
-def miss_traffic(m: Shape, *, r: int, mbs: int, seq: int, tp: int, dp: int, zero: int, recompute: int,
+def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int, zero: int, recompute: int,
                  w_bytes: int, d_bytes: int) -> Traffic:
     """Bytes per step per GPU of miss_ds (mode ``miss``) under TP x DP, ZeRO ``zero`` over the DP group.
 
@@ -78,21 +79,21 @@ def miss_traffic(m: Shape, *, r: int, mbs: int, seq: int, tp: int, dp: int, zero
     """
     t: Traffic = {}
     act = mbs * seq * m.hidden * w_bytes
-    d = local_d_params(m, tp, r, "miss") * d_bytes
+    d = m.adapter_params(r, "miss", tp=tp) * d_bytes
     if tp > 1:
         _add(t, "forward", "tp", "all_reduce", 2 * m.layers * act)
-        row_d_grads = 2 * m.layers * r * m.hidden * d_bytes
+        row_d_grads = m.layers * r * sum(m.projections()[name][1] for name in ROW) * d_bytes
         _add(t, "backward", "tp", "all_reduce", (5 * m.layers + recompute) * act + row_d_grads)
     if dp > 1 and zero < 3:
         _add(t, "backward", "dp", "all_reduce", d)
         _add(t, "step", "dp", "all_gather_into_tensor", d)
     elif dp > 1:
         _add(t, "backward", "dp", "reduce_scatter_tensor", d)
-        _add(t, "step", "dp", "all_gather_into_tensor", local_base_params(m, tp) * w_bytes + d)
+        _add(t, "step", "dp", "all_gather_into_tensor", m.base_params(tp) * w_bytes + d)
     return t
 
 
-def peft_zero3_traffic(m: Shape, *, r: int, w_bytes: int, d_bytes: int,
+def peft_zero3_traffic(m: ModelShape, *, r: int, w_bytes: int, d_bytes: int,
                        persistence: float = PEFT_ZERO3["stage3_param_persistence_threshold"]) -> Traffic:
     """Bytes per step per GPU of PEFT MiSS on all seven projections + ZeRO-3 over all ranks, every layer recomputed.
 
@@ -101,22 +102,20 @@ def peft_zero3_traffic(m: Shape, *, r: int, w_bytes: int, d_bytes: int,
     backward, except down (entered last by the recompute, first by backward) and the D's (a ParameterDict no hook
     releases); the LM head, final norm and embedding once per pass. D's gradient is reduce-scattered.
     """
-    kv = m.kv_heads * m.head_dim
-    outs = {"q": m.hidden, "k": kv, "v": kv, "o": m.hidden, "gate": m.intermediate, "up": m.intermediate,
-            "down": m.hidden}
-    ins = {**{k: m.hidden for k in ("q", "k", "v", "gate", "up")}, "o": m.hidden, "down": m.intermediate}
-    weights = {k: ins[k] * outs[k] for k in outs}
-    ds = [r * out for out in outs.values()]
+    projections = m.projections()
+    weights = {name: i * o for name, (i, o) in projections.items()}
+    ds = [r * o for _, o in projections.values()]
 
     def gathered(numels: list[int], nbytes: int, persistent: bool = False) -> float:
         return sum(n * nbytes for n in numels if (n <= persistence) == persistent)
 
     norms = [m.hidden, m.hidden]
     layer = gathered(list(weights.values()) + norms, w_bytes) + gathered(ds, d_bytes)
-    again = gathered([w for k, w in weights.items() if k != "down"] + norms, w_bytes)
-    ends = gathered([m.vocab * m.hidden, m.vocab * m.hidden, m.hidden], w_bytes)
+    again = gathered([w for k, w in weights.items() if k != "down_proj"] + norms, w_bytes)
+    end_params = [m.vocab * m.hidden] * (1 if m.tied_embeddings else 2) + [m.hidden]  # embedding, LM head, norm
+    ends = gathered(end_params, w_bytes)
     persistent = (m.layers * (gathered(list(weights.values()) + norms, w_bytes, True) + gathered(ds, d_bytes, True))
-                  + gathered([m.vocab * m.hidden, m.vocab * m.hidden, m.hidden], w_bytes, True))
+                  + gathered(end_params, w_bytes, True))
     t: Traffic = {}
     _add(t, "forward", "dp", "all_gather_into_tensor", m.layers * layer + ends)
     _add(t, "backward", "dp", "all_gather_into_tensor", m.layers * (layer + again) + ends)
@@ -136,7 +135,7 @@ def by_group(t: Traffic) -> dict[str, float]:
 
 def modelled(run: dict, layout: dict) -> Traffic:
     """The model's traffic for one measured layout (shape, sizes and dtypes as the run had them)."""
-    m = Shape(**run["shape"])
+    m = ModelShape(**run["shape"])
     if layout["kind"] == "peft":
         return peft_zero3_traffic(m, r=run["r"], w_bytes=layout["frozen_bytes"], d_bytes=layout["trainable_bytes"],
                                   persistence=layout["persistence"])
@@ -259,7 +258,6 @@ def worker(args: argparse.Namespace) -> None:
 
     from miss_ds.data import SyntheticBatches
     from miss_ds.distributed import exit_process, init_distributed
-    from miss_ds.memory_plan import shape_of
     from miss_ds.modeling import hf_config
     from miss_ds.run_config import load_config
     from miss_ds.train.trainer import Trainer
@@ -303,7 +301,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_gather_object(gathered, layouts)
     if info.rank == 0:
         recompute = cfg.model.recompute_layers if cfg.model.gradient_checkpointing else 0
-        run = {"shape": asdict(shape_of(config)), "r": cfg.miss.r, "mbs": cfg.train.micro_batch_size,
+        run = {"shape": asdict(ModelShape.from_config(config)), "r": cfg.miss.r, "mbs": cfg.train.micro_batch_size,
                "seq": cfg.data.seq_len, "world": info.world_size, "device": device.type,
                "recompute_layers": config.num_hidden_layers if recompute is None else recompute,
                "layouts": [{**{k: v for k, v in lay.items() if k != "steps"},
@@ -366,16 +364,11 @@ def print_comparison(run: dict) -> None:
         print(f"{lay:10} {ph:9} {g:5} {op:24} {meas:15,d} {'' if model is None else f'{model:15,.0f}'} {ratio}")
 
 
-def layer_params(m: Shape) -> int:
-    """Frozen weights of one decoder layer."""
-    return 2 * m.hidden * m.hidden + 2 * m.hidden * m.kv_heads * m.head_dim + 3 * m.hidden * m.intermediate
-
-
-def scaled_zero3(m: Shape) -> list[str]:
+def scaled_zero3(m: ModelShape) -> list[str]:
     """ZeRO-3 overrides that make a small model gather as the 70B does: the probe's prefetch (5e8) and DeepSpeed's
     live-parameter budget (1e9) scaled by the layer size, and gathered weights released at once (the model's
     assumption)."""
-    scale = layer_params(m) / layer_params(LLAMA_70B)
+    scale = m.layer_linear_params() / LLAMA_70B.layer_linear_params()
     return [f"deepspeed.zero_optimization.stage3_prefetch_bucket_size={int(5e8 * scale)}",
             f"deepspeed.zero_optimization.stage3_max_live_parameters={int(1e9 * scale)}",
             "deepspeed.zero_optimization.stage3_max_reuse_distance=0"]
@@ -395,14 +388,13 @@ def measure(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- 70B and projection
-def shape_from(config: str, sets: list[str]) -> tuple[Shape, Any]:
+def shape_from(config: str, sets: list[str]) -> tuple[ModelShape, Any]:
     """The model shape and run config of a run config file with overrides."""
-    from miss_ds.memory_plan import shape_of
     from miss_ds.modeling import hf_config
     from miss_ds.run_config import load_config
 
     cfg = load_config(config, [*sets, "output_dir=/tmp/traffic-model"])
-    return shape_of(hf_config(cfg.model)), cfg
+    return ModelShape.from_config(hf_config(cfg.model)), cfg
 
 
 def print_model(args: argparse.Namespace) -> None:

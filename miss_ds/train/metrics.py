@@ -10,11 +10,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import IO, Any, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("step", "split", "time")
+#: The loss plot: 8 x 5 inches at 120 dots per inch, 960 x 600 pixels.
+PLOT_INCHES, PLOT_DPI = (8, 5), 120
 
 Scalar = Union[bool, int, float, str]
 
@@ -78,9 +83,9 @@ class MetricsLogger:
             self._writer.close()
             self._writer = None
 
-    def plot_losses(self, path_png: Union[str, os.PathLike], key: str = "loss") -> Optional[Path]:
-        """Plot ``key`` against step, one line per split (train, eval, ...), into a PNG; returns its path,
-        or None when disabled or nothing has been logged under ``key``."""
+    def plot_losses(self, path_png: Union[str, os.PathLike], key: str = "loss") -> Optional[Figure]:
+        """Plot ``key`` against step, one line per split (train, eval, ...; splits sorted), into a PNG; returns
+        the saved figure, or None when disabled or nothing has been logged under ``key``."""
         if not self.enabled:
             return None
         series: dict[str, tuple[list[int], list[float]]] = {}
@@ -95,7 +100,7 @@ class MetricsLogger:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        figure = Figure(figsize=(8, 5))
+        figure = Figure(figsize=PLOT_INCHES)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot()
         for split, (steps, values) in sorted(series.items()):
@@ -105,8 +110,8 @@ class MetricsLogger:
         axes.legend()
         path = Path(path_png)
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
-        return path
+        figure.savefig(path, dpi=PLOT_DPI)
+        return figure
 
     def _jsonl(self) -> IO[str]:
         if self._file is None:

@@ -11,8 +11,8 @@ the process group and the exported RANK/MASTER_PORT variables are process-wide. 
     nan_loss    1-based indices of training forward calls whose loss is made NaN
     nan_grad    indices of calls whose loss stays finite but back-propagates NaN gradients
     copy        [src, dst]: copy a directory tree first (damage a copy, not the original)
-    truncate    a file to cut to half its size, after ``copy``
-    flip        a file in which to invert one byte in the middle (same size), after ``copy``
+    truncate    a glob pattern (``**`` allowed) matching one file to cut to half its size, after ``copy``
+    flip        such a pattern of one file in which to invert one byte in the middle (same size), after ``copy``
     stale_metrics  write this many train lines into <output_dir>/metrics.jsonl first, as an attempt killed
                 before its first checkpoint leaves them
 
@@ -24,6 +24,7 @@ miss_ds's loggers (INFO and up) and of any other logger (WARNING and up).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -88,15 +89,23 @@ def _shm_segment() -> Path:
     return cpu_shm_segment(os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), 0)
 
 
+def _one_file(pattern: str) -> Path:
+    """The one file ``pattern`` matches (a damage scenario that hits no file, or several, is a broken test)."""
+    matches = glob.glob(pattern, recursive=True)
+    if len(matches) != 1:
+        raise ValueError(f"{len(matches)} files match {pattern}, not one: {matches}")
+    return Path(matches[0])
+
+
 def _prepare(scenario: dict) -> None:
     if "copy" in scenario:
         src, dst = scenario["copy"]
         shutil.copytree(src, dst)
     if "truncate" in scenario:
-        path = Path(scenario["truncate"])
+        path = _one_file(scenario["truncate"])
         os.truncate(path, path.stat().st_size // 2)
     if "flip" in scenario:
-        path = Path(scenario["flip"])
+        path = _one_file(scenario["flip"])
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
