@@ -64,11 +64,6 @@ def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch:
                 working=layer, loss=10 * tokens * m.vocab)
 
 
-def shape_of(config: Any) -> ModelShape:
-    """``ModelShape.from_config`` (the trainer's name for it until it calls ``auto_recompute_layers``)."""
-    return ModelShape.from_config(config)
-
-
 def layers_to_recompute(m: ModelShape, budget_bytes: float, **kw: Any) -> int:
     """The fewest recomputed layers whose plan (``kw``: ``plan``'s arguments) fits in ``budget_bytes`` (all
     layers when none fits)."""

@@ -22,6 +22,7 @@ from .. import engine as miss_engine, memory_plan
 from ..data import SyntheticBatches
 from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, init_distributed
 from ..loading import build_model
+from ..model_shape import ModelShape
 from ..modeling import DTYPES, hf_config
 from ..run_config import RunConfig, to_dict
 from .checkpoint import TrainCheckpoint
@@ -114,14 +115,14 @@ class Trainer:
         wanted = self.cfg.model.recompute_layers
         if wanted != "auto":
             return wanted
-        p, t = self.cfg.parallel, self.cfg.train
-        budget = memory_plan.AUTO_MEMORY_FRACTION * get_accelerator().total_memory()
-        count = memory_plan.layers_to_recompute(
-            memory_plan.shape_of(self.model_config), budget, tp=self.layout.tp, dp=self.layout.dp, zero=p.zero_stage,
-            offload=p.offload_optimizer, micro_batch=t.micro_batch_size, seq=self.cfg.data.seq_len,
-            r=self.cfg.miss.r, mode=self.cfg.miss.mode)
+        p, t, miss = self.cfg.parallel, self.cfg.train, self.cfg.miss
+        gpu_bytes = get_accelerator().total_memory()
+        count = memory_plan.auto_recompute_layers(
+            ModelShape.from_config(self.model_config), gpu_bytes, tp=self.layout.tp, dp=self.layout.dp,
+            zero=p.zero_stage, offload=p.offload_optimizer, micro_batch=t.micro_batch_size, seq=self.cfg.data.seq_len,
+            r=miss.r, mode=miss.mode, mini_r=miss.mini_r)
         logger.info("recompute_layers=auto: %d of %d layers recompute (plan for %.1f GiB)", count,
-                    self.model_config.num_hidden_layers, budget / 2**30)
+                    self.model_config.num_hidden_layers, memory_plan.AUTO_MEMORY_FRACTION * gpu_bytes / 2**30)
         return count
 
     def _resume(self, resume: Optional[str]) -> None:
