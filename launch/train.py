@@ -4,7 +4,8 @@
     python launch/train.py --config configs/tiny-cpu.yaml            # one process
     srun / mpirun ... python launch/train.py --config ...            # ranks from Slurm or MPI
 
-Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume); 2 bad config.
+Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume); 2 bad input
+(config, data, output directory), refused before heavy work; 1 any other failure.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,19 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config entry, e.g. --set train.max_steps=50 (repeatable)")
     parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint) or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds a run (the old run is moved aside, not deleted)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from miss_ds.train.trainer import Trainer
+
+        trainer = Trainer(cfg, resume=args.resume, preemption=preemption, overwrite=args.overwrite)
+    except ConfigError as exc:  # bad input: one line, printed once (by the first rank that found it)
+        if rank == min(getattr(exc, "failed_ranks", [0])):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    from miss_ds.train.trainer import Trainer
-
-    trainer = Trainer(cfg, resume=args.resume, preemption=preemption)
     try:
         return trainer.train()
     finally:
@@ -47,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from miss_ds.distributed import exit_process
+    from miss_ds.distributed import PeerFailed, exit_process
 
-    exit_process(main())  # every rank got here (an exception above exits with its traceback instead)
+    try:
+        code = main()
+    except PeerFailed:  # another rank failed and printed why (rank 0 logged which)
+        code = 1
+    except BaseException:  # noqa: BLE001 - printed here, then the process leaves without waiting for the others
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

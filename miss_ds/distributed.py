@@ -24,7 +24,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import NoReturn
+from typing import Callable, NoReturn, Optional, TypeVar
+
+T = TypeVar("T")
 
 #: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
 PREEMPTED_EXIT_CODE = 85
@@ -260,20 +262,61 @@ def _unlink_shm_buffer(info: RankInfo) -> None:
     cpu_shm_segment(info.master_addr, info.master_port, info.rank).unlink(missing_ok=True)
 
 
+class PeerFailed(RuntimeError):
+    """Another rank failed; it printed its own error, this rank only stops."""
+
+
+def agree(what: str, work: Callable[[], T]) -> T:
+    """Run ``work`` on this rank, then learn whether it failed on any rank (one all-reduce that every rank reaches,
+    failed or not). A rank whose ``work`` raised re-raises its error, with the list of failed ranks as its
+    ``failed_ranks`` (so that the same error is reported once, by the first of them); the others raise
+    ``PeerFailed``, and rank 0 logs which ranks failed while doing ``what``. So a failure on one rank stops every rank at once instead of
+    leaving the others in their next collective until the process group's timeout."""
+    import torch
+    import torch.distributed as dist
+
+    error: Optional[BaseException] = None
+    result: Optional[T] = None
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        error = exc
+        error.failed_ranks = [dist.get_rank() if dist.is_initialized() else 0]  # type: ignore[attr-defined]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+
+        failed = torch.zeros(dist.get_world_size(), device=get_accelerator().current_device_name())
+        failed[dist.get_rank()] = float(error is not None)
+        dist.all_reduce(failed)
+        ranks = [r for r, flag in enumerate(failed.tolist()) if flag]
+        if error is not None:
+            error.failed_ranks = ranks  # type: ignore[attr-defined]
+        elif ranks:
+            if dist.get_rank() == 0:
+                logging.getLogger(__name__).error("rank%s %s failed while %s (the error is in %s log); stopping",
+                                                  "s" if len(ranks) > 1 else "", ", ".join(map(str, ranks)), what,
+                                                  "their" if len(ranks) > 1 else "its")
+            raise PeerFailed(f"rank(s) {ranks} failed while {what}")
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
 def exit_process(code: int) -> NoReturn:
-    """End a worker with ``code``: wait for every rank, tear the process group down, flush, leave by ``os._exit``.
+    """End a worker with ``code``: flush, tear the process group down, leave by ``os._exit``.
 
     A normal interpreter exit runs C++ static destructors while gloo's and the rendezvous store's threads may still
     be alive; std::terminate then aborts a rank whose work is done ("terminate called without an active
     exception", rc -6), and the job reads as failed. Nothing is left to run at that point: files are closed, logs
-    and output flushed here.
+    and output flushed here. After success (code 0 or the preemption code) every rank waits for the others first;
+    after a failure it leaves at once, since the others may never arrive.
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if code in (0, PREEMPTED_EXIT_CODE) and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if "mpi4py.MPI" in sys.modules:  # mpirun counts a rank that skips MPI_Finalize as failed
+    if code in (0, PREEMPTED_EXIT_CODE) and "mpi4py.MPI" in sys.modules:  # mpirun counts a rank that skips MPI_Finalize as failed
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():

@@ -17,7 +17,7 @@ from torch.distributed import ProcessGroup
 from . import ds_compat
 from .config import MissConfig
 from .inject import TrainableReport, apply_miss
-from .run_config import RunConfig
+from .run_config import ZERO3_REFUSAL, RunConfig
 
 
 def deepspeed_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
@@ -66,17 +66,15 @@ def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int, tp_grain_siz
 def with_tensor_parallel(ds_config: dict[str, Any], model: nn.Module, tp_size: int) -> dict[str, Any]:
     """The DeepSpeed config for a model prepared by ``prepare_model``.
 
-    Adds ``tensor_parallel.autotp_size`` (DeepSpeed then builds its DP groups across TP groups and skips its own
-    partitioning, since the model is marked split). Under ZeRO-3 the frozen TP shards are made persistent:
-    they are gathered once and stay resident.
+    Adds ``tensor_parallel.autotp_size``: DeepSpeed then builds its DP groups across TP groups and skips its own
+    partitioning, since the model is marked split. ZeRO-3 is refused (``run_config.ZERO3_REFUSAL`` says why), also
+    when asked for through a ``deepspeed:`` override.
     """
     cfg = copy.deepcopy(ds_config)
     if tp_size > 1:
         cfg.setdefault("tensor_parallel", {})["autotp_size"] = tp_size
-    zero = cfg.get("zero_optimization", {})
-    if zero.get("stage", 0) == 3:
-        frozen = max((p.numel() for p in model.parameters() if not p.requires_grad), default=0)
-        zero["stage3_param_persistence_threshold"] = max(frozen, int(zero.get("stage3_param_persistence_threshold", 0)))
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ValueError(ZERO3_REFUSAL)
     return cfg
 
 

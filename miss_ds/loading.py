@@ -30,7 +30,7 @@ from .config import MissConfig
 from .engine import prepare_model
 from .hf_checkpoint import HFCheckpoint
 from .inject import D_NAME, TrainableReport, miss_layers
-from .modeling import DTYPES, enable_recompute
+from .modeling import DTYPES
 from .run_config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -228,34 +228,26 @@ def _check_materialized(model: nn.Module) -> None:
                 raise RuntimeError(f"{kind} '{name}' is still on the meta device after loading")
 
 
-@dataclass
-class BuiltModel:
-    """A run's model on this rank, ready for ``engine.initialize``, and what building it took."""
-
-    model: nn.Module
-    report: TrainableReport
-    bytes_read: int
-    recompute_layers: Optional[int]
+def model_on_meta(cfg: RunConfig, model_config: PretrainedConfig, tp: int) -> tuple[nn.Module, TrainableReport]:
+    """The run's model without memory: built on meta, split for TP and given MiSS there. Every shape problem (r,
+    mode, TP shards) is raised here, before any data is read or weight loaded."""
+    model = build_model_on_meta(model_config, DTYPES[cfg.model.dtype])
+    return model, prepare_model(model, cfg.miss, tp, cfg.parallel.tp_grain_size)
 
 
-def build_model(cfg: RunConfig, model_config: PretrainedConfig, tp: int, device: torch.device,
-                recompute_layers: Optional[int]) -> BuiltModel:
-    """The run's model: built on meta, split for TP and given MiSS there, then only this rank's shards loaded from
-    ``model.path`` (or drawn at random), ``recompute_layers`` layers recomputed (with gradient checkpointing), and
-    the adapter of ``init_adapter`` loaded."""
+def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> int:
+    """Give a model from ``model_on_meta`` this rank's weights: its shards of ``model.path`` (or random ones) and the
+    adapter of ``init_adapter``. Returns the bytes read from the checkpoint."""
     dtype = DTYPES[cfg.model.dtype]
-    model = build_model_on_meta(model_config, dtype)
-    report = prepare_model(model, cfg.miss, tp, cfg.parallel.tp_grain_size)
     bytes_read = 0
     if cfg.model.path is not None and not cfg.model.random_init:
         bytes_read = load_sharded_weights(model, cfg.model.path, device, dtype, miss_config=cfg.miss).bytes_read
         logger.info("read %.2f GiB of %s", bytes_read / 2**30, cfg.model.path)
     else:
         materialize_random(model, device, dtype, cfg.seed, miss_config=cfg.miss)
-    recomputed = enable_recompute(model, recompute_layers) if cfg.model.gradient_checkpointing else None
     if cfg.init_adapter:
         load_init_adapter(model, cfg.init_adapter)
-    return BuiltModel(model, report, bytes_read, recomputed)
+    return bytes_read
 
 
 def load_init_adapter(model: nn.Module, path: str) -> None:

@@ -5,8 +5,8 @@ parameter counts and q = heads * head_dim, kv = kv_heads * head_dim from ``miss_
 - frozen base: 2 bytes per local parameter (TP-split projections / t; embeddings, LM head, norms whole);
 - D (trainable, MiSS on all seven projections; ``mini``'s r x mini_r D whole on every rank): bf16 parameter and
   gradient (2 + 2), fp32 master and gradient (4 + 4) and two fp32 Adam moments (8): ZeRO-1 splits
-  master/moments/fp32 gradient over d, ZeRO-2 also the bf16 gradient, ZeRO-3 the parameter; optimizer offload
-  moves master and moments to the CPU;
+  master/moments/fp32 gradient over d, ZeRO-2 also the bf16 gradient (ZeRO-3 is refused: run_config.ZERO3_REFUSAL);
+  optimizer offload moves master and moments to the CPU;
 - activations of a recomputed layer: its input, 2*b*s*h; a stored layer keeps, per token, both RMSNorm inputs
   (2h), the attention's q, k, v, output and pre-rotary q, k ((3q + 3kv)/t), and the MLP's gate, up and SiLU
   output (3*inter/t), all bf16;
@@ -56,7 +56,7 @@ def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch:
     tokens = micro_batch * seq
     d = m.adapter_params(r, mode, mini_r, tp) if adapter else 0.0
     master = 0.0 if offload else 16 * d / (dp if zero >= 1 else 1)  # fp32 master, fp32 grad, two moments
-    adapter_bytes = 2 * d / (dp if zero >= 3 else 1) + 2 * d / (dp if zero >= 2 else 1) + master
+    adapter_bytes = 2 * d + 2 * d / (dp if zero >= 2 else 1) + master
     layer = layer_activation_bytes(m, tp, tokens)
     stored = m.layers - recompute
     return Plan(weights=2 * m.base_params(tp), adapter=adapter_bytes,

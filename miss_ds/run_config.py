@@ -19,6 +19,10 @@ from .config import MissConfig
 from .data.config import DataConfig
 
 
+#: Suffixes of local data files: a path with one of them must exist (other strings may name a cached dataset).
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used, with what to do about it."""
 
@@ -41,17 +45,32 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
 
 
+ZERO3_REFUSAL = (
+    "parallel.zero_stage=3 is not supported: DeepSpeed's stage 3 manages every parameter of the model, the frozen "
+    "base included, and all-gathers its resident parameters after every optimizer step, so a MiSS run would move "
+    "its whole frozen base over the data-parallel group every step (about 70 GB per GPU at Llama-2-70B, TP=2) to "
+    "save only the memory of D's bf16 copy. Use parallel.zero_stage=2: D's gradients and optimizer state are "
+    "partitioned over the data-parallel ranks, and parallel.tp_size splits the frozen base")
+
+
 @dataclass
 class ParallelConfig:
     tp_size: int = 1
     """Tensor-parallel size: q/k/v/gate/up are split along out, o/down along in, MiSS's D with them."""
     zero_stage: Literal[0, 1, 2, 3] = 1
-    """ZeRO stage for D's optimizer state, gradients (2) and D itself (3) over data-parallel ranks."""
+    """ZeRO stage over data-parallel ranks: 1 partitions D's optimizer state, 2 also its gradients. 3 is refused:
+    DeepSpeed's stage 3 manages every parameter, frozen ones included, and all-gathers its resident parameters
+    after every optimizer step, so it would re-gather the whole frozen base each step to save D's bf16 copy alone
+    (see ``ZERO3_REFUSAL``)."""
     offload_optimizer: bool = False
     """Keep D's optimizer state in CPU memory."""
     tp_grain_size: int = 1
     """MLP splits that do not divide evenly keep every shard a multiple of this (DeepSpeed's tp_grain_size):
     ``bat`` needs a multiple of r."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            raise ValueError(ZERO3_REFUSAL)
 
 
 @dataclass
@@ -240,6 +259,10 @@ def validate(cfg: RunConfig, source: str) -> None:
         fail("tokenizer", f"= {tokenizer} is not a directory")
     if not cfg.data.train_path and not cfg.data.synthetic:
         fail("data.train_path", "is empty: name the training data")
+    for key in ("train_path", "eval_path"):
+        path = getattr(cfg.data, key)
+        if path and not cfg.data.synthetic and Path(path).suffix in DATA_SUFFIXES and not Path(path).exists():
+            fail(f"data.{key}", f"= {path} does not exist (relative paths start at {Path.cwd()})")
     try:
         cfg.data.validate()
     except ValueError as exc:

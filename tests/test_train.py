@@ -162,6 +162,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
 @pytest.mark.parametrize("override,expect", [
     ("train.lr=fast", "'train.lr' must be a number"),
     ("parallel.zero_stage=4", "'parallel.zero_stage' is 4; choose one of [0, 1, 2, 3]"),
+    ("parallel.zero_stage=3", "all-gathers its resident parameters after every optimizer step"),
     ("miss.mode=lora", "'miss.mode' is 'lora'; choose one of ['miss', 'mini', 'bat']"),
     ("data.train_path=''", "'data.train_path' is empty"),
     ("train.warmup_steps=500", "'train.warmup_steps' is 500"),

@@ -74,8 +74,7 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
     TP, per layer: forward all-reduces the o and down outputs; backward all-reduces the input gradient of the five
     column layers, o's output again in a recomputed layer (non-reentrant checkpointing stops before down's), and
     the replicated row D's gradients (o, down). DP: D only. ZeRO-1/2 all-reduce its gradient and all-gather the
-    updated D; ZeRO-3 reduce-scatters the gradient and re-gathers every local parameter after the step (the frozen
-    TP shards are persistent, and DeepSpeed re-gathers persistent parameters at every step).
+    updated D (miss_ds refuses ZeRO-3: run_config.ZERO3_REFUSAL).
     """
     t: Traffic = {}
     act = mbs * seq * m.hidden * w_bytes
@@ -84,12 +83,9 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
         _add(t, "forward", "tp", "all_reduce", 2 * m.layers * act)
         row_d_grads = m.layers * r * sum(m.projections()[name][1] for name in ROW) * d_bytes
         _add(t, "backward", "tp", "all_reduce", (5 * m.layers + recompute) * act + row_d_grads)
-    if dp > 1 and zero < 3:
+    if dp > 1:
         _add(t, "backward", "dp", "all_reduce", d)
         _add(t, "step", "dp", "all_gather_into_tensor", d)
-    elif dp > 1:
-        _add(t, "backward", "dp", "reduce_scatter_tensor", d)
-        _add(t, "step", "dp", "all_gather_into_tensor", m.base_params(tp) * w_bytes + d)
     return t
 
 
@@ -405,7 +401,7 @@ def print_model(args: argparse.Namespace) -> None:
     print(f"{'layout':34} {'TP (intra-node)':>16} {'DP':>10}  DP by op")
     rows = [(f"MiSS TP={tp} x DP, ZeRO-{z}", miss_traffic(m, r=r, mbs=mbs, seq=seq, tp=tp, dp=2, zero=z,
                                                           recompute=m.layers, w_bytes=2, d_bytes=args.d_bytes))
-            for tp in (2, 8) for z in (1, 3)]
+            for tp in (2, 8) for z in (1, 2)]
     rows.append(("PEFT MiSS + ZeRO-3, DP", peft_zero3_traffic(m, r=r, w_bytes=2, d_bytes=args.d_bytes)))
     for name, t in rows:
         groups = by_group(t)
@@ -493,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif name == "measure":
             p.add_argument("--gpus", type=int, default=4, help="ranks (CPU processes with DS_ACCELERATOR=cpu)")
             p.add_argument("--tp", type=int, default=2)
-            p.add_argument("--tp-layouts", default="miss-z1,miss-z3,frozen-z1")
+            p.add_argument("--tp-layouts", default="miss-z1,miss-z2,frozen-z1")
             p.add_argument("--steps", type=int, default=3)
             p.add_argument("--full", action="store_true", help="the config's own shape and the probe's ZeRO-3 "
                            "(default: the small Llama of SMALL and scaled_zero3)")

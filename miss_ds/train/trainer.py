@@ -1,10 +1,12 @@
 """The training job: build, then a short loop over stateful components. Used by ``launch/train.py``.
 
-Order of work (torchtitan's): validate the config, start the process group, build the data (rank 0 first), build
-this rank's model (``miss_ds.loading.build_model``: meta, TP split, MiSS, this rank's shards), wrap D in a DeepSpeed
-engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption
-signal. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
-``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
+Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the TP size and
+the output directory (``preflight``), build the model on the meta device with its TP split and MiSS (every shape
+error surfaces here, before any data is read), build the data (rank 0 first), load this rank's weights, wrap D in a
+DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a
+preemption signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop
+together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
+``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
 
@@ -20,18 +22,21 @@ from transformers import AutoTokenizer
 
 from .. import engine as miss_engine, memory_plan
 from ..data import SyntheticBatches
-from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, init_distributed
-from ..loading import build_model
+from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, init_distributed
+from ..functional import MissShapeError
+from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
-from ..modeling import DTYPES, hf_config
-from ..run_config import RunConfig, to_dict
+from ..modeling import DTYPES, enable_recompute, hf_config
+from ..run_config import ConfigError, RunConfig, to_dict
 from .checkpoint import TrainCheckpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
+from .preflight import check_resume_matches, check_tp_fits_heads, prepare_output_dir
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
+from .step import StepRunner
 
 logger = logging.getLogger(__name__)
 
@@ -41,35 +46,41 @@ __all__ = ["Trainer", "TrainingStopped"]
 class Trainer:
     """One MiSS fine-tuning run under DeepSpeed; see the module docstring for the order of work."""
 
-    def __init__(self, cfg: RunConfig, resume: Optional[str] = None, preemption: Optional[Preemption] = None) -> None:
+    def __init__(self, cfg: RunConfig, resume: Optional[str] = None, preemption: Optional[Preemption] = None,
+                 overwrite: bool = False) -> None:
         self.cfg = cfg
         self.preemption = preemption or Preemption().install()
         info = init_distributed()
         self.layout = ParallelLayout(info.rank, info.world_size, cfg.parallel.tp_size)
         self.out = Path(cfg.output_dir)
         self.device = torch.device(get_accelerator().current_device_name())
+        resume = resume if resume is not None else cfg.checkpoint.resume
         torch.manual_seed(cfg.seed)
-        tokenizer_dir = None if cfg.data.synthetic else cfg.tokenizer or cfg.model.path
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
-        self.model_config = hf_config(cfg.model, vocab_size=len(self.tokenizer) if self.tokenizer else None)
+        # Every step that can fail on one rank alone ends in ``agree``: all ranks stop together.
+        agree("reading the tokenizer and model config", self._read_model_config)
+        check_tp_fits_heads(self.model_config, self.layout.tp, self.layout.world)
+        agree("checking the output directory", lambda: self._check_output_dir(resume, overwrite))
+        model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
-        built = build_model(cfg, self.model_config, self.layout.tp, self.device, self._recompute_layers())
-        self.report, self.recompute_layers, self.checkpoint_bytes_read = built.report, built.recompute_layers, \
-            built.bytes_read
+        self.checkpoint_bytes_read = agree("loading the model", lambda: materialize_model(model, cfg, self.device))
+        self.recompute_layers = (enable_recompute(model, self._recompute_layers())
+                                 if cfg.model.gradient_checkpointing else None)
         t = cfg.train
         schedule = lr_lambda(t.schedule, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         self.engine, _, self.scheduler = miss_engine.initialize(
-            built.model, miss_engine.deepspeed_config(cfg, self.device.type), tp_size=self.layout.tp,
+            model, miss_engine.deepspeed_config(cfg, self.device.type), tp_size=self.layout.tp,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         if self.layout.is_main:
             logger.info("%s", self.report)
         self.state = TrainState()
         self.guard = NonFiniteGuard(self.engine, self.device, t.max_bad_steps, self.state)
+        self.run_step = StepRunner(self.engine, lambda: next(self.batches), self.layout, self.device,
+                                   t.grad_accum_steps, self.guard)
         self.checkpoint = TrainCheckpoint(self.out / "checkpoints", cfg.checkpoint.keep_last, self.layout,
                                           engine=self.engine, scheduler=self.scheduler, miss=cfg.miss,
                                           train=self.state, data=self.batches, run_config=to_dict(cfg))
         self.metrics = MetricsLogger(self.out, enabled=self.layout.is_main, tensorboard=cfg.logging.tensorboard)
-        self._resume(resume if resume is not None else cfg.checkpoint.resume)
+        agree("resuming", lambda: self._resume(resume))
         if self.layout.is_main:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
@@ -78,6 +89,26 @@ class Trainer:
         return self.state.step
 
     # ----------------------------------------------------------------- build
+    def _read_model_config(self) -> None:
+        cfg = self.cfg
+        tokenizer_dir = None if cfg.data.synthetic else cfg.tokenizer or cfg.model.path
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+        self.model_config = hf_config(cfg.model, vocab_size=len(self.tokenizer) if self.tokenizer else None)
+
+    def _model_on_meta(self) -> tuple:
+        try:
+            return model_on_meta(self.cfg, self.model_config, self.layout.tp)
+        except MissShapeError as exc:  # r, mode or TP split that the model's shapes cannot carry: bad input
+            raise ConfigError(str(exc)) from None
+
+    def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> None:
+        if not self.layout.is_main:
+            return
+        aside = prepare_output_dir(self.cfg, resume, overwrite)
+        if aside is not None:
+            logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
+        check_resume_matches(self.cfg, resume)
+
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
         if data.synthetic:
@@ -87,14 +118,20 @@ class Trainer:
             return
         from ..data import BatchIterator, build_datasets
 
+        def build() -> tuple:
+            try:
+                return build_datasets(data, self.tokenizer)
+            except (ValueError, FileNotFoundError) as exc:  # bad rows, missing or empty sources: bad input
+                raise ConfigError(str(exc)) from None
+
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
+        built = agree("building the data", lambda: build() if self.layout.is_main else None)
         if not self.layout.is_main:
-            dist.barrier()
-        train_ds, self.eval_ds, stats = build_datasets(data, self.tokenizer)
+            built = agree("reading the data", build)
+        train_ds, self.eval_ds, stats = built
         if self.layout.is_main:
-            dist.barrier()
             logger.info("data: %s", stats)
-        self._check_splits_fill_a_batch(train_ds)
+        agree("checking the data", lambda: self._check_splits_fill_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed)
 
     def _check_splits_fill_a_batch(self, train_ds) -> None:
@@ -106,7 +143,7 @@ class Trainer:
         for split, dataset, source in (("train", train_ds, f"data.train_path={data.train_path}"),
                                        ("eval", self.eval_ds, eval_source)):
             if dataset is not None and len(dataset) < micro * dp:
-                raise ValueError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
+                raise ConfigError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
                                  f"train.micro_batch_size={micro} x {dp} data-parallel ranks; add {split} "
                                  "rows or lower train.micro_batch_size")
 
@@ -126,6 +163,8 @@ class Trainer:
         return count
 
     def _resume(self, resume: Optional[str]) -> None:
+        """Restore every component from ``resume``'s checkpoint, or start at step 0 (dropping metrics lines of an
+        earlier attempt of this run that saved no checkpoint)."""
         if self.checkpoint.resume(resume) is None:
             dropped = self.metrics.truncate_after(0)  # lines of an earlier attempt that saved no checkpoint
             if dropped:
@@ -143,9 +182,10 @@ class Trainer:
                             tokens_seen=self.state.tokens_seen)
         while self.state.step < t.max_steps:
             reporter.step_started()
-            loss = self._train_step()
+            result = self.run_step()
             self.state.step += 1
-            reporter.step_done(self.state.step, loss, self.scheduler.get_last_lr()[0], self.state.tokens_seen,
+            self.state.tokens_seen += result.tokens
+            reporter.step_done(self.state.step, result.loss, self.scheduler.get_last_lr()[0], self.state.tokens_seen,
                                self.state.skipped_batches)
             if self._due(self.cfg.eval.every_steps):
                 self.evaluate()
@@ -166,36 +206,6 @@ class Trainer:
     def _due(self, every: int) -> bool:
         """Whether a periodic action (eval, checkpoint) falls on this step; the last step has its own."""
         return bool(every) and self.state.step % every == 0 and self.state.step < self.cfg.train.max_steps
-
-    def _train_step(self) -> float:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns the mean loss over DP ranks.
-
-        Skipped micro-batches (see ``NonFiniteGuard``) are replaced by the next ones; an optimizer step skipped for
-        non-finite gradients discards its whole accumulation window, so its losses are dropped too.
-        """
-        losses = []
-        while len(losses) < self.cfg.train.grad_accum_steps:
-            batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
-            loss = self.engine(**batch).loss
-            if not self.guard.all_finite(loss):
-                self.guard.bad("loss")
-                continue
-            self.engine.backward(loss)
-            skipped = self.guard.step()
-            # One all-reduce: did any rank's optimizer skip the step, and how many tokens went in.
-            stats = torch.stack([torch.tensor(float(skipped), device=self.device),
-                                 batch["attention_mask"].sum().float()])
-            dist.all_reduce(stats)
-            if stats[0].item() > 0:
-                losses.clear()
-                self.guard.bad("gradients")
-                continue
-            self.guard.good()
-            losses.append(loss.detach().float())
-            self.state.tokens_seen += int(stats[1].item()) // self.layout.tp
-        mean = torch.stack(losses).mean()
-        dist.all_reduce(mean)
-        return mean.item() / self.layout.world
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:

@@ -1,10 +1,13 @@
 """Run under ``deepspeed --num_gpus N`` (DS_ACCELERATOR=cpu): a TP x DP MiSS run against a single-device run.
 
-For each mode, builds the same tiny ragged Llama twice: a TP=`--tp` DeepSpeed engine (ZeRO `--zero`) and a plain
-single-device reference trained with torch AdamW on the union of all data-parallel batches. Asserts, at every
-step, equal loss and equal D gradients (the TP shard against the matching slice of the reference), then equal
-D after the steps and an equal merged full weight gathered from the TP shards; counts the collectives of one
-forward pass and asserts MiSS adds none to the frozen base's. Exits non-zero on any mismatch.
+For each mode, builds the same tiny ragged Llama twice: a TP=`--tp` DeepSpeed engine (ZeRO `--zero`, `--accum`
+gradient accumulation steps) trained by the trainer's ``StepRunner``, and a plain single-device reference trained
+with torch AdamW on the whole global batch at once (every accumulation step of every data-parallel rank), its loss
+the plain per-token mean. Labels are masked on a random prefix of every sequence, so micro-batches hold different
+numbers of loss tokens. Asserts, at every step, equal loss and equal D gradients (the TP shard against the matching
+slice of the reference), then equal D after the steps and an equal merged full weight gathered from the TP shards;
+counts the collectives of one forward pass and asserts MiSS adds none to the frozen base's. Exits non-zero on any
+mismatch.
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_grad
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from miss_ds import MissConfig, apply_miss, miss_layers  # noqa: E402
 from miss_ds import engine as miss_engine  # noqa: E402
-from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
+from miss_ds.distributed import ParallelLayout, exit_process, init_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from miss_ds.run_config import ModelConfig, ParallelConfig, RunConfig, TrainConfig  # noqa: E402
+from miss_ds.train.guard import NonFiniteGuard  # noqa: E402
+from miss_ds.train.state import TrainState  # noqa: E402
+from miss_ds.train.step import StepRunner  # noqa: E402
 from tests.tp_gather import full_d, full_merged_weight  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
 
@@ -44,15 +50,12 @@ def model_config(mode: str, tp: int):
     return tiny_llama_config(**MODEL[mode], **({"num_key_value_heads": 8} if tp > 4 else {}))
 
 
-def ds_config(zero: int, offload: bool) -> dict:
+def ds_config(zero: int, offload: bool, accum: int) -> dict:
     """The trainer's DeepSpeed config (``engine.deepspeed_config``) for these settings."""
-    # ZeRO-3's default keeps parameters under 1e5 elements resident anyway; 0 makes every parameter a candidate
-    # for partitioning, so the check below sees whether miss_ds keeps the frozen TP shards resident.
-    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if zero == 3 else {}
     run = RunConfig(output_dir="unused", model=ModelConfig(dtype="float32"),
                     parallel=ParallelConfig(zero_stage=zero, offload_optimizer=offload),
-                    train=TrainConfig(micro_batch_size=2, lr=LR, betas=(0.9, 0.99), eps=ADAM_EPS, grad_clip=CLIP),
-                    deepspeed=extra)
+                    train=TrainConfig(micro_batch_size=2, grad_accum_steps=accum, lr=LR, betas=(0.9, 0.99),
+                                      eps=ADAM_EPS, grad_clip=CLIP))
     return miss_engine.deepspeed_config(run, "cpu")
 
 
@@ -78,9 +81,20 @@ class CollectiveCounter:
             setattr(dist, name, original)
 
 
-def batches(step: int, dp: int, vocab: int) -> torch.Tensor:
+def batches(step: int, accum: int, dp: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and labels of one global batch, (accum, dp, 2, 11): labels masked on a random prefix."""
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, vocab, (dp, 2, 11), generator=g)
+    ids = torch.randint(0, vocab, (accum, dp, 2, 11), generator=g)
+    masked = torch.arange(11) < torch.randint(0, 9, (accum, dp, 2, 1), generator=g)
+    return ids, ids.masked_fill(masked, -100)
+
+
+def reference_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain per-token mean cross-entropy over the whole global batch (shifted by one, ignoring -100)."""
+    logits = model(input_ids=ids.reshape(-1, ids.shape[-1])).logits[:, :-1]
+    targets = labels.reshape(-1, labels.shape[-1])[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum") / (targets != -100).sum()
 
 
 def check(name: str, got: torch.Tensor, want: torch.Tensor, failures: list, tol: float = 1e-4) -> None:
@@ -106,47 +120,58 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
     apply_miss(model, miss_cfg)
 
     # Collectives of one forward: MiSS must add none to those of the frozen TP base.
-    ids = batches(0, 1, cfg.vocab_size)[0]
+    probe = batches(0, 1, 1, cfg.vocab_size)[0][0, 0]
     frozen = copy.deepcopy(base)
     if tp > 1:
         shard_model(frozen, groups.get_tensor_model_parallel_group())
     with torch.no_grad(), CollectiveCounter() as c_base:
-        frozen(input_ids=ids)
+        frozen(input_ids=probe)
     with torch.no_grad(), CollectiveCounter() as c_miss:
-        model(input_ids=ids)
+        model(input_ids=probe)
     if c_miss.count != c_base.count:
         failures.append(f"{mode}: forward collectives {c_miss.count} with MiSS vs {c_base.count} without")
 
-    engine, *_ = miss_engine.initialize(model, ds_config(args.zero, args.offload), tp_size=tp)
+    engine, *_ = miss_engine.initialize(model, ds_config(args.zero, args.offload, args.accum), tp_size=tp)
     ref_params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
     ref_opt = torch.optim.AdamW(ref_params.values(), lr=LR, betas=(0.9, 0.99), eps=ADAM_EPS, weight_decay=0.0)
-    dp, dp_rank = groups.get_data_parallel_world_size(), groups.get_data_parallel_rank()
+    layout = ParallelLayout(dist.get_rank(), dist.get_world_size(), tp)
     layers = dict(miss_layers(engine.module))
+    data = [batches(step, args.accum, layout.dp, cfg.vocab_size) for step in range(args.steps)]
+    feed = iter([{"input_ids": ids[i, layout.dp_rank], "labels": labels[i, layout.dp_rank],
+                  "attention_mask": torch.ones_like(ids[i, layout.dp_rank])}
+                 for ids, labels in data for i in range(args.accum)])
+    device = torch.device("cpu")
+    run_step = StepRunner(engine, lambda: next(feed), layout, device, args.accum,
+                          NonFiniteGuard(engine, device, 1, TrainState()))
+    grads = {}
+    step_engine = engine.step
+
+    def step_keeping_gradients(*a, **k):
+        """The D gradients of the whole window, read where the optimizer is about to use them."""
+        if engine.is_gradient_accumulation_boundary():
+            for name, layer in layers.items():
+                grad = safe_get_full_grad(layer.miss_block)
+                assert grad is not None, f"no DeepSpeed gradient for {name}"
+                grads[name] = grad.clone()
+        return step_engine(*a, **k)
+    engine.step = step_keeping_gradients
     losses = []
-    for step in range(args.steps):
-        data = batches(step, dp, cfg.vocab_size)
-        loss = engine(input_ids=data[dp_rank], labels=data[dp_rank]).loss
-        engine.backward(loss)
+    for step, (ids, labels) in enumerate(data):
+        result = run_step()
         ref_opt.zero_grad()
-        ref_loss = sum(reference(input_ids=d, labels=d).loss for d in data) / dp
+        ref_loss = reference_loss(reference, ids, labels)
         ref_loss.backward()
-        mean_loss = loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= dist.get_world_size()
-        check(f"{mode} step {step} loss", mean_loss, ref_loss.detach(), failures)
+        check(f"{mode} step {step} loss", torch.tensor(result.loss), ref_loss.detach(), failures)
         for name, layer in layers.items():
-            grad = safe_get_full_grad(layer.miss_block)
-            assert grad is not None, f"no DeepSpeed gradient for {name}"
             want = ref_params[name + ".miss_block"].grad
-            check(f"{mode} step {step} grad {name}", grad, _local_slice(layer, want), failures)
-        engine.step()
+            check(f"{mode} step {step} grad {name}", grads[name], _local_slice(layer, want), failures)
         torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP)
         ref_opt.step()
         losses.append(ref_loss.item())
-    # After training, the engine's forward (ZeRO-3 included) still issues only the base's TP all-reduces: the
-    # frozen TP shards stay resident and are not re-gathered.
+    # After training, the engine's forward still issues only the base's TP all-reduces: the frozen TP shards stay
+    # resident and are not re-gathered.
     with torch.no_grad(), CollectiveCounter() as c_engine:
-        engine(input_ids=ids)
+        engine(input_ids=probe)
     if c_engine.count != c_base.count:
         failures.append(f"{mode}: engine forward issued {c_engine.count} collectives, the frozen base {c_base.count}")
     for name, layer in layers.items():
@@ -173,6 +198,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, default=0)
     p.add_argument("--offload", action="store_true")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--modes", default="miss,mini,bat")
     p.add_argument("--float64", action="store_true", help="build and train everything in float64")
     p.add_argument("--local_rank", type=int, default=0)

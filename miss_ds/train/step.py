@@ -1,0 +1,92 @@
+"""One optimizer step: a window of ``grad_accum_steps`` micro-batches, the loss a per-token mean over the global batch.
+
+The global batch of a step is every micro-batch of the window on every data-parallel rank. Its loss is the sum of
+all token losses divided by the number of loss tokens in it (counted before the first forward: one all-reduce), so
+that micro-batch 16 and micro-batch 8 x 2 accumulation steps, or 2 data-parallel ranks, train on the same loss and
+gradient. Each micro-batch's loss is the model's own sum over its tokens divided by that count (transformers'
+``num_items_in_batch``); DeepSpeed is asked not to divide it by the accumulation steps, and it averages gradients
+over the data-parallel ranks, so the loss given to backward is multiplied by their number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..data import IGNORE_INDEX
+from ..distributed import ParallelLayout
+from .guard import NonFiniteGuard
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """Token-weighted mean loss of the global batch."""
+    tokens: int
+    """Input tokens (attention mask) of the global batch: every data-parallel rank's, counted once per TP group."""
+
+
+def loss_tokens(batch: Batch) -> torch.Tensor:
+    """The tokens a causal LM takes a loss on: labels after the one-token shift that are not ignored."""
+    return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+
+
+class StepRunner:
+    """Runs optimizer steps of ``accum`` micro-batches drawn from ``next_batch`` (this rank's micro-batches).
+
+    Non-finite values are handled by ``guard``: a micro-batch with a non-finite loss is replaced by the next one
+    (normalised by the window's planned token count), and a window whose optimizer step DeepSpeed skipped for
+    non-finite gradients is dropped whole and a new one drawn.
+    """
+
+    def __init__(self, engine: Any, next_batch: Callable[[], Batch], layout: ParallelLayout, device: torch.device,
+                 accum: int, guard: NonFiniteGuard) -> None:
+        self.engine, self.next_batch, self.layout, self.device = engine, next_batch, layout, device
+        self.accum, self.guard = accum, guard
+
+    def __call__(self) -> StepResult:
+        while True:
+            result = self._window()
+            if result is not None:
+                return result
+
+    def _window(self) -> StepResult | None:
+        """One accumulation window; None when its optimizer step was skipped."""
+        window = [self._to_device(self.next_batch()) for _ in range(self.accum)]
+        num_items = self._global_sum(torch.stack([loss_tokens(b) for b in window]).sum().float()).clamp_min(1)
+        losses, tokens = [], torch.zeros((), device=self.device)
+        i = 0
+        while i < len(window):
+            loss = self.engine(**window[i], num_items_in_batch=num_items).loss
+            if not self.guard.all_finite(loss):
+                self.guard.bad("loss")
+                window[i] = self._to_device(self.next_batch())
+                continue
+            self.engine.backward(loss * self.layout.dp, scale_wrt_gas=False)
+            if self._any_rank(self.guard.step()):
+                self.guard.bad("gradients")
+                return None
+            self.guard.good()
+            losses.append(loss.detach().float())
+            tokens += window[i]["attention_mask"].sum()
+            i += 1
+        totals = self._global_sum(torch.stack([torch.stack(losses).sum(), tokens.float()]))
+        return StepResult(totals[0].item(), int(totals[1].item()))
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the global batch: over all ranks, counting each TP group (identical batches) once."""
+        value = value.to(self.device).clone()
+        dist.all_reduce(value)
+        return value / self.layout.tp
+
+    def _any_rank(self, flag: bool) -> bool:
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value)
+        return value.item() > 0
