@@ -51,14 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
 
 
+def record_exit_code(code: int) -> None:
+    """Write the exit code to $MISS_DS_EXIT_FILE (rank 0), for launch/deepspeed.sh: DeepSpeed's launcher exits 1
+    whenever it is signalled itself, even when every rank saved a checkpoint and exited 85."""
+    path = os.environ.get("MISS_DS_EXIT_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "w") as f:
+            f.write(f"{code}\n")
+
+
 if __name__ == "__main__":
     from miss_ds.distributed import PeerFailed, exit_process
+    from miss_ds.watchdog import name_lost_peer
 
     try:
         code = main()
     except PeerFailed:  # another rank failed and printed why (rank 0 logged which)
         code = 1
-    except BaseException:  # noqa: BLE001 - printed here, then the process leaves without waiting for the others
+    except BaseException as exc:  # noqa: BLE001 - printed here, then the process leaves without waiting for the others
         traceback.print_exc()
+        name_lost_peer(exc)
         code = 1
+    record_exit_code(code)
     exit_process(code)

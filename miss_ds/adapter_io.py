@@ -118,10 +118,12 @@ def check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
         raise ValueError(f"{source} was trained on another base model ({'; '.join(diffs)})")
 
 
-def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
-    """Copy full adapter tensors into a (possibly TP-split) model: each layer keeps its own part of D."""
+def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """This rank's part of every full adapter tensor, by parameter name: each layer's own part of D (its TP shard),
+    and the replicated ``modules_to_save`` parameters whole. Checks names and shapes, naming ``source``."""
     layers = dict(miss_layers(model))
     params = dict(model.named_parameters(remove_duplicate=False))
+    parts = {}
     for name, layer in layers.items():
         key = f"{name}.{D_NAME}"
         if key not in full:
@@ -130,12 +132,18 @@ def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], sour
         if list(full[key].shape) != want:
             raise ValueError(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
                              "different r or mode?")
-        local = layer.shard_d(full[key]) if hasattr(layer, "shard_d") else full[key]
-        with torch.no_grad():
-            layer.miss_block.copy_(local)
-    for key in sorted(set(full) - {f"{n}.{D_NAME}" for n in layers}):  # modules_to_save, replicated
+        parts[key] = layer.shard_d(full[key]) if hasattr(layer, "shard_d") else full[key]
+    for key in sorted(set(full) - set(parts)):  # modules_to_save, replicated
         if key not in params or tuple(params[key].shape) != tuple(full[key].shape):
             raise KeyError(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "
                            "with that shape: wrong base model or config?")
-        with torch.no_grad():
-            params[key].copy_(full[key])
+        parts[key] = full[key]
+    return parts
+
+
+def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
+    """Copy full adapter tensors into a (possibly TP-split) model: each layer keeps its own part of D."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for key, local in local_parts(model, full, source).items():
+            params[key].copy_(local)

@@ -270,7 +270,7 @@ def agree(what: str, work: Callable[[], T]) -> T:
     """Run ``work`` on this rank, then learn whether it failed on any rank (one all-reduce that every rank reaches,
     failed or not). A rank whose ``work`` raised re-raises its error, with the list of failed ranks as its
     ``failed_ranks`` (so that the same error is reported once, by the first of them); the others raise
-    ``PeerFailed``, and rank 0 logs which ranks failed while doing ``what``. So a failure on one rank stops every rank at once instead of
+    ``PeerFailed``, and the first of them logs which ranks failed while doing ``what``. So a failure on one rank stops every rank at once instead of
     leaving the others in their next collective until the process group's timeout."""
     import torch
     import torch.distributed as dist
@@ -292,7 +292,7 @@ def agree(what: str, work: Callable[[], T]) -> T:
         if error is not None:
             error.failed_ranks = ranks  # type: ignore[attr-defined]
         elif ranks:
-            if dist.get_rank() == 0:
+            if dist.get_rank() == min(set(range(dist.get_world_size())) - set(ranks)):
                 logging.getLogger(__name__).error("rank%s %s failed while %s (the error is in %s log); stopping",
                                                   "s" if len(ranks) > 1 else "", ", ".join(map(str, ranks)), what,
                                                   "their" if len(ranks) > 1 else "its")

@@ -149,3 +149,117 @@ def skip_cpu_shm_op() -> None:
 def cpu_shm_segment(master_addr: Optional[str], master_port: int | str, rank: int | str) -> Path:
     """The /dev/shm segment DeepSpeed's CPU all-reduce maps for one rank (``rank`` may be a glob pattern)."""
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+# ----------------------------------------------------------------------------------------------- optimizer state
+# A checkpoint that another layout can resume holds, per trainable parameter, its fp32 master and Adam moments at
+# the parameter's own (TP-local) shape, and Adam's step count. Where they live depends on DeepSpeed's optimizer:
+# ZeRO-1/2 (and BF16_Optimizer) partition them over data-parallel ranks behind ``param._hp_mapping`` (gathered and
+# scattered by DeepSpeed's public ``safe_*`` helpers, collectives over the DP group); FP16_UnfusedOptimizer (ZeRO-0
+# with bf16 on CPU) keeps an fp32 copy per parameter in ``fp32_groups``; ZeRO-0 in fp32 is a plain torch optimizer
+# whose parameters are the model's.
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _inner(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state (DeepSpeed's wrappers keep it in ``.optimizer``)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _unfused_master(engine: Any, param: torch.Tensor) -> Optional[torch.Tensor]:
+    """FP16_UnfusedOptimizer's fp32 copy of ``param``, else None."""
+    for bit16, fp32 in zip(getattr(engine.optimizer, "fp16_groups", ()), getattr(engine.optimizer, "fp32_groups", ())):
+        for p, master in zip(bit16, fp32):
+            if p is param:
+                return master
+    return None
+
+
+def get_master(engine: Any, param: torch.Tensor) -> torch.Tensor:
+    """The fp32 master of a trainable parameter (collective over the DP group under ZeRO)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if hasattr(param, "_hp_mapping"):
+        return safe_get_full_fp32_param(param)
+    master = _unfused_master(engine, param)
+    return (param if master is None else master).detach().float()
+
+
+def set_master(engine: Any, param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a trainable parameter and its fp32 master (the optimizer updates the master, then copies it over)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with torch.no_grad():
+        if hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, value.to(torch.float32))
+        else:
+            master = _unfused_master(engine, param)
+            if master is not None:
+                master.copy_(value)
+        param.copy_(value)
+
+
+def ensure_optimizer_state(engine: Any) -> None:
+    """Create Adam's state now (torch creates it lazily at the first step) so a saved state can be written into it
+    and a checkpoint taken before the first step has one: a step of the inner optimizer with zero gradients and
+    learning rate 0 (no parameter moves, the moments stay zero), its step count then set back to 0."""
+    inner = _inner(engine)
+    if not any(inner.state.get(p) for group in inner.param_groups for p in group["params"]):
+        saved = [(group["lr"], [p.grad for p in group["params"]]) for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+        inner.step()
+        for group, (lr, grads) in zip(inner.param_groups, saved):
+            group["lr"] = lr
+            for p, grad in zip(group["params"], grads):
+                p.grad = grad
+        set_adam_step(engine, 0)
+    _link_state(engine)
+
+
+def _link_state(engine: Any) -> None:
+    """Point ZeRO's per-parameter views at the (now existing) optimizer state."""
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
+def get_moments(engine: Any, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Adam's moments of a trainable parameter at its own shape, fp32 (collective over the DP group under ZeRO)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if hasattr(param, "_hp_mapping"):
+        _link_state(engine)
+        return {key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}
+    master = _unfused_master(engine, param)
+    state = _inner(engine).state[param if master is None else master]
+    return {key: state[key].detach().float() for key in ADAM_MOMENTS}
+
+
+def set_moments(engine: Any, param: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+    """Write Adam's moments of a trainable parameter (after :func:`ensure_optimizer_state`)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    with torch.no_grad():
+        if hasattr(param, "_hp_mapping"):
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, moments[key].to(torch.float32), key)
+            return
+        master = _unfused_master(engine, param)
+        state = _inner(engine).state[param if master is None else master]
+        for key in ADAM_MOMENTS:
+            state[key].copy_(moments[key])
+
+
+def adam_step(engine: Any) -> int:
+    """Adam's step count (the same for every parameter: each optimizer step updates all of them)."""
+    steps = {int(s["step"]) for s in _inner(engine).state.values() if "step" in s}
+    return steps.pop() if len(steps) == 1 else 0
+
+
+def set_adam_step(engine: Any, step: int) -> None:
+    for state in _inner(engine).state.values():
+        if "step" in state:
+            state["step"] = torch.full_like(state["step"], step) if torch.is_tensor(state["step"]) else step

@@ -80,3 +80,24 @@ class ModelShape:
         if mode == "mini":
             return len(COLUMN + ROW) * self.layers * r * mini_r
         return self.layers * r * sum(out for _, out in self.projections(tp).values())
+
+
+#: Shapes of popular checkpoints, for planning without their files (``tools/plan_memory.py --shape``): the fields
+#: of their config.json.
+KNOWN_SHAPES: dict[str, ModelShape] = {
+    "llama-2-7b": ModelShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
+    "llama-2-13b": ModelShape(layers=40, hidden=5120, intermediate=13824, heads=40, kv_heads=40, vocab=32000),
+    "llama-2-70b": ModelShape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000),
+    "llama-3-8b": ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "llama-3-70b": ModelShape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
+    "mistral-7b": ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=32000),
+    "qwen2-7b": ModelShape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064),
+    "qwen2-72b": ModelShape(layers=80, hidden=8192, intermediate=29568, heads=64, kv_heads=8, vocab=152064),
+}
+
+
+def known_shape(name: str) -> Optional[ModelShape]:
+    """The known shape whose key ``name`` contains (e.g. a checkpoint directory ``Llama-2-70b-hf``), else None."""
+    name = name.lower().replace("_", "-")
+    matches = [key for key in KNOWN_SHAPES if key in name]
+    return KNOWN_SHAPES[max(matches, key=len)] if matches else None

@@ -67,6 +67,9 @@ class ParallelConfig:
     tp_grain_size: int = 1
     """MLP splits that do not divide evenly keep every shard a multiple of this (DeepSpeed's tp_grain_size):
     ``bat`` needs a multiple of r."""
+    peer_timeout_s: float = 300.0
+    """A rank whose heartbeat stops for this long (it died or hangs) is named, and every other rank exits with code 1
+    (miss_ds.watchdog); without it a collective with a dead peer would wait for the process group's timeout."""
 
     def __post_init__(self) -> None:
         if self.zero_stage == 3:
@@ -139,8 +142,11 @@ class RunConfig:
     """Job-script settings read by ``launch/slurm/submit.py`` (nodes, gpus_per_node, time, partition, account)."""
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read ``path``, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate the config."""
+def load_config(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> RunConfig:
+    """Read ``path``, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate the config.
+
+    ``check_files=False`` skips the checks that the model, tokenizer, data and adapter files exist (planning tools
+    read a run config on a machine without them)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -155,7 +161,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, str(path), "")
-    validate(cfg, str(path))
+    validate(cfg, str(path), check_files)
     return cfg
 
 
@@ -233,8 +239,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
 
 
 
-def validate(cfg: RunConfig, source: str) -> None:
-    """Cross-field checks that need no model and no GPU."""
+def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
+    """Cross-field checks that need no model and no GPU (and, with ``check_files``, the files the run reads)."""
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: '{key}' {msg}")
 
@@ -250,24 +256,25 @@ def validate(cfg: RunConfig, source: str) -> None:
         fail("train.warmup_steps", f"is {t.warmup_steps}; it must be in [0, train.max_steps={t.max_steps})")
     if cfg.model.path is None and not cfg.model.config:
         fail("model", "needs either 'path' (a Hugging Face checkpoint directory) or 'config' (fields for a random model)")
-    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+    if check_files and cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         fail("model.path", f"= {cfg.model.path} has no config.json: point it at a Hugging Face checkpoint directory")
     tokenizer = cfg.tokenizer or cfg.model.path
     if tokenizer is None and not cfg.data.synthetic:
         fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
-    if tokenizer is not None and not Path(tokenizer).is_dir():
+    if check_files and tokenizer is not None and not Path(tokenizer).is_dir():
         fail("tokenizer", f"= {tokenizer} is not a directory")
     if not cfg.data.train_path and not cfg.data.synthetic:
         fail("data.train_path", "is empty: name the training data")
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
-        if path and not cfg.data.synthetic and Path(path).suffix in DATA_SUFFIXES and not Path(path).exists():
+        if check_files and path and not cfg.data.synthetic and Path(path).suffix in DATA_SUFFIXES \
+                and not Path(path).exists():
             fail(f"data.{key}", f"= {path} does not exist (relative paths start at {Path.cwd()})")
     try:
         cfg.data.validate()
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if cfg.init_adapter is not None and not Path(cfg.init_adapter).exists():
+    if check_files and cfg.init_adapter is not None and not Path(cfg.init_adapter).exists():
         fail("init_adapter", f"= {cfg.init_adapter} does not exist")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
         fail("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")

@@ -293,8 +293,8 @@ def test_tp_change_on_a_random_base_is_refused(sigterm_run, tmp_path):
 # ---------------------------------------------------------------------------------- in-process scenarios
 COMMON = ["train.warmup_steps=1", "eval.every_steps=0", "eval.max_batches=1", "logging.every_steps=1",
           "checkpoint.every_steps=0"]
-#: DeepSpeed's optimizer state in a checkpoint, found by pattern (its file name is DeepSpeed's to choose).
-OPTIM_FILE = "engine/**/*optim_states.pt"
+#: Adam's second moments in a checkpoint (see miss_ds.train.checkpoint), found by pattern.
+OPTIM_FILE = "optimizer/exp_avg_sq/*.safetensors"
 STEP4 = "checkpoints/step_00000004"
 TMPFS_SIZE = "4m"  # one checkpoint of the tiny model (2.6 MiB) fits, a second does not
 

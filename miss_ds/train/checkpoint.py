@@ -3,15 +3,19 @@
 One complete checkpoint (made atomic by :mod:`miss_ds.train.atomic`)::
 
     step_00000100/
-      engine/              DeepSpeed's optimizer and LR-scheduler state, one file per rank (D itself excluded)
-      adapter/             the adapter: D (fp32 masters) per TP rank, modules_to_save (see miss_ds.adapter_io)
-      rng/rank00000.pt     each rank's RNG states
-      trainer_state.json   the trainer's progress ("train"), the data position ("data"), the layout that wrote
-                           it (tp_size, world_size) and the run config
-      manifest.json        every file's size and sha256
+      adapter/               the adapter: D's fp32 masters per TP rank, modules_to_save (see miss_ds.adapter_io)
+      optimizer/exp_avg/     Adam's first and second moments of the same tensors, in the adapter's layout
+      optimizer/exp_avg_sq/
+      rng/rank00000.pt       each rank's RNG states
+      trainer_state.json     the trainer's progress ("train"), the data position ("data"), the LR schedule
+                             ("scheduler"), Adam's step count, the layout that wrote it (tp_size, world_size) and the
+                             run config
+      manifest.json          every file's size and sha256
 
-This module is the only one that knows these names: the trainer saves and resumes through :class:`TrainCheckpoint`,
-the conversion tools find the adapter through :meth:`TrainCheckpoint.adapter_dir`.
+Everything is stored at full (TP-independent) shapes, so a checkpoint resumes on any layout: more or fewer
+data-parallel ranks, another TP size, both. D is small, so gathering its moments at save and re-splitting them at
+load costs little. This module is the only one that knows these names: the trainer saves and resumes through
+:class:`TrainCheckpoint`, the conversion tools find the adapter through :meth:`TrainCheckpoint.adapter_dir`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from .. import adapter_io
+from .. import adapter_io, ds_compat
 from ..config import MissConfig
 from ..distributed import ParallelLayout
 from .atomic import MANIFEST, CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
@@ -31,9 +35,7 @@ from .state import TrainState
 
 logger = logging.getLogger(__name__)
 
-ENGINE_DIR, ADAPTER_DIR, RNG_DIR, STATE_FILE = "engine", "adapter", "rng", "trainer_state.json"
-#: DeepSpeed's tag inside ``engine/`` (one per checkpoint directory, so no "latest" file is needed).
-ENGINE_TAG = "state"
+ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE = "adapter", "optimizer", "rng", "trainer_state.json"
 
 
 class Stateful(Protocol):
@@ -45,9 +47,11 @@ class Stateful(Protocol):
 class TrainCheckpoint:
     """Saves and restores one run's checkpoints under ``root``; every rank makes one and calls it together.
 
-    Components: the DeepSpeed ``engine`` (D, its optimizer and LR scheduler), the ``train`` state and the ``data``
-    iterator (``state_dict``/``load_state_dict``), and each rank's RNG. ``run_config`` (a plain dict) is stored for
-    the record and for the checks of a resume on another layout.
+    Components: the DeepSpeed ``engine`` (D, its fp32 masters and Adam state), the LR ``scheduler``, the ``train``
+    state and the ``data`` iterator (``state_dict``/``load_state_dict``), and each rank's RNG (restored when the
+    rank count is the same; it only drives dropout). ``run_config`` (a plain dict) is stored for the record and for
+    the checks of a resume on another layout. Adam's state is created at once (``ds_compat.ensure_optimizer_state``)
+    so that a checkpoint of step 0 has it too.
     """
 
     def __init__(self, root: Path, keep_last: int, layout: ParallelLayout, *, engine: Any, scheduler: Any,
@@ -55,6 +59,7 @@ class TrainCheckpoint:
         self.layout, self.engine, self.scheduler, self.miss = layout, engine, scheduler, miss
         self.train, self.data, self.run_config = train, data, run_config
         self.manager = CheckpointManager(root, keep_last, layout.rank, layout.world, dist.barrier, layout.tp)
+        ds_compat.ensure_optimizer_state(engine)
 
     # ----------------------------------------------------------------- save
     def save(self) -> Path:
@@ -63,32 +68,33 @@ class TrainCheckpoint:
         return self.manager.save(self.train.step, self._write, meta)
 
     def _write(self, directory: Path) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        # Collective calls first, in the same order on every rank.
-        self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False,
-                                    exclude_frozen_parameters=True)
-        masters = {}
-        for name, param in adapter_io.adapter_parameters(self.engine.module, self.miss).items():
-            full = safe_get_full_fp32_param(param)  # the fp32 master (None when DeepSpeed keeps none)
-            masters[name] = param if full is None else full
-        adapter = directory / ADAPTER_DIR
-        adapter.mkdir(parents=True, exist_ok=True)
-        if self.layout.dp_rank == 0:
-            adapter_io.write_adapter_shard(adapter, masters, self.layout.tp_rank, self.layout.tp)
+        # Collective calls first (gathering ZeRO partitions), in the same order on every rank.
+        params = adapter_io.adapter_parameters(self.engine.module, self.miss)
+        tensors: dict[str, dict[str, torch.Tensor]] = {ADAPTER_DIR: {}, **{m: {} for m in ds_compat.ADAM_MOMENTS}}
+        for name, param in params.items():
+            tensors[ADAPTER_DIR][name] = ds_compat.get_master(self.engine, param)
+            for moment, value in ds_compat.get_moments(self.engine, param).items():
+                tensors[moment][name] = value
+        for part, values in tensors.items():
+            target = directory / (part if part == ADAPTER_DIR else f"{OPTIMIZER_DIR}/{part}")
+            target.mkdir(parents=True, exist_ok=True)
+            if self.layout.dp_rank == 0:
+                adapter_io.write_adapter_shard(target, values, self.layout.tp_rank, self.layout.tp)
+            if self.layout.is_main:
+                adapter_io.write_adapter_config(target, self.miss, self.engine.module, self.layout.tp)
         rng = directory / RNG_DIR
         rng.mkdir(exist_ok=True)
         torch.save(rng_state(), rng / f"rank{self.layout.rank:05d}.pt")
         if self.layout.is_main:
-            adapter_io.write_adapter_config(adapter, self.miss, self.engine.module, self.layout.tp)
-            state = {"train": self.train.state_dict(), "data": self.data.state_dict(), "tp_size": self.layout.tp,
-                     "world_size": self.layout.world, "config": self.run_config}
+            state = {"train": self.train.state_dict(), "data": self.data.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "adam_step": ds_compat.adam_step(self.engine),
+                     "tp_size": self.layout.tp, "world_size": self.layout.world, "config": self.run_config}
             (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     # ----------------------------------------------------------------- resume
     def resume(self, resume: Optional[str]) -> Optional[Path]:
-        """Restore every component from the checkpoint ``resume`` names (``auto``: the newest that verifies);
-        returns its path, or None when there is nothing to resume from."""
+        """Restore every component from the checkpoint ``resume`` names (``auto``: the newest that verifies), on
+        this run's layout whatever layout wrote it; returns its path, or None when there is nothing to resume from."""
         path = self._resolve(resume)
         if path is None:
             if resume not in (None, "auto"):
@@ -97,33 +103,28 @@ class TrainCheckpoint:
         state = self.read_state(path)
         # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
         adapter_io.check_base(adapter_io.read_adapter_config(path / ADAPTER_DIR), self.engine.module, str(path))
-        if state["tp_size"] == self.layout.tp and state["world_size"] == self.layout.world:
-            self.engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_module_strict=False,
-                                        load_optimizer_states=True, load_lr_scheduler_states=True)
+        check_base_layout(state, self.layout.tp, self.run_config, path)
+        model = self.engine.module
+        masters = adapter_io.local_parts(model, adapter_io.read_full_adapter(path / ADAPTER_DIR)[1], str(path))
+        moments = {m: adapter_io.local_parts(model, adapter_io.read_full_adapter(path / OPTIMIZER_DIR / m)[1],
+                                             str(path)) for m in ds_compat.ADAM_MOMENTS}
+        ds_compat.ensure_optimizer_state(self.engine)
+        for name, param in adapter_io.adapter_parameters(model, self.miss).items():
+            ds_compat.set_master(self.engine, param, masters[name])
+            ds_compat.set_moments(self.engine, param, {m: moments[m][name] for m in ds_compat.ADAM_MOMENTS})
+        ds_compat.set_adam_step(self.engine, state["adam_step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.engine.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule's state alone does not move the optimizer's rate
+        if state["world_size"] == self.layout.world:
             set_rng_state(torch.load(path / RNG_DIR / f"rank{self.layout.rank:05d}.pt", weights_only=False))
-        else:
-            self._load_on_another_layout(path, state)
         self.data.load_state_dict(state["data"])
         self.train.load_state_dict(state["train"])
         if self.layout.is_main:
-            logger.info("resumed from %s at step %d", path, self.train.step)
+            moved = (state["tp_size"], state["world_size"]) != (self.layout.tp, self.layout.world)
+            logger.info("resumed from %s at step %d%s", path, self.train.step,
+                        f" (written by tp_size={state['tp_size']} on {state['world_size']} ranks)" if moved else "")
         return path
-
-    def _load_on_another_layout(self, path: Path, state: dict[str, Any]) -> None:
-        """D carries over (the adapter is independent of the TP layout); the optimizer state starts afresh."""
-        if state["tp_size"] != self.layout.tp and (_random_base(state.get("config", {}).get("model", {}))
-                                                   or _random_base(self.run_config["model"])):
-            raise ValueError(
-                f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size="
-                f"{self.layout.tp}: the base model has random weights (model.path null or model.random_init), drawn "
-                "per tensor-parallel shard, so another tp_size builds another base and D would not fit it. Resume "
-                f"with parallel.tp_size={state['tp_size']}, or train on a base checkpoint (model.path)")
-        _, full = adapter_io.read_full_adapter(path / ADAPTER_DIR)
-        adapter_io.load_full_adapter_into(self.engine.module, full, str(path))
-        self.scheduler.last_epoch = state["train"]["step"]
-        logger.warning("resuming %s written by tp_size=%d on %d ranks with tp_size=%d on %d ranks: D is loaded, "
-                       "optimizer state restarts", path, state["tp_size"], state["world_size"], self.layout.tp,
-                       self.layout.world)
 
     def _resolve(self, resume: Optional[str]) -> Optional[Path]:
         """The checkpoint to resume from. Rank 0 checks every file's sha256 (sizes alone miss a flipped byte;
@@ -168,6 +169,18 @@ class TrainCheckpoint:
             return path
         raise FileNotFoundError(f"{path} is neither a miss_ds adapter directory ({adapter_io.ADAPTER_CONFIG}) nor a "
                                 f"training checkpoint with {ADAPTER_DIR}/{adapter_io.ADAPTER_CONFIG}")
+
+
+def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:
+    """A random base (no ``model.path``) is drawn per TP shard: another TP size builds another base, which the
+    checkpoint's D does not fit. Refused by name (a checkpoint of a real base resumes on any TP size)."""
+    if state["tp_size"] != tp and (_random_base(state.get("config", {}).get("model", {}))
+                                   or _random_base(run_config["model"])):
+        raise ValueError(
+            f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size={tp}: the base "
+            "model has random weights (model.path null or model.random_init), drawn per tensor-parallel shard, so "
+            f"another tp_size builds another base and D would not fit it. Resume with parallel.tp_size="
+            f"{state['tp_size']}, or train on a base checkpoint (model.path)")
 
 
 def _random_base(model: dict[str, Any]) -> bool:

@@ -28,6 +28,7 @@ from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
 from ..run_config import ConfigError, RunConfig, to_dict
+from ..watchdog import PeerWatchdog
 from .checkpoint import TrainCheckpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
@@ -52,6 +53,7 @@ class Trainer:
         self.preemption = preemption or Preemption().install()
         info = init_distributed()
         self.layout = ParallelLayout(info.rank, info.world_size, cfg.parallel.tp_size)
+        PeerWatchdog(cfg.parallel.peer_timeout_s).start()
         self.out = Path(cfg.output_dir)
         self.device = torch.device(get_accelerator().current_device_name())
         resume = resume if resume is not None else cfg.checkpoint.resume
@@ -125,9 +127,8 @@ class Trainer:
                 raise ConfigError(str(exc)) from None
 
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
-        built = agree("building the data", lambda: build() if self.layout.is_main else None)
-        if not self.layout.is_main:
-            built = agree("reading the data", build)
+        first = agree("building the data", lambda: build() if self.layout.is_main else None)
+        built = agree("reading the data", lambda: first if self.layout.is_main else build())
         train_ds, self.eval_ds, stats = built
         if self.layout.is_main:
             logger.info("data: %s", stats)
