@@ -11,13 +11,10 @@ from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_numel
-from .layers import MissLinear
+from .layers import D_NAME, MissLayer
 from .registry import factory_for
 
 logger = logging.getLogger(__name__)
-
-#: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
-D_NAME = "miss_block"
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
                          f"linear modules in this model include {sample}")
     wrapped = 0
     for name, module in targets:
-        if _is_miss_layer(module):
+        if isinstance(module, MissLayer):
             raise ValueError(f"module '{name}' already has a MiSS adapter")
         factory = factory_for(module)
         if factory is None:
@@ -61,9 +58,9 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     return report
 
 
-def miss_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLayer]]:
     """(name, layer) for every MiSS layer in the model."""
-    return ((n, m) for n, m in model.named_modules() if _is_miss_layer(m))
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, MissLayer))
 
 
 def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> dict[str, torch.Tensor]:
@@ -91,17 +88,11 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every single-device MiSS layer with a plain linear holding the merged weight."""
-    for name, layer in list(miss_layers(model)):
-        if not isinstance(layer, MissLinear):
-            raise TypeError(f"'{name}' is a {type(layer).__name__}: gather tensor-parallel adapters with "
-                            "tools/convert_to_hf.py instead of merging them in place")
-        _set_submodule(model, name, layer.merged_linear())
+    """Replace every MiSS layer with a plain linear holding the merged weight (single-device layers only: a
+    tensor-parallel one raises before anything is replaced)."""
+    for name, linear in [(name, layer.merged_linear()) for name, layer in miss_layers(model)]:
+        _set_submodule(model, name, linear)
     return model
-
-
-def _is_miss_layer(module: nn.Module) -> bool:
-    return isinstance(getattr(module, D_NAME, None), nn.Parameter)
 
 
 def _import_parallel_layers() -> None:

@@ -16,8 +16,8 @@ from peft import MissConfig as PeftMissConfig
 from safetensors.torch import load_file, save_file
 
 from ..config import MissConfig
-from ..inject import D_NAME
 from ..hf_checkpoint import PT_METADATA, HFCheckpoint
+from ..layers import D_NAME
 from .output import new_output_dir
 from .source import check_fits_base, is_d_key, read_adapter, read_base_config
 

@@ -2,7 +2,7 @@
 
 The new split is the one a run with the new TP size makes: the base model's modules are built on the meta
 device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (same TP plan, same
-DeepSpeed ``get_shard_size_list`` on the same config), and that layer's own ``d_layout()`` says how its D is
+DeepSpeed ``get_shard_size_list`` on the same config), and that layer's own ``d_layout`` says how its D is
 split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
 cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting such a run would. Only
 the adapter is rewritten: optimizer state is not.
@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io, ds_compat
 from ..config import MissConfig
-from ..layers import MissLinear
+from ..layers import DLayout, MissLayer, MissLinear
 from ..loading import build_model_on_meta
 from ..parallel.autotp import LLAMA_TP_PLAN
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
@@ -89,7 +89,7 @@ def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_s
     return model
 
 
-def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> nn.Module:
+def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> MissLayer:
     """``shard_model``'s rule: a planned projection is split when TP > 1, anything else stays whole."""
     style = LLAMA_TP_PLAN.get(name.rpartition(".")[2]) if tp_size > 1 else None
     if style is None:
@@ -103,7 +103,6 @@ def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_me
 
 
 def _part(full: torch.Tensor, layout: dict[str, Any], rank: int) -> torch.Tensor:
-    """TP rank ``rank``'s part of a full D under ``layout`` (the whole D when replicated)."""
-    if layout["dim"] is None:
-        return full
-    return full.split(layout["sizes"], dim=layout["dim"])[rank]
+    """TP rank ``rank``'s part of a full tensor under its adapter-file layout."""
+    sizes = layout["sizes"]
+    return DLayout(layout["dim"], None if sizes is None else tuple(sizes)).part(full, rank)

@@ -15,6 +15,7 @@ from torch.distributed import ProcessGroup
 
 from .. import ds_compat
 from ..config import LLAMA_TARGETS, MissConfig
+from ..layers import Sharding
 from ..registry import register_layer
 from .layers import ColumnParallelMissLinear, RowParallelMissLinear
 
@@ -47,6 +48,14 @@ def shard_model(model: nn.Module, group: Optional[ProcessGroup], plan: dict[str,
         count += 1
     ds_compat.mark_tp_split(model)
     return count
+
+
+def sharding_of(module: nn.Module) -> Optional[Sharding]:
+    """The split of a DeepSpeed ``LinearLayer`` (column) or ``LinearAllreduce`` (row); None for other modules."""
+    if not isinstance(module, (LinearLayer, LinearAllreduce)):
+        return None
+    split = ds_compat.autotp_split(module)
+    return Sharding("column" if isinstance(module, LinearLayer) else "row", split.sizes, split.rank, split.group)
 
 
 def _column(layer: LinearLayer, config: MissConfig, name: str) -> ColumnParallelMissLinear:
