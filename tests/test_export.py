@@ -224,6 +224,18 @@ def test_reshard_to_a_ragged_split_round_trips(runs, tmp_path, mode):
     assert (gate["dim"], gate["sizes"]) == expected
 
 
+def test_reshard_splits_as_a_tp2_run_does_on_uneven_shards(loaded):
+    """Head-aligned and grain-aligned uneven splits: reshard's layouts are those ``shard_model`` gives a TP=2 run."""
+    want = {"miss": ({"dim": 1, "sizes": [32, 16]}, {"dim": 1, "sizes": [48, 52]}),
+            "mini": ({"dim": None, "sizes": None}, {"dim": None, "sizes": None}),
+            "bat": ({"dim": 0, "sizes": [8, 4]}, {"dim": 0, "sizes": [12, 13]})}
+    for rank in loaded["ranks"]:
+        for mode, (q, gate) in want.items():
+            got = rank["uneven"][mode]
+            assert got["equal"], mode
+            assert {k: got["q"][k] for k in q} == q and {k: got["gate"][k] for k in gate} == gate, (mode, got)
+
+
 def test_reshard_cli_warns_that_optimizer_state_is_not_resharded(runs, tmp_path, capsys):
     tool = _tool("reshard")
     with pytest.raises(SystemExit):
