@@ -70,6 +70,17 @@ def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> di
             if name.endswith("." + D_NAME) or _in_modules_to_save(name, saved)}
 
 
+def distinct_parameters(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
+    """Every distinct parameter with all its names, in model order. A tied tensor (an LM head sharing the
+    embedding) has several; ``named_parameters`` lists it once, under the first."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    return ((names[pid], p) for pid, p in params.items())
+
+
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
     """Copy D tensors (and saved modules) into ``model``; every key must exist with the same shape."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -113,16 +124,12 @@ def _in_modules_to_save(param_name: str, modules: tuple[str, ...]) -> bool:
 
 
 def _set_trainable(model: nn.Module, config: MissConfig) -> None:
-    """D and ``modules_to_save`` train. A tied tensor (an LM head sharing the embedding) is listed once by
-    ``named_parameters``, under its first name, so every name it has is checked."""
+    """D and ``modules_to_save`` train; a tied tensor trains if any of its names does."""
     saved = tuple(config.modules_to_save)
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    for p in model.parameters():
-        train = any(n.endswith("." + D_NAME) or _in_modules_to_save(n, saved) for n in names[id(p)])
-        if train and len(names[id(p)]) > 1:
-            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names[id(p)], list(saved))
+    for names, p in distinct_parameters(model):
+        train = any(n.endswith("." + D_NAME) or _in_modules_to_save(n, saved) for n in names)
+        if train and len(names) > 1:
+            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names, list(saved))
         p.requires_grad_(train)
 
 

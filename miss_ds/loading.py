@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from .adapter_io import load_full_adapter_into
 from .config import MissConfig
 from .hf_checkpoint import HFCheckpoint
-from .inject import miss_layers
+from .inject import distinct_parameters, miss_layers
 from .layers import D_NAME, MissLayer, Span
 
 
@@ -112,14 +112,7 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
 
 def _base_params(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
     """Every distinct non-D parameter with all its names (tied parameters have several), in model order."""
-    names: dict[int, list[str]] = {}
-    params: dict[int, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-        params[id(param)] = param
-    for pid, param in params.items():
-        if not names[pid][0].endswith("." + D_NAME):
-            yield names[pid], param
+    return ((names, p) for names, p in distinct_parameters(model) if not names[0].endswith("." + D_NAME))
 
 
 def _split_of(model: nn.Module, param_name: str) -> Optional[Span]:
