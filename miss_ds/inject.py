@@ -65,9 +65,8 @@ def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLayer]]:
 
 def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> dict[str, torch.Tensor]:
     """Only what training changed: every D, plus the full parameters of ``modules_to_save``."""
-    saved = tuple(config.modules_to_save) if config else ()
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)
-            if name.endswith("." + D_NAME) or _in_modules_to_save(name, saved)}
+            if _trains(name, config)}
 
 
 def distinct_parameters(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
@@ -119,17 +118,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _in_modules_to_save(param_name: str, modules: tuple[str, ...]) -> bool:
-    return any(param_name.startswith(m + ".") or f".{m}." in param_name for m in modules)
+def _trains(param_name: str, config: MissConfig | None) -> bool:
+    """D, and the parameters of ``modules_to_save``."""
+    return param_name.endswith("." + D_NAME) or (config is not None and config.saves(param_name))
 
 
 def _set_trainable(model: nn.Module, config: MissConfig) -> None:
     """D and ``modules_to_save`` train; a tied tensor trains if any of its names does."""
-    saved = tuple(config.modules_to_save)
     for names, p in distinct_parameters(model):
-        train = any(n.endswith("." + D_NAME) or _in_modules_to_save(n, saved) for n in names)
+        train = any(_trains(n, config) for n in names)
         if train and len(names) > 1:
-            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names, list(saved))
+            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names,
+                           list(config.modules_to_save))
         p.requires_grad_(train)
 
 
