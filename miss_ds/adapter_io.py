@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_shape
-from .inject import D_NAME, adapter_state_dict, miss_layers
+from .inject import adapter_state_dict, miss_layers
+from .layers import D_NAME, DLayout
 
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
@@ -52,11 +53,9 @@ def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
     """Per adapter tensor: how this run splits it over TP ranks, and its full shape."""
     out = {}
     for name, p in adapter_parameters(model, config).items():
-        out[name] = {"dim": None, "sizes": None, "full_shape": list(full_shape(p))}
+        out[name] = {**DLayout().to_json(), "full_shape": list(full_shape(p))}
     for name, layer in miss_layers(model):
-        layout = getattr(layer.miss_block, "miss_tp_layout", {"dim": None, "sizes": None})
-        full = list(getattr(layer, "full_geometry", layer.geometry).d_shape)
-        out[f"{name}.{D_NAME}"] = {**layout, "full_shape": full}
+        out[f"{name}.{D_NAME}"] = {**layer.d_layout.to_json(), "full_shape": list(layer.full_geometry.d_shape)}
     return out
 
 
@@ -128,11 +127,11 @@ def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) ->
         key = f"{name}.{D_NAME}"
         if key not in full:
             raise KeyError(f"{source} has no D for '{key}': trained with other target_modules?")
-        want = list(getattr(layer, "full_geometry", layer.geometry).d_shape)
+        want = list(layer.full_geometry.d_shape)
         if list(full[key].shape) != want:
             raise ValueError(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
                              "different r or mode?")
-        parts[key] = layer.shard_d(full[key]) if hasattr(layer, "shard_d") else full[key]
+        parts[key] = layer.shard_d(full[key])
     for key in sorted(set(full) - set(parts)):  # modules_to_save, replicated
         if key not in params or tuple(params[key].shape) != tuple(full[key].shape):
             raise KeyError(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "

@@ -31,7 +31,8 @@ class MissConfig:
     exclude_modules: Union[list[str], str, None] = None
     """Names or a regex, as for ``target_modules``, of modules to leave untouched."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Other modules (e.g. ``lm_head``) trained in full and saved with the adapter."""
+    """Other modules (e.g. ``lm_head``) trained in full and saved with the adapter: every module whose full name
+    ends with one of these strings (PEFT's rule, a plain suffix: ``norm`` also takes ``input_layernorm``)."""
     adapter_dtype: Literal["float32", "model"] = "float32"
     """D's dtype when the layer is built: fp32 (default, like PEFT) or the dtype of the layer it adapts. Under
     DeepSpeed's bf16 mode (the trainer with ``model.dtype: bfloat16``) DeepSpeed casts D to bf16 either way and
@@ -73,6 +74,16 @@ class MissConfig:
         return _name_matches(name, self.target_modules) and not (
             self.exclude_modules is not None and _name_matches(name, self.exclude_modules)
         )
+
+    def saves(self, param_name: str) -> bool:
+        """Whether parameter ``param_name`` belongs to a module of ``modules_to_save``.
+
+        PEFT wraps every module whose full name ends with one of the strings (``str.endswith``, not only at a
+        dot) and trains and saves all parameters below it; the PEFT export must hold exactly those.
+        """
+        path = param_name.split(".")[:-1]
+        ancestors = [".".join(path[:i]) for i in range(1, len(path) + 1)]
+        return any(module.endswith(m) for module in ancestors for m in self.modules_to_save)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,13 +11,10 @@ from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_numel
-from .layers import MissLinear
+from .layers import D_NAME, MissLayer
 from .registry import factory_for
 
 logger = logging.getLogger(__name__)
-
-#: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
-D_NAME = "miss_block"
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
                          f"linear modules in this model include {sample}")
     wrapped = 0
     for name, module in targets:
-        if _is_miss_layer(module):
+        if isinstance(module, MissLayer):
             raise ValueError(f"module '{name}' already has a MiSS adapter")
         factory = factory_for(module)
         if factory is None:
@@ -61,16 +58,26 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     return report
 
 
-def miss_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLayer]]:
     """(name, layer) for every MiSS layer in the model."""
-    return ((n, m) for n, m in model.named_modules() if _is_miss_layer(m))
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, MissLayer))
 
 
 def adapter_state_dict(model: nn.Module, config: MissConfig | None = None) -> dict[str, torch.Tensor]:
     """Only what training changed: every D, plus the full parameters of ``modules_to_save``."""
-    saved = tuple(config.modules_to_save) if config else ()
     return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)
-            if name.endswith("." + D_NAME) or _in_modules_to_save(name, saved)}
+            if _trains(name, config)}
+
+
+def distinct_parameters(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
+    """Every distinct parameter with all its names, in model order. A tied tensor (an LM head sharing the
+    embedding) has several; ``named_parameters`` lists it once, under the first."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    return ((names[pid], p) for pid, p in params.items())
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
@@ -91,17 +98,11 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every single-device MiSS layer with a plain linear holding the merged weight."""
-    for name, layer in list(miss_layers(model)):
-        if not isinstance(layer, MissLinear):
-            raise TypeError(f"'{name}' is a {type(layer).__name__}: gather tensor-parallel adapters with "
-                            "tools/convert_to_hf.py instead of merging them in place")
-        _set_submodule(model, name, layer.merged_linear())
+    """Replace every MiSS layer with a plain linear holding the merged weight (single-device layers only: a
+    tensor-parallel one raises before anything is replaced)."""
+    for name, linear in [(name, layer.merged_linear()) for name, layer in miss_layers(model)]:
+        _set_submodule(model, name, linear)
     return model
-
-
-def _is_miss_layer(module: nn.Module) -> bool:
-    return isinstance(getattr(module, D_NAME, None), nn.Parameter)
 
 
 def _import_parallel_layers() -> None:
@@ -117,21 +118,18 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _in_modules_to_save(param_name: str, modules: tuple[str, ...]) -> bool:
-    return any(param_name.startswith(m + ".") or f".{m}." in param_name for m in modules)
+def _trains(param_name: str, config: MissConfig | None) -> bool:
+    """D, and the parameters of ``modules_to_save``."""
+    return param_name.endswith("." + D_NAME) or (config is not None and config.saves(param_name))
 
 
 def _set_trainable(model: nn.Module, config: MissConfig) -> None:
-    """D and ``modules_to_save`` train. A tied tensor (an LM head sharing the embedding) is listed once by
-    ``named_parameters``, under its first name, so every name it has is checked."""
-    saved = tuple(config.modules_to_save)
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    for p in model.parameters():
-        train = any(n.endswith("." + D_NAME) or _in_modules_to_save(n, saved) for n in names[id(p)])
-        if train and len(names[id(p)]) > 1:
-            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names[id(p)], list(saved))
+    """D and ``modules_to_save`` train; a tied tensor trains if any of its names does."""
+    for names, p in distinct_parameters(model):
+        train = any(_trains(n, config) for n in names)
+        if train and len(names) > 1:
+            logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names,
+                           list(config.modules_to_save))
         p.requires_grad_(train)
 
 

@@ -1,48 +1,173 @@
-"""Single-device MiSS linear layer: a frozen weight plus a trainable D."""
+"""The MiSS layer: a frozen linear weight (or this rank's shard of it) plus a trainable D.
+
+:class:`MissLayer` carries everything every MiSS layer has: the full and the local geometry, how the frozen
+weight is split over the tensor-parallel group (:class:`Sharding`), how the local D relates to the full D
+(:class:`DLayout`), D's initialisation, merging and the forward pass. :class:`MissLinear` is the single-device
+case (one shard, no group); the column- and row-parallel layers (:mod:`miss_ds.parallel.layers`) add only what
+differs: where their shard sits, which D they split, and their communication.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from . import functional as MF
 from .config import MissConfig
 
+#: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
+D_NAME = "miss_block"
 
-class MissLinear(nn.Module):
-    """``y = x W'^T + b`` where W' is W adapted by MiSS; W and b stay frozen, only ``miss_block`` (D) trains.
+Style = Literal["none", "column", "row"]
 
-    The layer takes over the wrapped ``nn.Linear``'s weight and bias parameters (the same tensors, so the
-    model's state-dict keys for them do not change) and adds ``miss_block``.
+
+@dataclass(frozen=True)
+class Span:
+    """Where a shard sits in its full tensor: ``[start:stop]`` of ``full`` along ``dim``."""
+
+    dim: int
+    start: int
+    stop: int
+    full: int
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a linear's frozen weight is split over its tensor-parallel group.
+
+    ``column``: along out (dim 0 of weight and bias). ``row``: along in (dim 1 of the weight; the bias is added
+    after the all-reduce, so every rank holds all of it). ``none``: not split. ``sizes`` are the shard sizes
+    along the split dimension in rank order (empty when not split).
     """
 
-    def __init__(self, base: nn.Linear, config: MissConfig, name: str = "") -> None:
+    style: Style = "none"
+    sizes: tuple[int, ...] = ()
+    rank: int = 0
+    group: Optional[ProcessGroup] = None
+
+    @property
+    def offset(self) -> int:
+        """Index of this rank's first feature along the split dimension."""
+        return sum(self.sizes[:self.rank])
+
+    def span(self, attr: str) -> Optional[Span]:
+        """Where this rank's ``weight`` or ``bias`` sits in the full tensor; None when the rank holds all of it."""
+        if self.style == "none" or (self.style == "row" and attr == "bias"):
+            return None
+        return Span(dim=0 if self.style == "column" else 1, start=self.offset,
+                    stop=self.offset + self.sizes[self.rank], full=sum(self.sizes))
+
+
+@dataclass(frozen=True)
+class DLayout:
+    """How a layer's local D relates to the full D: split along ``dim`` in ``sizes`` (rank order), or whole on
+    every rank (``dim`` None)."""
+
+    dim: Optional[int] = None
+    sizes: Optional[tuple[int, ...]] = None
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+    def part(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s part of ``full`` (a view; ``full`` itself when replicated)."""
+        return full if self.dim is None else full.split(list(self.sizes), dim=self.dim)[rank]
+
+    def to_json(self) -> dict:
+        """The adapter file's form: ``{"dim": 0 | 1 | None, "sizes": [...] | None}``."""
+        return {"dim": self.dim, "sizes": None if self.sizes is None else list(self.sizes)}
+
+
+class MissLayer(nn.Module):
+    """``y = x W'^T + b`` where W' is W adapted by MiSS; W and b stay frozen, only ``miss_block`` (D) trains.
+
+    The layer takes over the base layer's weight and bias parameters (the same tensors, so the model's state-dict
+    keys for them do not change) and adds ``miss_block``. This class is the single-device case; subclasses split
+    the weight (``style``) and override ``_local_geometry``, ``_d_layout`` and ``product`` (their communication).
+    """
+
+    style: Style = "none"
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], *, config: MissConfig, name: str,
+                 full_shape: tuple[int, int], partition_sizes: Sequence[int] = (), tp_rank: int = 0,
+                 group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
-        out_features, in_features = base.weight.shape
-        MF.check_layer(name, config.mode, config.r, config.mini_r, in_features, out_features)
-        self.in_features, self.out_features = in_features, out_features
-        self.geometry = MF.MissGeometry(config.mode, config.r, config.mini_r, in_features, out_features)
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.miss_block = nn.Parameter(_new_d(self.geometry, config, self.weight))
+        out_full, in_full = full_shape
+        MF.check_layer(name, config.mode, config.r, config.mini_r, in_full, out_full)
+        self.name = name
+        self.sharding = Sharding(self.style, tuple(partition_sizes), tp_rank, group)
+        self.full_geometry = MF.MissGeometry(config.mode, config.r, config.mini_r, in_full, out_full)
+        self._check_shards()
+        self.geometry = self._local_geometry()
+        self.d_layout = self._d_layout()
+        self.weight, self.bias = weight, bias
+        for p in (weight, bias):
+            if p is not None:
+                p.requires_grad_(False)
+        dtype = torch.float32 if config.adapter_dtype == "float32" else weight.dtype
+        self.miss_block = nn.Parameter(self.draw_d(zeros=config.init_weights, dtype=dtype, device=weight.device))
+        # Megatron's and DeepSpeed's mark for a TP-split parameter: gradient norms count every shard once,
+        # and replicated parameters once per TP group.
+        self.miss_block.tensor_model_parallel = not self.d_layout.replicated
         self.dropout = nn.Dropout(config.dropout) if config.dropout else None
         self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _local_geometry(self) -> MF.MissGeometry:
+        """The geometry of this rank's shard (offsets into the full weight)."""
+        return self.full_geometry
+
+    def _d_layout(self) -> DLayout:
+        return DLayout()
+
+    def _check_shards(self) -> None:
+        """``bat`` works on whole r x r blocks, so every shard boundary must fall on a block boundary."""
+        g, s = self.full_geometry, self.sharding
+        if g.mode == "bat" and any(size % g.r for size in s.sizes):
+            dim = "out_features" if s.style == "column" else "in_features"
+            raise MF.MissShapeError(
+                f"miss.mode='bat' with r={g.r} cannot split module '{self.name}' ({s.style}-parallel, "
+                f"{dim} shards {list(s.sizes)}): every shard must be a multiple of r. Use an r "
+                f"dividing all shards, or set parallel.tp_grain_size to a multiple of {g.r}")
+
+    def shard_d(self, full_d: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full D (its own memory)."""
+        return self.d_layout.part(full_d, self.sharding.rank).clone(memory_format=torch.contiguous_format)
+
+    def draw_d(self, zeros: bool, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """A new D for this rank: zeros, or drawn as the full D from the global RNG and cut to this rank's part,
+        so a TP run starts from exactly the D of the TP=1 run with the same seed."""
+        return self.shard_d(MF.init_d(self.full_geometry, zeros=zeros, dtype=dtype, device=device))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W'^T for this layer's weight, without bias."""
+        return self._shard_product(x, self.miss_block)
+
+    def _shard_product(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x W'^T for this rank's shard with D given as ``d``, without bias or communication."""
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        y = MF.adapted_linear(x, self.weight, self.miss_block, self.geometry, self.dropout)
+            return F.linear(x, self.weight)
+        return MF.adapted_linear(x, self.weight, d, self.geometry, self.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.product(x)
         return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """This rank's shard of the merged weight W', as a new tensor (the layer is left unchanged)."""
+        return self.weight.detach().clone() if self.merged else MF.merge(self.weight, self.miss_block, self.geometry)
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
         """Fold D into the weight (inference, export). ``safe`` refuses a merge that produces inf/NaN."""
         if self.merged:
             return
-        merged = MF.merge(self.weight, self.miss_block, self.geometry)
+        merged = self.merged_weight()
         if safe and not torch.isfinite(merged).all():
             raise ValueError(f"merging MiSS into a {tuple(self.weight.shape)} weight produced inf/NaN: D is broken")
         self.weight.copy_(merged)
@@ -56,22 +181,27 @@ class MissLinear(nn.Module):
             self.merged = False
 
     def merged_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding W' (this layer is left unchanged)."""
-        weight = self.weight if self.merged else MF.merge(self.weight, self.miss_block, self.geometry)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=self.weight.dtype)
-        linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        """A plain ``nn.Linear`` holding W' (this layer is left unchanged); single-device layers only."""
+        if self.sharding.style != "none":
+            raise TypeError(f"'{self.name}' is a {type(self).__name__}: gather tensor-parallel adapters with "
+                            "tools/convert_to_hf.py instead of merging them in place")
+        g = self.full_geometry
+        linear = nn.Linear(g.in_features, g.out_features, bias=self.bias is not None, device="meta",
+                           dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
 
     def extra_repr(self) -> str:
-        g = self.geometry
+        g, s = self.full_geometry, self.sharding
         mini = f", mini_r={g.mini_r}" if g.mode == "mini" else ""
-        return f"in={g.in_features}, out={g.out_features}, mode={g.mode}, r={g.r}{mini}, merged={self.merged}"
+        shards = "" if s.style == "none" else f", {s.style}-parallel shards {list(s.sizes)}, rank {s.rank}"
+        return f"in={g.in_features}, out={g.out_features}, mode={g.mode}, r={g.r}{mini}{shards}, merged={self.merged}"
 
 
-def _new_d(geometry: MF.MissGeometry, config: MissConfig, weight: torch.Tensor) -> torch.Tensor:
-    """D on the weight's device, in fp32 or the weight's dtype as the config asks."""
-    dtype = torch.float32 if config.adapter_dtype == "float32" else weight.dtype
-    return MF.init_d(geometry, zeros=config.init_weights, dtype=dtype, device=weight.device)
+class MissLinear(MissLayer):
+    """MiSS on a single device, over an ``nn.Linear`` (its weight and bias are taken over)."""
+
+    def __init__(self, base: nn.Linear, config: MissConfig, name: str = "") -> None:
+        super().__init__(base.weight, base.bias, config=config, name=name, full_shape=tuple(base.weight.shape))

@@ -23,13 +23,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from . import ds_compat
-from . import functional as MF
 from .adapter_io import check_base, load_full_adapter_into, read_full_adapter
 from .config import MissConfig
 from .engine import prepare_model
 from .hf_checkpoint import HFCheckpoint
-from .inject import D_NAME, TrainableReport, miss_layers
+from .inject import TrainableReport, distinct_parameters, miss_layers
+from .layers import D_NAME, MissLayer, Span
 from .modeling import DTYPES
 from .run_config import RunConfig
 
@@ -43,16 +42,6 @@ class LoadStats:
     bytes_read: int = 0
     tensors_read: int = 0
     tensors_sliced: int = 0
-
-
-@dataclass(frozen=True)
-class _Split:
-    """The part of a tensor-parallel parameter this rank holds: ``[start:stop]`` of ``full`` along ``dim``."""
-
-    dim: int
-    start: int
-    stop: int
-    full: int
 
 
 def build_model_on_meta(config: PretrainedConfig, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -129,42 +118,27 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
 
 def _base_params(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
     """Every distinct non-D parameter with all its names (tied parameters have several), in model order."""
-    names: dict[int, list[str]] = {}
-    params: dict[int, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-        params[id(param)] = param
-    for pid, param in params.items():
-        if not names[pid][0].endswith("." + D_NAME):
-            yield names[pid], param
+    return ((names, p) for names, p in distinct_parameters(model) if not names[0].endswith("." + D_NAME))
 
 
-def _split_of(model: nn.Module, param_name: str) -> Optional[_Split]:
-    """Where this rank's shard of ``param_name`` sits in the full tensor; None for a replicated parameter."""
+def _split_of(model: nn.Module, param_name: str) -> Optional[Span]:
+    """Where this rank's shard of ``param_name`` sits in the full tensor; None for a replicated parameter.
+
+    The owner is a MiSS layer, or a DeepSpeed AutoTP layer MiSS did not wrap (an excluded projection).
+    """
     module_name, _, attr = param_name.rpartition(".")
     module = model.get_submodule(module_name)
-    if hasattr(module, "partition_sizes"):  # miss_ds column/row MiSS layer
-        sizes, rank, column = module.partition_sizes, module.tp_rank, module.parallel == "column"
-    elif "deepspeed.module_inject.layers" in sys.modules and _is_deepspeed_tp_layer(module):
-        from deepspeed.module_inject.layers import LinearLayer
+    sharding = None
+    if isinstance(module, MissLayer):
+        sharding = module.sharding
+    elif "deepspeed.module_inject.layers" in sys.modules:  # only a model holding DeepSpeed's TP layers imported it
+        from .parallel.autotp import sharding_of
 
-        split = ds_compat.autotp_split(module)
-        sizes, rank, column = split.sizes, split.rank, isinstance(module, LinearLayer)
-    else:
-        return None
-    if not column and attr != "weight":
-        return None  # a row-parallel bias is added after the all-reduce: every rank holds all of it
-    start = sum(sizes[:rank])
-    return _Split(dim=0 if column else 1, start=start, stop=start + sizes[rank], full=sum(sizes))
+        sharding = sharding_of(module)
+    return None if sharding is None else sharding.span(attr)
 
 
-def _is_deepspeed_tp_layer(module: nn.Module) -> bool:
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
-
-    return isinstance(module, (LinearLayer, LinearAllreduce))
-
-
-def _read(ckpt: HFCheckpoint, key: str, local_shape: tuple[int, ...], split: Optional[_Split]) -> torch.Tensor:
+def _read(ckpt: HFCheckpoint, key: str, local_shape: tuple[int, ...], split: Optional[Span]) -> torch.Tensor:
     """Read ``key`` (only this rank's slice of a split one), checking the stored shape first."""
     full_shape = list(local_shape)
     if split is not None:
@@ -211,14 +185,10 @@ def _is_rotary(module: nn.Module) -> bool:
 
 
 def _materialize_d(model: nn.Module, device: torch.device | str, zeros: bool) -> None:
-    """Every D on ``device`` in its own dtype: the full D drawn as ``apply_miss`` draws it, then this rank's part."""
+    """Every D on ``device`` in its own dtype, drawn as ``apply_miss`` draws it."""
     for _, layer in miss_layers(model):
-        d = layer.miss_block
-        if not d.is_meta:
-            continue
-        geometry = getattr(layer, "full_geometry", layer.geometry)
-        full = MF.init_d(geometry, zeros=zeros, dtype=d.dtype, device=device)
-        _swap_in(d, layer.shard_d(full) if hasattr(layer, "shard_d") else full)
+        if layer.miss_block.is_meta:
+            _swap_in(layer.miss_block, layer.draw_d(zeros=zeros, dtype=layer.miss_block.dtype, device=device))
 
 
 def _check_materialized(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ adapters with random D and the TP models' logits; the tests convert those and co
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from miss_ds import MissConfig, MissShapeError, adapter_io, adapter_state_dict, apply_miss
 from miss_ds.hf_checkpoint import INDEX_FILE, HFCheckpoint
 from miss_ds.convert.merge import merge_to_hf
-from miss_ds.convert.peft import read_peft_adapter, write_peft_adapter
+from miss_ds.convert.peft import PEFT_PREFIX, read_peft_adapter, write_peft_adapter
 from miss_ds.convert.reshard import reshard_adapter
 from miss_ds.loading import build_model_on_meta, load_sharded_weights
 from miss_ds.parallel.autotp import LLAMA_TP_PLAN
@@ -190,6 +191,48 @@ def test_modules_to_save_are_merged_exported_and_resharded(tmp_path):
     assert torch.equal(full["lm_head.weight"], base.lm_head.weight.detach())
 
 
+def test_modules_to_save_follow_peft_matching(tmp_path):
+    """PEFT saves every module whose full name ends with an entry of modules_to_save (``str.endswith``): "mlp" takes
+    each MLP with the projections below it, "norm" each ``*_layernorm`` as well as ``model.norm``. Training marks
+    exactly what PEFT trains, the adapter holds it, and the PEFT export holds it under PEFT's own key names, loads
+    in PEFT with the miss_ds model's logits, and imports back unchanged."""
+    from peft import MissConfig as PeftMissConfig
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    base.save_pretrained(tmp_path / "base")
+    targets, saved = ["q_proj", "v_proj"], ["mlp", "norm"]
+    get_peft_model(copy.deepcopy(base), PeftMissConfig(r=8, target_modules=targets, modules_to_save=saved,
+                                                       task_type="CAUSAL_LM")).save_pretrained(tmp_path / "peft_own")
+    peft_keys = set(load_file(str(tmp_path / "peft_own" / "adapter_model.safetensors")))
+
+    miss = MissConfig(r=8, init_weights=False, target_modules=targets, modules_to_save=saved)
+    model = copy.deepcopy(base)
+    apply_miss(model, miss)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.layers.1.mlp.up_proj.weight", "model.layers.1.post_attention_layernorm.weight",
+            "model.norm.weight"} <= trainable
+    assert {PEFT_PREFIX + n for n in trainable} == peft_keys
+    assert set(adapter_state_dict(model, miss)) == trainable
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.endswith(".miss_block"):
+                p.add_(torch.randn_like(p) * 0.1)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_io.write_adapter_config(adapter, miss, model, 1)
+    adapter_io.write_adapter_shard(adapter, adapter_state_dict(model, miss), 0, 1)
+    assert set(adapter_io.read_full_adapter(adapter)[1]) == trainable
+
+    write_peft_adapter(adapter, tmp_path / "peft", tmp_path / "base")
+    assert set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))) == peft_keys
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    _close(_logits(peft_model), _logits(model))
+    _, tensors = read_peft_adapter(tmp_path / "peft")
+    assert tensors.keys() == trainable and all(torch.equal(tensors[k], model.get_parameter(k)) for k in trainable)
+
+
 # ----------------------------------------------------------------------------------------------- reshard
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_reshard_4_to_2_is_what_a_tp2_run_writes_and_gives_the_same_logits(loaded, mode):
@@ -222,6 +265,18 @@ def test_reshard_to_a_ragged_split_round_trips(runs, tmp_path, mode):
     # miss: out 100 split [34, 33, 33]; mini: replicated; bat: out 96 split [32] * 3 = 8 blocks of r=4 each.
     expected = {"miss": (1, [34, 33, 33]), "mini": (None, None), "bat": (0, [8, 8, 8])}[mode]
     assert (gate["dim"], gate["sizes"]) == expected
+
+
+def test_reshard_splits_as_a_tp2_run_does_on_uneven_shards(loaded):
+    """Head-aligned and grain-aligned uneven splits: reshard's layouts are those ``shard_model`` gives a TP=2 run."""
+    want = {"miss": ({"dim": 1, "sizes": [32, 16]}, {"dim": 1, "sizes": [48, 52]}),
+            "mini": ({"dim": None, "sizes": None}, {"dim": None, "sizes": None}),
+            "bat": ({"dim": 0, "sizes": [8, 4]}, {"dim": 0, "sizes": [12, 13]})}
+    for rank in loaded["ranks"]:
+        for mode, (q, gate) in want.items():
+            got = rank["uneven"][mode]
+            assert got["equal"], mode
+            assert {k: got["q"][k] for k in q} == q and {k: got["gate"][k] for k in gate} == gate, (mode, got)
 
 
 def test_reshard_cli_warns_that_optimizer_state_is_not_resharded(runs, tmp_path, capsys):

@@ -5,6 +5,7 @@ weights against a plain single-device reference at every step, and that MiSS add
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from miss_ds import MissConfig, MissShapeError
+from miss_ds import MissConfig, MissLinear, MissShapeError
+from miss_ds.layers import Span
 from miss_ds.parallel import ColumnParallelMissLinear, RowParallelMissLinear
 from tests.launch_utils import deepspeed_run, result_of
 
@@ -67,7 +69,35 @@ def test_ragged_row_shard_keeps_global_chunk_offset():
         shards.append(RowParallelMissLinear(nn.Parameter(full.weight[:, lo:hi].clone()), None, config=cfg, name="p",
                                             group=None, partition_sizes=[50, 50], tp_rank=rank, full_shape=(24, 100)))
     torch.manual_seed(1)
-    from miss_ds import MissLinear
     ref = MissLinear(full, cfg)
     total = shards[0](x[:, :50]) + shards[1](x[:, 50:])
     torch.testing.assert_close(total, ref(x), rtol=1e-5, atol=1e-5)
+    assert shards[1].sharding.span("weight") == Span(dim=1, start=50, stop=100, full=100)
+    assert shards[1].sharding.span("bias") is None and ref.sharding.span("weight") is None
+
+
+@pytest.mark.parametrize("mode,mini_r", [("miss", 1), ("mini", 4), ("bat", 1)])
+def test_column_shards_are_the_parts_of_the_single_device_layer(mode, mini_r):
+    """Every rank draws the full D from the same RNG state and keeps its part, so an uneven column split starts
+    from the single-device layer's D; its merged weights and outputs are that layer's, cut along out."""
+    torch.manual_seed(0)
+    full = nn.Linear(64, 96)
+    cfg = MissConfig(r=8, mode=mode, mini_r=mini_r, init_weights=False, target_modules=["p"])
+    torch.manual_seed(1)
+    ref = MissLinear(copy.deepcopy(full), cfg)
+    sizes, shards = [56, 40], []
+    for rank, (lo, hi) in enumerate([(0, 56), (56, 96)]):
+        torch.manual_seed(1)
+        shards.append(ColumnParallelMissLinear(nn.Parameter(full.weight[lo:hi].clone()),
+                                               nn.Parameter(full.bias[lo:hi].clone()), config=cfg, name="p",
+                                               full_shape=(96, 64), partition_sizes=sizes, tp_rank=rank))
+    layout = shards[0].d_layout
+    assert layout.replicated == (mode == "mini")
+    if not layout.replicated:
+        assert sum(layout.sizes) == ref.miss_block.shape[layout.dim]
+    for rank, shard in enumerate(shards):
+        assert torch.equal(shard.miss_block, layout.part(ref.miss_block, rank))
+    assert shards[1].sharding.span("bias") == Span(dim=0, start=56, stop=96, full=96)
+    torch.testing.assert_close(torch.cat([s.merged_weight() for s in shards]), ref.merged_weight())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(torch.cat([s(x) for s in shards], dim=-1), ref(x), rtol=1e-5, atol=1e-5)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from miss_ds import functional as MF
+from miss_ds.layers import MissLayer
 from miss_ds.parallel.mappings import tp_world_size
 
 
@@ -23,18 +22,18 @@ def all_gather_uneven(shard: torch.Tensor, sizes: list[int], dim: int, group) ->
 
 
 @torch.no_grad()
-def full_d(layer: nn.Module) -> torch.Tensor:
+def full_d(layer: MissLayer) -> torch.Tensor:
     """The whole D of a layer (a copy of the local one when D is replicated)."""
-    layout = getattr(layer.miss_block, "miss_tp_layout", {"dim": None})
-    if layout["dim"] is None:
+    layout = layer.d_layout
+    if layout.replicated:
         return layer.miss_block.detach().clone()
-    return all_gather_uneven(layer.miss_block.detach(), layout["sizes"], layout["dim"], layer.group)
+    return all_gather_uneven(layer.miss_block.detach(), list(layout.sizes), layout.dim, layer.sharding.group)
 
 
 @torch.no_grad()
-def full_merged_weight(layer: nn.Module) -> torch.Tensor:
+def full_merged_weight(layer: MissLayer) -> torch.Tensor:
     """The whole merged weight W' of a (possibly tensor-parallel) MiSS layer."""
-    if not hasattr(layer, "partition_sizes"):
-        return MF.merge(layer.weight, layer.miss_block, layer.geometry)
-    dim = 0 if layer.parallel == "column" else 1
-    return all_gather_uneven(layer.merged_shard(), list(layer.partition_sizes), dim, layer.group)
+    span = layer.sharding.span("weight")
+    if span is None:
+        return layer.merged_weight()
+    return all_gather_uneven(layer.merged_weight(), list(layer.sharding.sizes), span.dim, layer.sharding.group)

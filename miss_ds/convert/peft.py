@@ -16,8 +16,8 @@ from peft import MissConfig as PeftMissConfig
 from safetensors.torch import load_file, save_file
 
 from ..config import MissConfig
-from ..inject import D_NAME
 from ..hf_checkpoint import PT_METADATA, HFCheckpoint
+from ..layers import D_NAME
 from .output import new_output_dir
 from .source import check_fits_base, is_d_key, read_adapter, read_base_config
 
@@ -45,6 +45,10 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
         target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, bias="none",
         modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM",
         base_model_name_or_path=str(base) if base is not None else adapter.meta["base_model"].get("name_or_path"))
+    stray = [key for key in adapter.tensors if not _held(key, cfg)]
+    if stray:
+        raise ValueError(f"{adapter.directory} holds {stray[:3]}, neither MiSS blocks nor parameters of "
+                         f"modules_to_save={cfg.modules_to_save}: PEFT would not load them")
     out = new_output_dir(output)
     peft_config.save_pretrained(str(out))
     tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
@@ -111,7 +115,7 @@ def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor
     tensors = {}
     for key, tensor in state.items():
         name = key[len(PEFT_PREFIX):]
-        if not key.startswith(PEFT_PREFIX) or not (is_d_key(name) or _saved(name, config)):
+        if not key.startswith(PEFT_PREFIX) or not _held(name, config):
             raise KeyError(f"{path}: '{key}' is neither a MiSS block ('{PEFT_PREFIX}<module>.{D_NAME}') "
                            f"nor a parameter of modules_to_save={config.modules_to_save}")
         if is_d_key(name):
@@ -122,10 +126,9 @@ def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor
     return tensors
 
 
-def _saved(param_name: str, config: MissConfig) -> bool:
-    """Whether ``param_name`` belongs to a module of ``modules_to_save`` (PEFT's suffix match)."""
-    module = param_name.rpartition(".")[0]
-    return any(module == m or module.endswith("." + m) for m in config.modules_to_save)
+def _held(name: str, config: MissConfig) -> bool:
+    """Whether a PEFT MiSS adapter holds tensor ``name``: a MiSS block, or a parameter of ``modules_to_save``."""
+    return is_d_key(name) or config.saves(name)
 
 
 def _check_d_shape(key: str, shape: tuple[int, ...], config: MissConfig, path: Path) -> None:

@@ -1,9 +1,9 @@
 """Rewrite a miss_ds adapter for another tensor-parallel size.
 
 The new split is the one a run with the new TP size makes: the base model's modules are built on the meta
-device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (same TP plan, same
-DeepSpeed ``get_shard_size_list`` on the same config), and that layer's own ``d_layout()`` says how its D is
-split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
+device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (the TP plan and shard
+sizes of :mod:`miss_ds.parallel.autotp` on the same config), and that layer's own ``d_layout`` says how its D
+is split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
 cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting such a run would. Only
 the adapter is rewritten: optimizer state is not.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -19,12 +19,12 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io, ds_compat
 from ..config import MissConfig
-from ..layers import MissLinear
+from ..layers import DLayout, MissLayer, MissLinear
 from ..loading import build_model_on_meta
-from ..parallel.autotp import LLAMA_TP_PLAN
+from ..parallel.autotp import shard_sizes, tp_style
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 from .output import new_output_dir
-from .source import Adapter, module_of, read_adapter, read_base_config
+from .source import module_of, read_adapter, read_base_config
 
 OPTIMIZER_WARNING = ("only the adapter is resharded, not the optimizer state: a run resumed from it "
                      "at the new TP size starts with a fresh optimizer")
@@ -45,7 +45,7 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
         adapter_io.check_base(adapter.meta, SimpleNamespace(config=config), str(adapter.directory))
     else:
         config = config_from_summary(adapter.meta["base_model"], adapter.directory)
-    view = tp_view(config, adapter, tp_size, tp_grain_size)
+    view = tp_view(config, adapter.config, [module_of(key) for key in adapter.d], tp_size, tp_grain_size)
     layouts = adapter_io.layouts(view, adapter.config)
     if set(layouts) != set(adapter.tensors):
         raise ValueError(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
@@ -72,12 +72,12 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
     return config
 
 
-def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_size: int = 1) -> nn.Module:
-    """The base model on meta with every adapted module replaced by the MiSS layer TP rank 0 would build."""
+def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], tp_size: int,
+            tp_grain_size: int = 1) -> nn.Module:
+    """The base model on meta with each of ``modules`` replaced by the MiSS layer TP rank 0 would build."""
     model = build_model_on_meta(config)
     tp_meta = ds_compat.autotp_meta(config, tp_grain_size)
-    for key in adapter.d:
-        name = module_of(key)
+    for name in modules:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -85,25 +85,24 @@ def tp_view(config: PretrainedConfig, adapter: Adapter, tp_size: int, tp_grain_s
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'{name}' is a {type(linear).__name__} in the base model, not a linear layer")
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _layer(linear, name, adapter.config, tp_size, tp_meta))
+        setattr(model.get_submodule(parent_name), child, _layer(linear, name, miss, tp_size, tp_meta))
     return model
 
 
-def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> nn.Module:
+def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> MissLayer:
     """``shard_model``'s rule: a planned projection is split when TP > 1, anything else stays whole."""
-    style = LLAMA_TP_PLAN.get(name.rpartition(".")[2]) if tp_size > 1 else None
+    style = tp_style(name) if tp_size > 1 else None
     if style is None:
         return MissLinear(linear, config, name)
-    out_features, in_features = linear.weight.shape
-    sizes = ds_compat.autotp_shard_sizes(out_features if style == "column" else in_features, tp_size, tp_meta, name)
-    shard_shape = (sizes[0], in_features) if style == "column" else (out_features, sizes[0])
+    full_shape = tuple(linear.weight.shape)
+    sizes = shard_sizes(name, style, full_shape, tp_size, tp_meta)
+    shard_shape = (sizes[0], full_shape[1]) if style == "column" else (full_shape[0], sizes[0])
     cls = ColumnParallelMissLinear if style == "column" else RowParallelMissLinear
     return cls(nn.Parameter(torch.empty(shard_shape, device="meta"), requires_grad=False), None, config=config,
-               name=name, group=None, partition_sizes=sizes, tp_rank=0, full_shape=(out_features, in_features))
+               name=name, full_shape=full_shape, partition_sizes=sizes, tp_rank=0, group=None)
 
 
 def _part(full: torch.Tensor, layout: dict[str, Any], rank: int) -> torch.Tensor:
-    """TP rank ``rank``'s part of a full D under ``layout`` (the whole D when replicated)."""
-    if layout["dim"] is None:
-        return full
-    return full.split(layout["sizes"], dim=layout["dim"])[rank]
+    """TP rank ``rank``'s part of a full tensor under its adapter-file layout."""
+    sizes = layout["sizes"]
+    return DLayout(layout["dim"], None if sizes is None else tuple(sizes)).part(full, rank)

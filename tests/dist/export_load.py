@@ -5,7 +5,8 @@ meta, ``shard_model`` + ``apply_miss`` (the adapter's MiSS config, or the defaul
 ``load_sharded_weights`` (only this rank's slices), and saves the logits on the fixed input to ``out``. With an
 adapter, also checks that its files are exactly what this TP run would write: the same layouts in
 adapter_config.json, and each rank's file holding this rank's local D. Then a ``materialize_random`` model:
-replicated parameters equal on all ranks, TP shards not, finite logits. Prints per-rank bytes read.
+replicated parameters equal on all ranks, TP shards not, finite logits. Then, on a Llama whose TP=2 shards are
+uneven, the layouts ``tools/reshard.py`` computes against those of this run. Prints per-rank bytes read.
 """
 from __future__ import annotations
 
@@ -26,8 +27,14 @@ from miss_ds import MissConfig, adapter_io, apply_miss, miss_layers  # noqa: E40
 from miss_ds import engine as miss_engine  # noqa: E402
 from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.loading import build_model_on_meta, load_sharded_weights, materialize_random  # noqa: E402
+from miss_ds.convert.reshard import tp_view  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
-from tests.dist.export_make import input_ids  # noqa: E402
+from tests.conftest import tiny_llama_config  # noqa: E402
+from tests.dist.export_make import MODES, input_ids  # noqa: E402
+
+#: TP=2 splits it unevenly: 3 KV heads put q/o at [32, 16] and k/v at [16, 8]; the MLP's 100 in grains of 8 at [48, 52].
+UNEVEN = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100)
+UNEVEN_GRAIN = 8
 
 
 def meta_tp_model(base: str, miss: MissConfig):
@@ -83,6 +90,24 @@ def random_case(base: str) -> dict:
             "finite": bool(torch.isfinite(logits).all()), "q_std": q.std().item()}
 
 
+def uneven_layouts(tp: int) -> dict:
+    """Per mode: whether reshard's view of a TP run and ``shard_model`` + ``apply_miss`` split every adapter tensor
+    alike, and the layouts of one column (q) and one MLP (gate) D."""
+    config = tiny_llama_config(**UNEVEN)
+    out = {}
+    for mode, kw in MODES.items():
+        miss = MissConfig(**kw)
+        model = build_model_on_meta(config)
+        shard_model(model, groups.get_tensor_model_parallel_group(), grain=UNEVEN_GRAIN)
+        apply_miss(model, miss)
+        run = adapter_io.layouts(model, miss)
+        view = tp_view(config, miss, [name for name, _ in miss_layers(model)], tp, UNEVEN_GRAIN)
+        out[mode] = {"equal": adapter_io.layouts(view, miss) == run,
+                     "q": run["model.layers.0.self_attn.q_proj.miss_block"],
+                     "gate": run["model.layers.1.mlp.gate_proj.miss_block"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", required=True, help="JSON list of cases")
@@ -94,6 +119,7 @@ def main() -> None:
     cases = json.loads(args.cases)
     results = {case["name"]: run_case(case, rank, tp) for case in cases}
     results["random"] = random_case(cases[0]["base"])
+    results["uneven"] = uneven_layouts(tp)
     gathered = [None] * tp
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -164,7 +164,7 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
         check(f"{mode} step {step} loss", torch.tensor(result.loss), ref_loss.detach(), failures)
         for name, layer in layers.items():
             want = ref_params[name + ".miss_block"].grad
-            check(f"{mode} step {step} grad {name}", grads[name], _local_slice(layer, want), failures)
+            check(f"{mode} step {step} grad {name}", grads[name], layer.shard_d(want), failures)
         torch.nn.utils.clip_grad_norm_(list(ref_params.values()), CLIP)
         ref_opt.step()
         losses.append(ref_loss.item())
@@ -177,7 +177,7 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
     for name, layer in layers.items():
         want = ref_params[name + ".miss_block"].detach()
         master = safe_get_full_fp32_param(layer.miss_block)  # None without a ZeRO/bf16 optimizer: D is the master
-        check(f"{mode} D {name}", layer.miss_block if master is None else master, _local_slice(layer, want), failures,
+        check(f"{mode} D {name}", layer.miss_block if master is None else master, layer.shard_d(want), failures,
               tol=1e-4)
         ref_layer = reference.get_submodule(name)
         with deepspeed.zero.GatheredParameters([layer.weight, layer.miss_block]):
@@ -186,10 +186,6 @@ def run_mode(mode: str, args, tp: int, failures: list) -> dict:
                   ref_layer.merged_linear().weight.detach(), failures, tol=1e-4)
     engine.destroy()
     return {"mode": mode, "losses": losses, "forward_collectives": c_miss.count, "engine_collectives": c_engine.count}
-
-
-def _local_slice(layer, full: torch.Tensor) -> torch.Tensor:
-    return layer.shard_d(full) if hasattr(layer, "shard_d") else full
 
 
 def main() -> None:
