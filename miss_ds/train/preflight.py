@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ..run_config import ConfigError, RunConfig
+from ..run_config import ConfigError, RunConfig, to_dict
 from .atomic import CheckpointManager
-from .checkpoint import STATE_FILE
+from .checkpoint import STATE_FILE, check_base_layout
 
 #: Files and folders whose presence means an output directory holds a run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
@@ -60,15 +60,21 @@ def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -
     return aside
 
 
-def check_resume_matches(cfg: RunConfig, resume: Optional[str]) -> None:
-    """A resumed checkpoint must hold the adapter this config builds (same r, mode, targets...): checked on the
-    checkpoint's recorded config (rank 0, sizes-only verification; the full check comes with the resume)."""
+def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int) -> None:
+    """A resumed checkpoint must hold the adapter this config builds (same r, mode, targets...) and fit this run's
+    base on this layout: checked on the checkpoint's recorded config (rank 0, sizes-only verification; the full
+    check comes with the resume)."""
     if resume is None:
         return
     path = CheckpointManager(Path(cfg.output_dir) / "checkpoints").resolve(resume, full=False)
     if path is None or not (path / STATE_FILE).is_file():
         return
-    saved = json.loads((path / STATE_FILE).read_text()).get("config", {}).get("miss", {})
+    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        check_base_layout(state, tp, to_dict(cfg), path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    saved = state.get("config", {}).get("miss", {})
     ours = cfg.miss.to_dict()
     changed = [f"miss.{k}: checkpoint {saved[k]!r}, config {ours[k]!r}" for k in ADAPTER_FIELDS
                if k in saved and _normal(saved[k]) != _normal(ours[k])]

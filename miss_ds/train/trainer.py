@@ -109,7 +109,7 @@ class Trainer:
         aside = prepare_output_dir(self.cfg, resume, overwrite)
         if aside is not None:
             logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
-        check_resume_matches(self.cfg, resume)
+        check_resume_matches(self.cfg, resume, self.layout.tp)
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
