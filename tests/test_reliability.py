@@ -258,9 +258,9 @@ def test_sigterm_right_after_start_still_exits_85(tmp_path):
         release_shm(port)
 
 
-def test_tp2_resume_of_a_tp1_checkpoint_loads_d_and_warns(sigterm_run, hf_base, scenarios, tmp_path):
-    """Another TP size cannot take the optimizer state over: D (and lm_head) load, the run says so and goes on;
-    its first step has the loss the TP=1 run itself has after resuming (same base, D, batch; dp=1 both)."""
+def test_tp2_resume_of_a_tp1_checkpoint_continues_as_tp1_would(sigterm_run, hf_base, scenarios, tmp_path):
+    """Another TP size takes over D, its fp32 masters and Adam state and the LR schedule: every later loss of the TP=2
+    continuation equals that of a TP=1 run that was never stopped (same base, batches; dp=1 both)."""
     source, returncode, _ = sigterm_run
     assert returncode == 85
     out = shutil.copytree(source, tmp_path / "run")
@@ -268,13 +268,13 @@ def test_tp2_resume_of_a_tp1_checkpoint_loads_d_and_warns(sigterm_run, hf_base, 
     proc = run_2ranks(train_cmd(2, out, *SIGTERM_RUN, "parallel.tp_size=2", f"model.path={hf_base}", resume="auto"))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    assert (f"step_{stopped_at:08d} written by tp_size=1 on 1 ranks with tp_size=2 on 2 ranks: D is loaded, "
-            "optimizer state restarts") in output
+    assert f"step_{stopped_at:08d} at step {stopped_at} (written by tp_size=1 on 1 ranks)" in output
     losses = train_losses(out)
     assert sorted(losses) == list(range(1, 21))
-    assert scenarios["tp1_continuation"]["error"] is None
-    tp1 = train_losses(scenarios["root"] / "tp1_continuation")
-    assert losses[stopped_at + 1] == pytest.approx(tp1[stopped_at + 1], rel=1e-4)
+    assert scenarios["tp1_straight"]["error"] is None
+    tp1 = train_losses(scenarios["root"] / "tp1_straight")
+    for step in range(stopped_at + 1, 21):
+        assert losses[step] == pytest.approx(tp1[step], rel=1e-3), step  # fp32 sums in another order
 
 
 def test_tp_change_on_a_random_base_is_refused(sigterm_run, tmp_path):
@@ -349,8 +349,8 @@ def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
         resume("auto", "other_base", "model.config.hidden_size=64"),
         job("init_adapter_other_base", f"init_adapter={base / step4}", "model.config.hidden_size=64"),
         job("restart_without_checkpoint", "train.max_steps=2", resume="auto", stale_metrics=3),
-        {"name": "tp1_continuation", "resume": "auto", "copy": [str(sigterm_run[0]), str(root / "tp1_continuation")],
-         "overrides": [*QUICK, f"output_dir={root / 'tp1_continuation'}", *SIGTERM_RUN, f"model.path={hf_base}"]},
+        {"name": "tp1_straight", "overrides": [*QUICK, f"output_dir={root / 'tp1_straight'}", *SIGTERM_RUN,
+                                               f"model.path={hf_base}"]},
     ]
     mounted = _mount_tmpfs(root / "disk_full" / "checkpoints")
     if mounted:
