@@ -38,8 +38,10 @@ class DataConfig:
     """Length in tokens of every sequence handed to the model."""
 
     pack: bool = False
-    """Concatenate examples into full `seq_len` blocks instead of padding each one.
-    Without packing an example longer than `seq_len` is a bad row."""
+    """Place several whole examples in each `seq_len` sequence (best-fit-decreasing over windows of
+    examples) instead of one padded example per sequence. Position ids restart at every example, which
+    confines attention to it: packed training computes the loss and gradients of unpacked training.
+    Either way an example longer than `seq_len` is a bad row."""
 
     on_bad_row: Literal["error", "skip"] = "error"
     """"error": raise, quoting the bad rows by file and line; "skip": drop them and count them in the stats."""
