@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoTokenizer
 
 from .. import engine as miss_engine, memory_plan
-from ..data import SyntheticBatches
+from ..data import SyntheticBatches, count_tokens
 from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, init_distributed
 from ..loading import build_model
 from ..modeling import DTYPES, hf_config
@@ -79,6 +79,10 @@ class Trainer:
     # ----------------------------------------------------------------- build
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
+        # Flash attention (transformers' test: "flash" in the name) finds packed examples in the position ids of
+        # one-row batches only.
+        self.one_row = data.pack and "flash" in self.cfg.model.attn_implementation
+        self.padding_fraction = 0.0
         if data.synthetic:
             self.eval_ds = None
             self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, micro, self.layout.dp_rank,
@@ -93,8 +97,10 @@ class Trainer:
         if self.layout.is_main:
             dist.barrier()
             logger.info("data: %s", stats)
+        self.padding_fraction = stats.train.padding_fraction
         self._check_splits_fill_a_batch(train_ds)
-        self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed)
+        self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
+                                     one_row=self.one_row)
 
     def _check_splits_fill_a_batch(self, train_ds) -> None:
         """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,
@@ -182,8 +188,7 @@ class Trainer:
             self.engine.backward(loss)
             skipped = self.guard.step()
             # One all-reduce: did any rank's optimizer skip the step, and how many tokens went in.
-            stats = torch.stack([torch.tensor(float(skipped), device=self.device),
-                                 batch["attention_mask"].sum().float()])
+            stats = torch.stack([torch.tensor(float(skipped), device=self.device), count_tokens(batch).float()])
             dist.all_reduce(stats)
             if stats[0].item() > 0:
                 losses.clear()
@@ -206,7 +211,8 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
         micro = self.cfg.train.micro_batch_size
-        for i, batch in enumerate(eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp)):
+        for i, batch in enumerate(eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp,
+                                               one_row=self.one_row)):
             if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -234,6 +240,7 @@ class Trainer:
                                 "recompute_layers": self.recompute_layers, "world_size": self.layout.world,
                                 "tp_size": self.layout.tp, "eval_loss": eval_loss,
                                 "skipped_batches": self.state.skipped_batches,
+                                "padding_fraction": self.padding_fraction,
                                 "trainable_params": self.report.trainable})
 
     def close(self) -> None:
