@@ -11,8 +11,9 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from miss_ds.data import (IGNORE_INDEX, BatchIterator, DataConfig, as_one_row, build_datasets, count_tokens,
-                          eval_batches)
+from miss_ds.data import (IGNORE_INDEX, BatchIterator, DataConfig, SourceConfig, as_one_row, build_datasets,
+                          count_tokens, eval_batches)
+from miss_ds.data.mixing import mix_counts, source_indices
 from miss_ds.data.sequences import best_fit_decreasing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -402,3 +403,74 @@ def test_eval_batches_are_one_ordered_pass():
     rank1 = [int(i) for batch in eval_batches(data, 2, dp_rank=1, dp_size=2) for i in batch["input_ids"][:, 0]]
     assert (rank0, rank1) == ([0, 1, 4, 5], [2, 3, 6, 7])
 
+
+# --- mixing sources --------------------------------------------------------------------------------
+
+
+def test_mix_counts_and_source_indices():
+    assert mix_counts([30, 10], [1, 3]) == [10, 30]
+    assert mix_counts([5, 5], [1, 1000]) == [1, 10]  # every source keeps at least one row
+    taken = source_indices(10, 25, seed=0, source=1).tolist()
+    assert taken[:20] == list(range(10)) * 2  # whole passes first
+    assert len(set(taken[20:])) == 5  # then a sample without repeats
+    assert source_indices(10, 25, seed=0, source=1).tolist() == taken
+    assert source_indices(10, 25, seed=1, source=1).tolist() != taken
+
+
+def mixed_config(tmp_path: Path, **extra) -> DataConfig:
+    """30 instruction rows at weight 1 and 10 chat rows (with 4 eval rows) at weight 3."""
+    a = write_lines(tmp_path / "a.jsonl", instruction_rows(30, seed=8))
+    b = write_lines(tmp_path / "b.jsonl", chat_rows(10, seed=9))
+    b_eval = write_lines(tmp_path / "b_eval.jsonl", chat_rows(4, seed=10))
+    return DataConfig(seq_len=128, sources=[SourceConfig(path=str(a)), SourceConfig(
+        path=str(b), format="chat", weight=3, eval_path=str(b_eval))], **extra)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sources_mix_by_weight_each_in_its_format(tmp_path, tokenizer, caplog, pack):
+    cfg = mixed_config(tmp_path, pack=pack)
+    with caplog.at_level("INFO", logger="miss_ds.data.pipeline"):
+        train, evaluation, stats = build_datasets(cfg, tokenizer)
+    assert [(s.format, s.weight, s.rows, s.taken) for s in stats.sources] == [("instruction", 1, 30, 10),
+                                                                              ("chat", 3, 10, 30)]
+    assert "a.jsonl (instruction, weight 1): 10 of 30; " in caplog.text and "b.jsonl (chat, weight 3): 30 of 10" in caplog.text
+    assert stats.train.rows == 40 and stats.eval.rows == 4
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    if pack:
+        examples = [ids for sequence in train for ids, _ in examples_of(sequence)]
+    else:
+        examples = [row["input_ids"][: sum(row["attention_mask"])] for row in train]
+    chats = [tuple(ids) for ids in examples if assistant in ids]
+    instructions = [tuple(ids) for ids in examples if assistant not in ids]
+    assert len(instructions) == len(set(instructions)) == 10  # a sample without repeats
+    assert len(chats) == 30 and all(chats.count(chat) == 3 for chat in chats)  # three whole passes
+    again, _, _ = build_datasets(cfg, tokenizer)  # what a resumed run (or another rank) builds
+    assert again.to_dict() == train.to_dict()
+
+
+def test_sources_and_train_path_together_are_refused(tmp_path):
+    cfg = mixed_config(tmp_path, train_path="train.jsonl")
+    with pytest.raises(ValueError, match="data.sources and data.train_path/eval_path are both set"):
+        cfg.validate()
+    cfg = mixed_config(tmp_path)
+    cfg.sources[1].weight = 0
+    with pytest.raises(ValueError, match=r"data.sources\[1\].weight is 0"):
+        cfg.validate()
+
+
+def test_run_config_names_a_misspelt_source_key(tmp_path):
+    from miss_ds.run_config import ConfigError, load_config
+
+    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text().replace(
+        "  train_path: data/arith/train.jsonl\n  eval_path: data/arith/eval.jsonl\n",
+        "  sources:\n    - {path: data/arith/train.jsonl, weight: 2}\n"
+        "    - {path: data/arith/train_chat.jsonl, format: chat, wieght: 1}\n")
+    config = tmp_path / "mix.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=r"unknown key 'data.sources\[1\].wieght'; did you mean "
+                                          r"'data.sources\[1\].weight'\?"):
+        load_config(config)
+    config.write_text(text.replace("wieght", "weight"))
+    sources = load_config(config).data.sources
+    assert [(s.path, s.format, s.weight) for s in sources] == [("data/arith/train.jsonl", None, 2.0),
+                                                               ("data/arith/train_chat.jsonl", "chat", 1.0)]

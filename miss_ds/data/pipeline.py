@@ -7,11 +7,12 @@ from functools import partial
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, Features, List, Value, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from miss_ds.data.config import DataConfig
 from miss_ds.data.encode import IGNORE_INDEX, check_tokenizer, encode_batch
+from miss_ds.data.mixing import mix
 from miss_ds.data.rows import ORIGIN, PROBLEM, BadRow, bad_rows_message, split_off_bad_rows
 from miss_ds.data.sequences import pack_batch, pad_batch
 from miss_ds.data.sources import read_rows
@@ -27,14 +28,14 @@ PADDED_FEATURES = _features("input_ids", "labels", "attention_mask")
 PACKED_FEATURES = _features("input_ids", "labels", "position_ids")
 PAD_BATCH_ROWS = 1000  # examples per `datasets.map` batch when padding
 PACK_WINDOW = 1000  # examples packed together: a larger window fills sequences better
-PACK_STREAM = 2  # random stream of the shuffle before packing: distinct from the loader's per-epoch streams
+PACK_STREAM = 2  # random stream of the shuffle before packing (see mixing.MIX_STREAM)
 
 
 @dataclass
 class SplitStats:
     """What one split (train or eval) turned into."""
 
-    rows: int  # examples in the split's sequences
+    rows: int  # examples in the split's sequences (for a training mix: the rows taken, repeats included)
     bad_rows: int  # malformed rows skipped (on_bad_row="skip")
     too_long_rows: int  # rows longer than seq_len skipped (on_bad_row="skip")
     sequences: int  # seq_len-long sequences built
@@ -44,11 +45,23 @@ class SplitStats:
 
 
 @dataclass
+class SourceStats:
+    """One source of the training set and how many of its rows the mix took."""
+
+    path: str
+    format: str
+    weight: float
+    rows: int  # usable training rows of the source
+    taken: int  # rows of it in the training set: more than `rows` when the mix repeats it
+
+
+@dataclass
 class DataStats:
-    """Stats of both splits; `eval` is None when there is no eval set."""
+    """Stats of both splits (`eval` is None when there is no eval set) and of every training source."""
 
     train: SplitStats
     eval: SplitStats | None
+    sources: list[SourceStats]
 
 
 @dataclass
@@ -63,7 +76,7 @@ class _Examples:
 def build_datasets(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, Dataset | None, DataStats]:
-    """Read, check, tokenise and pad/pack the train (and eval) data described by `cfg`.
+    """Read, check, tokenise, mix and pad/pack the train (and eval) data described by `cfg`.
 
     Returns datasets of sequences, each exactly `cfg.seq_len` long (`input_ids`, `labels` and
     `attention_mask` when padded, `position_ids` instead of `attention_mask` when packed), ready for
@@ -71,18 +84,33 @@ def build_datasets(
     an unsuitable tokenizer, bad rows (unless skipped) or an empty result.
     """
     cfg.validate()
-    train_examples, eval_examples = _source_examples(cfg, tokenizer)
-    train, train_stats = _sequences(train_examples, tokenizer, cfg, "train")
+    sources = cfg.per_source()
+    encoded = [_source_examples(source, tokenizer) for source, _ in sources]
+    weights = [weight for _, weight in sources]
+    trains = [train for train, _ in encoded]
+    mixed, taken = mix([train.examples for train in trains], weights, cfg.seed)
+    source_stats = [SourceStats(source.train_path, source.format, weight, len(train.examples), count)
+                    for (source, weight), train, count in zip(sources, trains, taken, strict=True)]
+    logger.info("train rows per source: %s", "; ".join(
+        f"{s.path} ({s.format}, weight {s.weight:g}): {s.taken} of {s.rows}" for s in source_stats))
+    train, train_stats = _sequences(_joined(trains, mixed), tokenizer, cfg, "train")
     logger.info("train data: %s", train_stats)
-    if eval_examples is None:
-        return train, None, DataStats(train_stats, None)
-    evaluation, eval_stats = _sequences(eval_examples, tokenizer, cfg, "eval")
+    evals = [evaluation for _, evaluation in encoded if evaluation is not None]
+    if not evals:
+        return train, None, DataStats(train_stats, None, source_stats)
+    union = concatenate_datasets([e.examples for e in evals]) if len(evals) > 1 else evals[0].examples
+    evaluation, eval_stats = _sequences(_joined(evals, union), tokenizer, cfg, "eval")
     logger.info("eval data: %s", eval_stats)
-    return train, evaluation, DataStats(train_stats, eval_stats)
+    return train, evaluation, DataStats(train_stats, eval_stats, source_stats)
+
+
+def _joined(parts: list[_Examples], examples: Dataset) -> _Examples:
+    """`examples` drawn from `parts`, with the rows the parts dropped."""
+    return _Examples(examples, sum(p.bad_rows for p in parts), sum(p.too_long_rows for p in parts))
 
 
 def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[_Examples, _Examples | None]:
-    """Train and eval examples (eval None without `eval_path` or `eval_fraction`)."""
+    """One source's train and eval examples (eval None without `eval_path` or `eval_fraction`)."""
     check_tokenizer(tokenizer, cfg)
     train_rows, train_bad = _usable_rows(cfg.train_path, cfg.train_split, cfg)
     eval_rows, eval_bad = _usable_rows(cfg.eval_path, cfg.eval_split, cfg) if cfg.eval_path else (None, [])
@@ -133,7 +161,7 @@ def _sequences(examples: _Examples, tokenizer: PreTrainedTokenizerBase, cfg: Dat
                ) -> tuple[Dataset, SplitStats]:
     """Pad or pack the examples to `seq_len`.
 
-    Packing first shuffles the examples (seeded), so that windows mix lengths; it runs in one
+    Packing first shuffles the examples (seeded), so that windows mix sources and lengths; it runs in one
     process, so the windows, and with them the sequences, do not depend on `num_proc`.
     """
     encoded = examples.examples

@@ -106,10 +106,11 @@ class Trainer:
         """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,
         after training has run (at the end: before the final checkpoint)."""
         data, micro, dp = self.cfg.data, self.cfg.train.micro_batch_size, self.layout.dp
-        eval_source = (f"data.eval_path={data.eval_path}" if data.eval_path else
+        train_source = "data.sources" if data.sources else f"data.train_path={data.train_path}"
+        eval_source = ("the eval_path and eval_fraction of data.sources" if data.sources else
+                       f"data.eval_path={data.eval_path}" if data.eval_path else
                        f"the data.eval_fraction={data.eval_fraction} hold-out of data.train_path={data.train_path}")
-        for split, dataset, source in (("train", train_ds, f"data.train_path={data.train_path}"),
-                                       ("eval", self.eval_ds, eval_source)):
+        for split, dataset, source in (("train", train_ds, train_source), ("eval", self.eval_ds, eval_source)):
             if dataset is not None and len(dataset) < micro * dp:
                 raise ValueError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
                                  f"train.micro_batch_size={micro} x {dp} data-parallel ranks; add {split} "
