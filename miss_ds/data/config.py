@@ -26,6 +26,9 @@ class SourceConfig:
     """This source's eval rows (optional); the eval set is the union of the sources' eval rows."""
 
     format: Literal["text", "instruction", "chat"] | None = None
+    """This source's row format; None: `data.format`."""
+
+    # This source's column names; None: the `data.` ones.
     text_field: str | None = None
     prompt_field: str | None = None
     response_field: str | None = None
