@@ -1,6 +1,7 @@
 """`build_datasets`: config + tokenizer -> fixed-length train/eval sets, and what was used or dropped."""
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,7 +28,10 @@ def _features(*names: str) -> Features:
 PADDED_FEATURES = _features("input_ids", "labels", "attention_mask")
 PACKED_FEATURES = _features("input_ids", "labels", "position_ids")
 PAD_BATCH_ROWS = 1000  # examples per `datasets.map` batch when padding
-PACK_WINDOW = 1000  # examples packed together: a larger window fills sequences better
+# Examples packed together: at least this many, and enough for this many full sequences (only a window's last
+# sequences are left part empty, so a larger window pads less).
+PACK_WINDOW_ROWS = 1000
+PACK_WINDOW_SEQUENCES = 64
 PACK_STREAM = 2  # random stream of the shuffle before packing (see mixing.MIX_STREAM)
 
 
@@ -165,9 +169,12 @@ def _sequences(examples: _Examples, tokenizer: PreTrainedTokenizerBase, cfg: Dat
     process, so the windows, and with them the sequences, do not depend on `num_proc`.
     """
     encoded = examples.examples
+    columns = encoded.with_format("arrow")
+    tokens = pc.sum(columns["length"]).as_py()
     if cfg.pack:
+        window = max(PACK_WINDOW_ROWS, math.ceil(PACK_WINDOW_SEQUENCES * cfg.seq_len * len(encoded) / tokens))
         order = np.random.default_rng([cfg.seed, PACK_STREAM]).permutation(len(encoded))
-        to_sequences, features, batch_size, num_proc = pack_batch, PACKED_FEATURES, PACK_WINDOW, None
+        to_sequences, features, batch_size, num_proc = pack_batch, PACKED_FEATURES, window, None
         source = encoded.select(order)
     else:
         to_sequences, features, batch_size, num_proc = pad_batch, PADDED_FEATURES, PAD_BATCH_ROWS, cfg.num_proc
@@ -181,8 +188,6 @@ def _sequences(examples: _Examples, tokenizer: PreTrainedTokenizerBase, cfg: Dat
         num_proc=num_proc,
         desc=f"{'packing' if cfg.pack else 'padding'} {name}",
     )
-    columns = encoded.with_format("arrow")
-    tokens = pc.sum(columns["length"]).as_py()
     labels = pc.list_flatten(columns["labels"])
     stats = SplitStats(
         rows=len(encoded),
