@@ -94,9 +94,9 @@ class DataConfig:
 
     sources: list[SourceConfig] = field(default_factory=list)
     """Several sources mixed in one run, each with its own path, format and weight; replaces
-    `train_path`/`eval_path` (set one or the other). Each epoch of the mix takes
-    round(weight / sum of weights * all usable rows) rows of a source: whole passes over it, then a
-    seeded sample without repeats."""
+    `train_path`/`eval_path` (set one or the other). The training set is as large as all usable rows
+    together and takes round(weight / sum of weights * that) rows of a source: whole passes over it,
+    then a seeded sample without repeats (mixing.py)."""
 
     def per_source(self) -> list[tuple["DataConfig", float]]:
         """(single-source config, weight) of every source; without `sources` this config is the only one."""
