@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -207,7 +208,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if is_dataclass(hint):
         return _build(hint, value, source, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
@@ -226,6 +227,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be a list, got the string {value!r}")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        if origin is list and args and is_dataclass(args[0]):
+            return [_build(args[0], item, source, f"{key}[{i}].") for i, item in enumerate(value)]
         return tuple(value) if origin is tuple else list(value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -263,13 +266,15 @@ def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
         fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
     if check_files and tokenizer is not None and not Path(tokenizer).is_dir():
         fail("tokenizer", f"= {tokenizer} is not a directory")
-    if not cfg.data.train_path and not cfg.data.synthetic:
-        fail("data.train_path", "is empty: name the training data")
-    for key in ("train_path", "eval_path"):
-        path = getattr(cfg.data, key)
+    if not cfg.data.train_path and not cfg.data.sources and not cfg.data.synthetic:
+        fail("data.train_path", "is empty: name the training data (or list several under data.sources)")
+    paths = [("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)]
+    paths += [(f"data.sources[{i}].{key}", getattr(source, key)) for i, source in enumerate(cfg.data.sources)
+              for key in ("path", "eval_path")]
+    for key, path in paths:
         if check_files and path and not cfg.data.synthetic and Path(path).suffix in DATA_SUFFIXES \
                 and not Path(path).exists():
-            fail(f"data.{key}", f"= {path} does not exist (relative paths start at {Path.cwd()})")
+            fail(key, f"= {path} does not exist (relative paths start at {Path.cwd()})")
     try:
         cfg.data.validate()
     except ValueError as exc:

@@ -11,7 +11,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
-from miss_ds.data import IGNORE_INDEX, BatchIterator, DataConfig, build_datasets, eval_batches
+from miss_ds.data import (IGNORE_INDEX, BatchIterator, DataConfig, SourceConfig, as_one_row, build_datasets,
+                          count_tokens, eval_batches)
+from miss_ds.data.mixing import mix_counts, source_indices
+from miss_ds.data.sequences import best_fit_decreasing
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITH = ROOT / "data" / "arith"
@@ -135,15 +138,89 @@ def test_text_format_trains_on_all_but_bos(tmp_path, tokenizer):
     assert ids[-1] == tokenizer.eos_token_id and stats.train.loss_tokens == len(ids) - 1
 
 
-def test_packing_concatenates_examples_into_full_blocks(tmp_path, tokenizer):
+def examples_of(sequence: dict) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) of each example in a packed sequence, cut where the position ids restart."""
+    positions = sequence["position_ids"]
+    starts = [i for i, p in enumerate(positions) if p == 0 and i + 1 < len(positions) and positions[i + 1] == 1]
+    ends = starts[1:] + [max(i for i, p in enumerate(positions) if p != 0) + 1]
+    return [(sequence["input_ids"][a:b], sequence["labels"][a:b]) for a, b in zip(starts, ends, strict=True)]
+
+
+def test_packing_keeps_every_example_whole_with_its_own_positions(tmp_path, tokenizer):
     path = str(write_lines(tmp_path / "train.jsonl", instruction_rows(40, seed=5)))
-    padded, _, _ = build_datasets(DataConfig(train_path=path, seq_len=128), tokenizer)
-    packed, _, stats = build_datasets(DataConfig(train_path=path, seq_len=32, pack=True), tokenizer)
-    assert all(len(row["input_ids"]) == len(row["labels"]) == 32 for row in packed)
-    assert real_tokens(packed, "labels") == real_tokens(padded, "labels")
-    assert real_tokens(packed, "input_ids") == real_tokens(padded, "input_ids")
-    assert all(sum(row["attention_mask"]) == 32 for row in list(packed)[:-1])  # only the last block is padded
-    assert stats.train.sequences == -(-stats.train.tokens // 32)
+    padded, _, padded_stats = build_datasets(DataConfig(train_path=path, seq_len=128), tokenizer)
+    packed, _, stats = build_datasets(DataConfig(train_path=path, seq_len=128, pack=True), tokenizer)
+    examples = [(row["input_ids"][: sum(row["attention_mask"])], row["labels"][: sum(row["attention_mask"])])
+                for row in padded]
+    packed_examples = [example for sequence in packed for example in examples_of(sequence)]
+    assert sorted(packed_examples) == sorted(examples)  # each example once, whole, labels with it
+    for sequence in packed:
+        used = sum(len(ids) for ids, _ in examples_of(sequence))
+        assert sequence["position_ids"][used:] == [0] * (128 - used)  # the tail is padding
+        assert sequence["labels"][used:] == [IGNORE_INDEX] * (128 - used)
+        assert all(labels[0] == IGNORE_INDEX for _, labels in examples_of(sequence))
+    assert (stats.train.rows, stats.train.tokens, stats.train.loss_tokens) == \
+        (40, padded_stats.train.tokens, padded_stats.train.loss_tokens)
+    assert stats.train.sequences == len(packed) <= -(-stats.train.tokens // 128) + 1  # at most one above the bound
+    assert stats.train.padding_fraction == round(1 - stats.train.tokens / (len(packed) * 128), 4)
+    assert padded_stats.train.padding_fraction > 0.6
+
+
+def test_best_fit_decreasing():
+    assert best_fit_decreasing([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+    lengths = [(7 * i) % 13 + 1 for i in range(200)]
+    bins = best_fit_decreasing(lengths, 16)
+    assert sorted(i for b in bins for i in b) == list(range(200))
+    assert all(sum(lengths[i] for i in b) <= 16 for b in bins)
+    assert len(bins) <= -(-sum(lengths) // 16) + 2
+
+
+def test_packing_is_a_function_of_data_and_seed(tmp_path, tokenizer):
+    path = str(write_lines(tmp_path / "train.jsonl", instruction_rows(60, seed=6)))
+    cfg = DataConfig(train_path=path, seq_len=128, pack=True, seed=3)
+    first, _, _ = build_datasets(cfg, tokenizer)
+    write_lines(tmp_path / "copy.jsonl", instruction_rows(60, seed=6))  # same rows, another file: no shared cache
+    again, _, _ = build_datasets(DataConfig(train_path=str(tmp_path / "copy.jsonl"), seq_len=128, pack=True, seed=3),
+                                 tokenizer)
+    other_seed, _, _ = build_datasets(DataConfig(train_path=path, seq_len=128, pack=True, seed=4), tokenizer)
+    assert first.to_dict() == again.to_dict()
+    assert first.to_dict() != other_seed.to_dict()
+    assert sorted(e for s in first for e in examples_of(s)) == sorted(e for s in other_seed for e in examples_of(s))
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_packing_refuses_or_skips_an_example_longer_than_a_sequence(tmp_path, tokenizer, policy):
+    path = write_lines(tmp_path / "long.jsonl", [*PROBLEMS, {"prompt": "x " * 200, "response": "y"}])
+    cfg = DataConfig(train_path=str(path), seq_len=64, pack=True, on_bad_row=policy)
+    if policy == "error":
+        with pytest.raises(ValueError, match=r"long\.jsonl line 4: \d+ tokens, more than data.seq_len=64"):
+            build_datasets(cfg, tokenizer)
+        return
+    packed, _, stats = build_datasets(cfg, tokenizer)
+    assert (stats.train.rows, stats.train.too_long_rows) == (3, 1)
+
+
+def test_packed_batches_count_tokens_and_resume_mid_epoch(tmp_path, tokenizer):
+    path = str(write_lines(tmp_path / "train.jsonl", instruction_rows(80, seed=7)))
+    packed, _, stats = build_datasets(DataConfig(train_path=path, seq_len=64, pack=True), tokenizer)
+    batches = list(eval_batches(packed, micro_batch_size=1))
+    assert sorted(batches[0]) == ["input_ids", "labels", "position_ids"]
+    assert sum(int(count_tokens(b)) for b in batches) == stats.train.tokens
+    for one_row in (False, True):
+        uninterrupted = BatchIterator(packed, micro_batch_size=4, dp_size=2, seed=5, one_row=one_row)
+        per_epoch = uninterrupted.batches_per_epoch
+        reference = [next(uninterrupted) for _ in range(2 * per_epoch)]
+        first = BatchIterator(packed, micro_batch_size=4, dp_size=2, seed=5, one_row=one_row)
+        for _ in range(per_epoch // 2):  # stop in the middle of the first epoch
+            next(first)
+        resumed = BatchIterator(packed, micro_batch_size=4, dp_size=2, seed=5, one_row=one_row)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        for expected in reference[per_epoch // 2:]:
+            batch = next(resumed)
+            assert all(batch[name].equal(expected[name]) for name in expected)
+        assert reference[0]["input_ids"].shape == ((1, 4 * 64) if one_row else (4, 64))
+    rows = next(eval_batches(packed, micro_batch_size=4))
+    assert count_tokens(as_one_row(rows)) == count_tokens(rows) == sum(int(count_tokens(b)) for b in batches[:4])
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -325,3 +402,75 @@ def test_eval_batches_are_one_ordered_pass():
     rank0 = [int(i) for batch in eval_batches(data, 2, dp_rank=0, dp_size=2) for i in batch["input_ids"][:, 0]]
     rank1 = [int(i) for batch in eval_batches(data, 2, dp_rank=1, dp_size=2) for i in batch["input_ids"][:, 0]]
     assert (rank0, rank1) == ([0, 1, 4, 5], [2, 3, 6, 7])
+
+
+# --- mixing sources --------------------------------------------------------------------------------
+
+
+def test_mix_counts_and_source_indices():
+    assert mix_counts([30, 10], [1, 3]) == [10, 30]
+    assert mix_counts([5, 5], [1, 1000]) == [1, 10]  # every source keeps at least one row
+    taken = source_indices(10, 25, seed=0, source=1).tolist()
+    assert taken[:20] == list(range(10)) * 2  # whole passes first
+    assert len(set(taken[20:])) == 5  # then a sample without repeats
+    assert source_indices(10, 25, seed=0, source=1).tolist() == taken
+    assert source_indices(10, 25, seed=1, source=1).tolist() != taken
+
+
+def mixed_config(tmp_path: Path, **extra) -> DataConfig:
+    """30 instruction rows at weight 1 and 10 chat rows (with 4 eval rows) at weight 3."""
+    a = write_lines(tmp_path / "a.jsonl", instruction_rows(30, seed=8))
+    b = write_lines(tmp_path / "b.jsonl", chat_rows(10, seed=9))
+    b_eval = write_lines(tmp_path / "b_eval.jsonl", chat_rows(4, seed=10))
+    return DataConfig(seq_len=128, sources=[SourceConfig(path=str(a)), SourceConfig(
+        path=str(b), format="chat", weight=3, eval_path=str(b_eval))], **extra)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sources_mix_by_weight_each_in_its_format(tmp_path, tokenizer, caplog, pack):
+    cfg = mixed_config(tmp_path, pack=pack)
+    with caplog.at_level("INFO", logger="miss_ds.data.pipeline"):
+        train, evaluation, stats = build_datasets(cfg, tokenizer)
+    assert [(s.format, s.weight, s.rows, s.taken) for s in stats.sources] == [("instruction", 1, 30, 10),
+                                                                              ("chat", 3, 10, 30)]
+    assert "a.jsonl (instruction, weight 1): 10 of 30; " in caplog.text and "b.jsonl (chat, weight 3): 30 of 10" in caplog.text
+    assert stats.train.rows == 40 and stats.eval.rows == 4
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    if pack:
+        examples = [ids for sequence in train for ids, _ in examples_of(sequence)]
+    else:
+        examples = [row["input_ids"][: sum(row["attention_mask"])] for row in train]
+    chats = [tuple(ids) for ids in examples if assistant in ids]
+    instructions = [tuple(ids) for ids in examples if assistant not in ids]
+    assert len(instructions) == len(set(instructions)) == 10  # a sample without repeats
+    assert len(chats) == 30 and all(chats.count(chat) == 3 for chat in chats)  # three whole passes
+    again, _, _ = build_datasets(cfg, tokenizer)  # what a resumed run (or another rank) builds
+    assert again.to_dict() == train.to_dict()
+
+
+def test_sources_and_train_path_together_are_refused(tmp_path):
+    cfg = mixed_config(tmp_path, train_path="train.jsonl")
+    with pytest.raises(ValueError, match="data.sources and data.train_path/eval_path are both set"):
+        cfg.validate()
+    cfg = mixed_config(tmp_path)
+    cfg.sources[1].weight = 0
+    with pytest.raises(ValueError, match=r"data.sources\[1\].weight is 0"):
+        cfg.validate()
+
+
+def test_run_config_names_a_misspelt_source_key(tmp_path):
+    from miss_ds.run_config import ConfigError, load_config
+
+    text = (ROOT / "configs" / "tiny-cpu.yaml").read_text().replace(
+        "  train_path: data/arith/train.jsonl\n  eval_path: data/arith/eval.jsonl\n",
+        "  sources:\n    - {path: data/arith/train.jsonl, weight: 2}\n"
+        "    - {path: data/arith/train_chat.jsonl, format: chat, wieght: 1}\n")
+    config = tmp_path / "mix.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=r"unknown key 'data.sources\[1\].wieght'; did you mean "
+                                          r"'data.sources\[1\].weight'\?"):
+        load_config(config)
+    config.write_text(text.replace("wieght", "weight"))
+    sources = load_config(config).data.sources
+    assert [(s.path, s.format, s.weight) for s in sources] == [("data/arith/train.jsonl", None, 2.0),
+                                                               ("data/arith/train_chat.jsonl", "chat", 1.0)]

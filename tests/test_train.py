@@ -182,3 +182,23 @@ def test_bad_data_row_names_file_and_line(tmp_path):
                 "--set", "data.eval_path=null", "--set", f"output_dir={tmp_path / 'out'}"], timeout=300)
     assert proc.returncode != 0
     assert "rows.jsonl" in proc.stderr and "line 7" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_packed_mix_of_two_sources_trains(tmp_path):
+    """pack: true over two sources in their own formats (one process): the mix is reported at start, the loss
+    falls, only real tokens are counted and the summary gives the padding fraction."""
+    sources = ("[{path: data/arith/train.jsonl, weight: 3, eval_path: data/arith/eval.jsonl}, "
+               "{path: data/arith/train_chat.jsonl, format: chat, weight: 1}]")
+    proc = run(train_cmd(1, tmp_path, "data.train_path=''", "data.eval_path=null", f"data.sources={sources}",
+                         "data.pack=true", "data.seq_len=128", "train.micro_batch_size=8", "train.max_steps=30",
+                         "checkpoint.every_steps=0", "eval.every_steps=0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train.jsonl (instruction, weight 3): 16500 of 20000; data/arith/train_chat.jsonl (chat, weight 1): " \
+           "5500 of 2000" in proc.stderr
+    losses = train_losses(tmp_path)
+    assert sum(losses[s] for s in range(28, 31)) < 0.7 * sum(losses[s] for s in range(1, 4))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["padding_fraction"] < 0.15  # unpacked: over 0.6
+    capacity = 30 * 8 * 128
+    assert (1 - summary["padding_fraction"] - 0.02) * capacity < summary["tokens"] < capacity
+    assert summary["eval_loss"] < losses[1]

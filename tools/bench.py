@@ -21,6 +21,14 @@ tokens/s, MFU and peak memory against the floor plus the variant's optimizer sta
 
     python tools/bench.py model --layers 8
 
+``pack``: packed against unpacked training on rows whose lengths follow a long-tailed (log-normal) spread, as in
+SFT sets: one ``launch/train.py`` run per layout and attention implementation, same model, micro-batch and
+seq_len. Reports the padding fraction of each training set, real (non-padding) tokens/s and step time, and
+writes ``pack.json``. ``--preset tiny`` runs on CPU in a minute; ``--preset llama7b`` is the GPU measurement of
+the README (8 Llama-7B-shape layers, bf16, seq 4096, micro-batch 2, random weights).
+
+    python tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out runs/pack
+
 ``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode
 (``miss`` fused and not), PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
 ``--profile`` adds each variant's top GPU kernels.
@@ -216,6 +224,93 @@ def cmd_model(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+PACK_PRESETS = {
+    "tiny": {"model": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2},
+             "dtype": "float32", "recompute": False, "seq_len": 256, "micro_batch_size": 4, "steps": 8, "rows": 2000},
+    "llama7b": {"model": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 8,
+                          "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+                "dtype": "bfloat16", "recompute": True, "seq_len": 4096, "micro_batch_size": 2, "steps": 12,
+                "rows": 4000},
+}
+ARITH_TOKENIZER = ROOT / "data" / "arith" / "tokenizer"
+
+
+def long_tailed_rows(count: int, seq_len: int, median: int, sigma: float, seed: int) -> list[dict[str, str]]:
+    """Instruction rows of about n tokens each (shipped tokenizer), n log-normal around ``median``, cut to fit
+    ``seq_len``: words that are one token each, 60% prompt and 40% response."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ARITH_TOKENIZER)
+    words = [w.lstrip("\u2581") for w in tokenizer.get_vocab() if w.startswith("\u2581") and w[1:].isalpha()]
+    words = sorted(w for w in words if len(tokenizer(f"{w} {w}", add_special_tokens=False)["input_ids"]) == 2)
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), sigma, count), 8, seq_len - 4).astype(int)
+    rows = []
+    for n in lengths:
+        text = rng.choice(words, size=n)
+        cut = max(1, int(0.6 * n))
+        rows.append({"prompt": " ".join(text[:cut]), "response": " ".join(text[cut:])})
+    return rows
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    import yaml
+
+    preset = PACK_PRESETS[args.preset]
+    seq_len = args.seq_len or preset["seq_len"]
+    out_root, work = Path(args.out), Path(args.work or args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = long_tailed_rows(args.rows or preset["rows"], seq_len, args.median or seq_len // 8, args.sigma, seed=0)
+    data = work / "long_tailed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "output_dir": str(work / "unused"), "tokenizer": str(ARITH_TOKENIZER), "seed": 0,
+        "model": {"config": {"model_type": "llama", **preset["model"], "max_position_embeddings": seq_len},
+                  "random_init": True, "dtype": preset["dtype"], "gradient_checkpointing": preset["recompute"]},
+        "miss": {"r": 64 if args.preset != "tiny" else 16, "mode": "miss"},
+        "data": {"train_path": str(data), "format": "instruction", "seq_len": seq_len},
+        "train": {"micro_batch_size": args.micro_batch_size or preset["micro_batch_size"],
+                  "max_steps": args.steps or preset["steps"], "lr": 1.0e-4, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 0, "keep_last": 1},
+        "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
+    }
+    base = out_root / "pack_base.yaml"
+    base.write_text(yaml.safe_dump(config, sort_keys=False))
+    results = []
+    for attn in args.attn.split(","):
+        for pack in (False, True):
+            name = f"{'packed' if pack else 'unpacked'}-{attn}"
+            spec = f"{name}=train:{base} data.pack={str(pack).lower()} model.attn_implementation={attn}"
+            r = run_variant(spec, args.gpus, out_root, work, args.timeout)
+            r.update(attn=attn, pack=pack)
+            if "step_s_median" in r:
+                r["real_tokens_per_s_per_gpu"] = round(r["tokens"] / r["steps"] / r["step_s_median"] / args.gpus, 1)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    for r in results:
+        unpacked = next((u for u in results if u["attn"] == r["attn"] and not u["pack"]), {})
+        if "real_tokens_per_s_per_gpu" in r and "real_tokens_per_s_per_gpu" in unpacked:
+            r["x_unpacked"] = round(r["real_tokens_per_s_per_gpu"] / unpacked["real_tokens_per_s_per_gpu"], 3)
+    lengths = sorted(len(row["prompt"].split()) + len(row["response"].split()) for row in rows)
+    spread = {q: lengths[int(q / 100 * (len(lengths) - 1))] for q in (10, 50, 90, 99)}
+    (out_root / "pack.json").write_text(json.dumps({"preset": args.preset, "seq_len": seq_len, "rows": len(rows),
+                                                    "words_percentiles": spread, "results": results}, indent=1))
+    print(f"rows: {len(rows)}, words per row p10/p50/p90/p99: {'/'.join(str(v) for v in spread.values())}, "
+          f"seq_len {seq_len}")
+    print("| variant | rc | padding | s/step | real tokens/s/GPU | x unpacked | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "real_tokens_per_s_per_gpu" not in r:
+            print(f"| {r['name']} | {r['rc']} | failed (see {r['name']}.log) | | | | |")
+            continue
+        print(f"| {r['name']} | {r['rc']} | {r['padding_fraction']:.3f} | {r['step_s_median']:.3f} | "
+              f"{r['real_tokens_per_s_per_gpu']:.0f} | {r.get('x_unpacked', 1.0):.2f} | "
+              f"{r.get('peak_memory_gib', 0):.1f} |", flush=True)
+
+
 def cmd_layer(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
@@ -313,6 +408,20 @@ def main() -> None:
     m.add_argument("--repeat", type=int, default=5)
     m.add_argument("--out", default=None, help="write the results as JSON here")
     m.set_defaults(func=cmd_model)
+    k = sub.add_parser("pack", help="packed against unpacked training on long-tailed row lengths")
+    k.add_argument("--preset", choices=sorted(PACK_PRESETS), default="tiny")
+    k.add_argument("--attn", default="sdpa", help="comma list of attention implementations (model.attn_implementation)")
+    k.add_argument("--gpus", type=int, default=1)
+    k.add_argument("--rows", type=int, default=None, help="rows generated (default: the preset's)")
+    k.add_argument("--seq-len", type=int, default=None)
+    k.add_argument("--median", type=int, default=None, help="median row length in tokens (default: seq_len / 8)")
+    k.add_argument("--sigma", type=float, default=1.0, help="log-normal spread of the row lengths")
+    k.add_argument("--micro-batch-size", type=int, default=None)
+    k.add_argument("--steps", type=int, default=None)
+    k.add_argument("--out", default=os.environ.get("OUT", "runs/bench-pack"))
+    k.add_argument("--work", default=None, help="where the data and the runs go (default: --out)")
+    k.add_argument("--timeout", type=int, default=600)
+    k.set_defaults(func=cmd_pack)
     l = sub.add_parser("layer", help="one layer's forward + backward")
     l.add_argument("--tokens", type=int, default=8192)
     l.add_argument("--in-features", type=int, default=4096)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single-GPU kernel checks and benchmarks of docs/performance.md (device kind nvidia-h100-x1), from the repository
 # root, DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh).
-#   bash tools/gpu_bench.sh tests layer7b layer70b model       # stages to run, in order; logs in $OUT/logs.tgz
+#   bash tools/gpu_bench.sh tests layer7b layer70b model pack  # stages to run, in order; logs in $OUT/logs.tgz
 set -uo pipefail
 OUT=${OUT:-runs/perf}; LOGS=/tmp/perf-logs; mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,4 +16,6 @@ for stage in "$@"; do case $stage in
   layer70b) python3 tools/bench.py layer --tokens 8192 --in-features 8192 --out-features 14336 --r 64 \
       2>&1 | tee "$LOGS/layer70b.txt" ;;
   model) python3 tools/bench.py model --layers 8 --out "$LOGS/model.json" 2>&1 | grep -v Warning | tee "$LOGS/model.txt" ;;
+  pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
+      2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done

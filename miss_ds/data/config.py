@@ -1,10 +1,38 @@
 """`DataConfig`: everything the data pipeline needs to know, checked before any work starts."""
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 FORMATS = ("text", "instruction", "chat")
 BAD_ROW_POLICIES = ("error", "skip")
+FIELD_NAMES = ("text_field", "prompt_field", "response_field", "messages_field")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data mix (`DataConfig.sources`): its rows, their format and its share of the training rows.
+
+    Unset (None) format and column names are taken from the `data.` keys of the same name.
+    """
+
+    path: str = ""
+    """Training rows: any source `data.train_path` accepts."""
+
+    weight: float = 1.0
+    """This source's share of the mixed training rows, relative to the other sources' weights (positive)."""
+
+    eval_path: str | None = None
+    """This source's eval rows (optional); the eval set is the union of the sources' eval rows."""
+
+    format: Literal["text", "instruction", "chat"] | None = None
+    """This source's row format; None: `data.format`."""
+
+    # This source's column names; None: the `data.` ones.
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
 
 
 @dataclass
@@ -38,14 +66,17 @@ class DataConfig:
     """Length in tokens of every sequence handed to the model."""
 
     pack: bool = False
-    """Concatenate examples into full `seq_len` blocks instead of padding each one.
-    Without packing an example longer than `seq_len` is a bad row."""
+    """Place several whole examples in each `seq_len` sequence (best-fit-decreasing over windows of
+    examples) instead of one padded example per sequence. Position ids restart at every example, which
+    confines attention to it: packed training computes the loss and gradients of unpacked training.
+    Either way an example longer than `seq_len` is a bad row."""
 
     on_bad_row: Literal["error", "skip"] = "error"
     """"error": raise, quoting the bad rows by file and line; "skip": drop them and count them in the stats."""
 
     eval_fraction: float = 0.0
-    """When `eval_path` is None, hold out this fraction of the train rows as eval (0 = none)."""
+    """When `eval_path` is None, hold out this fraction of the train rows as eval (0 = none); with
+    `sources`, this fraction of every source."""
 
     # Split names, used only for sources that hold several splits (`datasets` names,
     # `save_to_disk` directories of a `DatasetDict`).
@@ -61,15 +92,34 @@ class DataConfig:
     num_proc: int | None = None
     """Worker processes for `datasets.map` tokenisation; None = in-process."""
 
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several sources mixed in one run, each with its own path, format and weight; replaces
+    `train_path`/`eval_path` (set one or the other). The training set is as large as all usable rows
+    together and takes round(weight / sum of weights * that) rows of a source: whole passes over it,
+    then a seeded sample without repeats (mixing.py)."""
+
+    def per_source(self) -> list[tuple["DataConfig", float]]:
+        """(single-source config, weight) of every source; without `sources` this config is the only one."""
+        if not self.sources:
+            return [(self, 1.0)]
+        configs = []
+        for source in self.sources:
+            inherited = {name: getattr(source, name) or getattr(self, name) for name in ("format", *FIELD_NAMES)}
+            configs.append((replace(self, train_path=source.path, eval_path=source.eval_path, sources=[],
+                                    **inherited), source.weight))
+        return configs
+
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and how to fix it."""
         if self.synthetic:
             if not isinstance(self.seq_len, int) or self.seq_len < 2:
                 raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
             return
-        if not self.train_path:
+        if self.sources:
+            self._validate_sources()
+        elif not self.train_path:
             raise ValueError("data.train_path is empty: set it to a .jsonl/.parquet/.arrow file, "
-                             "a directory of them, or a datasets name")
+                             "a directory of them, or a datasets name (or list several under data.sources)")
         if self.format not in FORMATS:
             raise ValueError(f"data.format is {self.format!r}: use one of {', '.join(FORMATS)}")
         if self.on_bad_row not in BAD_ROW_POLICIES:
@@ -86,3 +136,23 @@ class DataConfig:
                              "eval set, or eval_fraction to carve one out of train, not both")
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"data.num_proc is {self.num_proc}: use a positive integer or leave it unset")
+
+    def _validate_sources(self) -> None:
+        if self.train_path or self.eval_path:
+            raise ValueError("data.sources and data.train_path/eval_path are both set: list every source (path, "
+                             "eval_path) under data.sources, or use train_path/eval_path for a single source")
+        for index, source in enumerate(self.sources):
+            name = f"data.sources[{index}]"
+            if not source.path:
+                raise ValueError(f"{name}.path is empty: set it to this source's training rows")
+            if not (isinstance(source.weight, (int, float)) and math.isfinite(source.weight) and source.weight > 0):
+                raise ValueError(f"{name}.weight is {source.weight!r}: use a positive number")
+            if source.format is not None and source.format not in FORMATS:
+                raise ValueError(f"{name}.format is {source.format!r}: use one of {', '.join(FORMATS)}")
+            for key in FIELD_NAMES:
+                if getattr(source, key) == "":
+                    raise ValueError(f"{name}.{key} is empty: set it to the column name, or leave it unset "
+                                     f"for data.{key}")
+            if source.eval_path and self.eval_fraction > 0:
+                raise ValueError(f"{name}.eval_path and data.eval_fraction are both set: use eval_path for this "
+                                 "source's eval rows, or eval_fraction to hold out a fraction of every source")

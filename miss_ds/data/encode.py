@@ -3,7 +3,8 @@
 Labels are aligned with `input_ids` (not shifted: Hugging Face causal LMs shift
 them inside the loss) and hold `IGNORE_INDEX` wherever no loss should be taken.
 Every encoded example starts with bos (when the tokenizer has one) and ends with
-eos, so packed examples are separated by eos.
+eos. Its first label is always `IGNORE_INDEX`: no token of the example predicts it,
+and in a packed sequence the previous example's last token must not learn to.
 """
 
 from typing import Any
@@ -41,7 +42,7 @@ def encode_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase
         encoded = _encode_texts(batch[cfg.text_field], tokenizer)
     return {
         "input_ids": [ids for ids, _ in encoded],
-        "labels": [labels for _, labels in encoded],
+        "labels": [[IGNORE_INDEX] + labels[1:] for _, labels in encoded],
         "length": [len(ids) for ids, _ in encoded],
     }
 

@@ -13,17 +13,17 @@ from collections.abc import Iterator
 from itertools import islice
 
 import numpy as np
-import torch
 from datasets import Dataset
 
-SEQUENCE_COLUMNS = ("input_ids", "labels", "attention_mask")
+from miss_ds.data.batch import Batch, as_one_row
 
-Batch = dict[str, torch.Tensor]
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
 class BatchIterator:
-    """Endless iterator of `{"input_ids", "labels", "attention_mask"}` LongTensor
-    micro-batches of shape `(micro_batch_size, seq_len)` for one dp rank.
+    """Endless iterator of LongTensor micro-batches of shape `(micro_batch_size, seq_len)` for one dp rank:
+    `input_ids`, `labels` and, as the dataset has them, `attention_mask` (padded) or `position_ids` (packed).
+    `one_row=True` (packed data only) yields each as `(1, micro_batch_size * seq_len)` (`as_one_row`).
 
     `state_dict()` / `load_state_dict()` save and restore the (epoch, position),
     so a resumed run yields exactly the batches the uninterrupted run would have.
@@ -37,6 +37,7 @@ class BatchIterator:
         dp_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
+        one_row: bool = False,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size is {micro_batch_size}: use a positive integer")
@@ -46,6 +47,10 @@ class BatchIterator:
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(dataset)} sequences cannot fill one global batch of micro_batch_size "
                              f"{micro_batch_size} x dp_size {dp_size}: add data or use smaller batches")
+        self._columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+        if one_row and "position_ids" not in self._columns:
+            raise ValueError("one_row needs packed sequences (a position_ids column)")
+        self.one_row = one_row
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
@@ -53,7 +58,7 @@ class BatchIterator:
         self.shuffle = shuffle
         self.epoch = 0
         self.position = 0  # batches of `epoch` already yielded
-        self._sequences = dataset.with_format("torch", columns=list(SEQUENCE_COLUMNS))
+        self._sequences = dataset.with_format("torch", columns=self._columns)
         self._order_epoch = -1
         self._order = np.arange(0)
 
@@ -68,7 +73,8 @@ class BatchIterator:
         indices = self._epoch_order()[start : start + self.micro_batch_size]
         self.position += 1
         rows = self._sequences[indices.tolist()]
-        return {name: rows[name].long() for name in SEQUENCE_COLUMNS}
+        batch = {name: rows[name].long() for name in self._columns}
+        return as_one_row(batch) if self.one_row else batch
 
     def state_dict(self) -> dict[str, int]:
         """Where the iterator stands, plus the settings a resume must match."""
@@ -99,7 +105,8 @@ class BatchIterator:
         return self._order
 
 
-def eval_batches(dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
+def eval_batches(dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 one_row: bool = False) -> Iterator[Batch]:
     """One pass over `dataset` in order, sharded like `BatchIterator` (same count on every rank)."""
-    batches = BatchIterator(dataset, micro_batch_size, dp_rank, dp_size, shuffle=False)
+    batches = BatchIterator(dataset, micro_batch_size, dp_rank, dp_size, shuffle=False, one_row=one_row)
     return islice(batches, batches.batches_per_epoch)

@@ -1,70 +1,131 @@
 """`build_datasets`: config + tokenizer -> fixed-length train/eval sets, and what was used or dropped."""
 
 import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, Features, List, Value, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from miss_ds.data.config import DataConfig
 from miss_ds.data.encode import IGNORE_INDEX, check_tokenizer, encode_batch
+from miss_ds.data.mixing import mix
 from miss_ds.data.rows import ORIGIN, PROBLEM, BadRow, bad_rows_message, split_off_bad_rows
 from miss_ds.data.sequences import pack_batch, pad_batch
 from miss_ds.data.sources import read_rows
 
 logger = logging.getLogger(__name__)
 
-SEQUENCE_FEATURES = Features({name: List(Value("int32")) for name in ("input_ids", "labels", "attention_mask")})
-PACK_GROUP_ROWS = 1000  # examples packed together; each group pads only its last block
+
+def _features(*names: str) -> Features:
+    return Features({name: List(Value("int32")) for name in names})
+
+
+PADDED_FEATURES = _features("input_ids", "labels", "attention_mask")
+PACKED_FEATURES = _features("input_ids", "labels", "position_ids")
+PAD_BATCH_ROWS = 1000  # examples per `datasets.map` batch when padding
+# Examples packed together: at least this many, and enough for this many full sequences (only a window's last
+# sequences are left part empty, so a larger window pads less).
+PACK_WINDOW_ROWS = 1000
+PACK_WINDOW_SEQUENCES = 64
+PACK_STREAM = 2  # random stream of the shuffle before packing (see mixing.MIX_STREAM)
 
 
 @dataclass
 class SplitStats:
     """What one split (train or eval) turned into."""
 
-    rows: int  # rows that became training text
+    rows: int  # examples in the split's sequences (for a training mix: the rows taken, repeats included)
     bad_rows: int  # malformed rows skipped (on_bad_row="skip")
-    too_long_rows: int  # rows longer than seq_len skipped (on_bad_row="skip", no packing)
+    too_long_rows: int  # rows longer than seq_len skipped (on_bad_row="skip")
     sequences: int  # seq_len-long sequences built
     tokens: int  # non-padding tokens
     loss_tokens: int  # label positions that are not IGNORE_INDEX
+    padding_fraction: float  # share of the sequences' seq_len slots that hold padding
+
+
+@dataclass
+class SourceStats:
+    """One source of the training set and how many of its rows the mix took."""
+
+    path: str
+    format: str
+    weight: float
+    rows: int  # usable training rows of the source
+    taken: int  # rows of it in the training set: more than `rows` when the mix repeats it
 
 
 @dataclass
 class DataStats:
-    """Stats of both splits; `eval` is None when there is no eval set."""
+    """Stats of both splits (`eval` is None when there is no eval set) and of every training source."""
 
     train: SplitStats
     eval: SplitStats | None
+    sources: list[SourceStats]
+
+
+@dataclass
+class _Examples:
+    """Encoded examples that fit `seq_len`, and how many rows were dropped on the way."""
+
+    examples: Dataset
+    bad_rows: int
+    too_long_rows: int
 
 
 def build_datasets(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, Dataset | None, DataStats]:
-    """Read, check, tokenise and pad/pack the train (and eval) data described by `cfg`.
+    """Read, check, tokenise, mix and pad/pack the train (and eval) data described by `cfg`.
 
-    Returns datasets of `input_ids`, `labels`, `attention_mask` rows, each exactly
-    `cfg.seq_len` long, ready for `BatchIterator`; the eval set is None when
-    `cfg` asks for none. Raises `ValueError` on bad config, an unsuitable
-    tokenizer, bad rows (unless skipped) or an empty result.
+    Returns datasets of sequences, each exactly `cfg.seq_len` long (`input_ids`, `labels` and
+    `attention_mask` when padded, `position_ids` instead of `attention_mask` when packed), ready for
+    `BatchIterator`; the eval set is None when `cfg` asks for none. Raises `ValueError` on bad config,
+    an unsuitable tokenizer, bad rows (unless skipped) or an empty result.
     """
     cfg.validate()
+    sources = cfg.per_source()
+    encoded = [_source_examples(source, tokenizer) for source, _ in sources]
+    weights = [weight for _, weight in sources]
+    trains = [train for train, _ in encoded]
+    mixed, taken = mix([train.examples for train in trains], weights, cfg.seed)
+    source_stats = [SourceStats(source.train_path, source.format, weight, len(train.examples), count)
+                    for (source, weight), train, count in zip(sources, trains, taken, strict=True)]
+    logger.info("train rows per source: %s", "; ".join(
+        f"{s.path} ({s.format}, weight {s.weight:g}): {s.taken} of {s.rows}" for s in source_stats))
+    train, train_stats = _sequences(_joined(trains, mixed), tokenizer, cfg, "train")
+    logger.info("train data: %s", train_stats)
+    evals = [evaluation for _, evaluation in encoded if evaluation is not None]
+    if not evals:
+        return train, None, DataStats(train_stats, None, source_stats)
+    union = concatenate_datasets([e.examples for e in evals]) if len(evals) > 1 else evals[0].examples
+    evaluation, eval_stats = _sequences(_joined(evals, union), tokenizer, cfg, "eval")
+    logger.info("eval data: %s", eval_stats)
+    return train, evaluation, DataStats(train_stats, eval_stats, source_stats)
+
+
+def _joined(parts: list[_Examples], examples: Dataset) -> _Examples:
+    """`examples` drawn from `parts`, with the rows the parts dropped."""
+    return _Examples(examples, sum(p.bad_rows for p in parts), sum(p.too_long_rows for p in parts))
+
+
+def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[_Examples, _Examples | None]:
+    """One source's train and eval examples (eval None without `eval_path` or `eval_fraction`)."""
     check_tokenizer(tokenizer, cfg)
     train_rows, train_bad = _usable_rows(cfg.train_path, cfg.train_split, cfg)
     eval_rows, eval_bad = _usable_rows(cfg.eval_path, cfg.eval_split, cfg) if cfg.eval_path else (None, [])
     if cfg.eval_fraction > 0:
         held_out = train_rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         train_rows, eval_rows = held_out["train"], held_out["test"]
-    train, train_stats = _sequences(train_rows, len(train_bad), tokenizer, cfg, "train")
-    logger.info("train data: %s", train_stats)
+    train = _fitting_examples(train_rows, len(train_bad), tokenizer, cfg, f"train rows of {cfg.train_path}")
     if eval_rows is None:
-        return train, None, DataStats(train_stats, None)
-    evaluation, eval_stats = _sequences(eval_rows, len(eval_bad), tokenizer, cfg, "eval")
-    logger.info("eval data: %s", eval_stats)
-    return train, evaluation, DataStats(train_stats, eval_stats)
+        return train, None
+    source = cfg.eval_path or f"the eval_fraction hold-out of {cfg.train_path}"
+    return train, _fitting_examples(eval_rows, len(eval_bad), tokenizer, cfg, f"eval rows of {source}")
 
 
 def _usable_rows(path: str, split: str, cfg: DataConfig) -> tuple[Dataset, list[BadRow]]:
@@ -76,10 +137,10 @@ def _usable_rows(path: str, split: str, cfg: DataConfig) -> tuple[Dataset, list[
     return rows, bad
 
 
-def _sequences(
+def _fitting_examples(
     rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str
-) -> tuple[Dataset, SplitStats]:
-    """Encode rows, reject or drop over-long ones (when padding), then pad or pack to `seq_len`."""
+) -> _Examples:
+    """Encode rows, then reject or drop (per `cfg.on_bad_row`) those longer than `seq_len`."""
     encoded = rows.map(
         partial(encode_batch, tokenizer=tokenizer, cfg=cfg),
         batched=True,
@@ -87,37 +148,55 @@ def _sequences(
         num_proc=cfg.num_proc,
         desc=f"tokenising {name}",
     )
-    too_long: list[BadRow] = []
-    if not cfg.pack:
-        encoded = encoded.map(
-            lambda lengths: {PROBLEM: [_length_problem(length, cfg.seq_len) for length in lengths]},
-            input_columns="length",
-            batched=True,
-        )
-        encoded, too_long = split_off_bad_rows(encoded, cfg, fix="Raise data.seq_len, set data.pack: true")
-        if too_long:
-            logger.warning("skipped over-long %s rows: %s", name, bad_rows_message(too_long))
-        if len(encoded) == 0:
-            raise ValueError(f"no {name} row fits in data.seq_len={cfg.seq_len}")
-    to_sequences = pack_batch if cfg.pack else pad_batch
-    sequences = encoded.map(
+    encoded = encoded.map(
+        lambda lengths: {PROBLEM: [_length_problem(length, cfg.seq_len) for length in lengths]},
+        input_columns="length",
+        batched=True,
+    )
+    encoded, too_long = split_off_bad_rows(encoded, cfg, fix="Raise data.seq_len or shorten these rows")
+    if too_long:
+        logger.warning("skipped over-long %s: %s", name, bad_rows_message(too_long))
+    if len(encoded) == 0:
+        raise ValueError(f"none of the {name} fits in data.seq_len={cfg.seq_len}")
+    return _Examples(encoded, bad_rows, len(too_long))
+
+
+def _sequences(examples: _Examples, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str
+               ) -> tuple[Dataset, SplitStats]:
+    """Pad or pack the examples to `seq_len`.
+
+    Packing first shuffles the examples (seeded), so that windows mix sources and lengths; it runs in one
+    process, so the windows, and with them the sequences, do not depend on `num_proc`.
+    """
+    encoded = examples.examples
+    columns = encoded.with_format("arrow")
+    tokens = pc.sum(columns["length"]).as_py()
+    if cfg.pack:
+        window = max(PACK_WINDOW_ROWS, math.ceil(PACK_WINDOW_SEQUENCES * cfg.seq_len * len(encoded) / tokens))
+        order = np.random.default_rng([cfg.seed, PACK_STREAM]).permutation(len(encoded))
+        to_sequences, features, batch_size, num_proc = pack_batch, PACKED_FEATURES, window, None
+        source = encoded.select(order)
+    else:
+        to_sequences, features, batch_size, num_proc = pad_batch, PADDED_FEATURES, PAD_BATCH_ROWS, cfg.num_proc
+        source = encoded
+    sequences = source.map(
         partial(to_sequences, seq_len=cfg.seq_len, pad_id=tokenizer.pad_token_id),
         batched=True,
-        batch_size=PACK_GROUP_ROWS,
-        remove_columns=encoded.column_names,
-        features=SEQUENCE_FEATURES,
-        num_proc=cfg.num_proc,
+        batch_size=batch_size,
+        remove_columns=source.column_names,
+        features=features,
+        num_proc=num_proc,
         desc=f"{'packing' if cfg.pack else 'padding'} {name}",
     )
-    columns = sequences.with_format("arrow")
     labels = pc.list_flatten(columns["labels"])
     stats = SplitStats(
         rows=len(encoded),
-        bad_rows=bad_rows,
-        too_long_rows=len(too_long),
+        bad_rows=examples.bad_rows,
+        too_long_rows=examples.too_long_rows,
         sequences=len(sequences),
-        tokens=pc.sum(pc.list_flatten(columns["attention_mask"])).as_py(),
+        tokens=tokens,
         loss_tokens=pc.sum(pc.cast(pc.not_equal(labels, IGNORE_INDEX), pa.int64())).as_py(),
+        padding_fraction=round(1 - tokens / (len(sequences) * cfg.seq_len), 4),
     )
     return sequences, stats
 

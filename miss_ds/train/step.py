@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, count_tokens
 from ..distributed import ParallelLayout
 from .guard import NonFiniteGuard
 
@@ -27,7 +27,7 @@ class StepResult:
     loss: float
     """Token-weighted mean loss of the global batch."""
     tokens: int
-    """Input tokens (attention mask) of the global batch: every data-parallel rank's, counted once per TP group."""
+    """Real (not padding) tokens of the global batch: every data-parallel rank's, counted once per TP group."""
 
 
 def loss_tokens(batch: Batch) -> torch.Tensor:
@@ -72,7 +72,7 @@ class StepRunner:
                 return None
             self.guard.good()
             losses.append(loss.detach().float())
-            tokens += window[i]["attention_mask"].sum()
+            tokens += count_tokens(window[i])
             i += 1
         totals = self._global_sum(torch.stack([torch.stack(losses).sum(), tokens.float()]))
         return StepResult(totals[0].item(), int(totals[1].item()))

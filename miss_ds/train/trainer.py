@@ -113,6 +113,10 @@ class Trainer:
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
+        # Flash attention (transformers' test: "flash" in the name) finds packed examples in the position ids of
+        # one-row batches only.
+        self.one_row = data.pack and "flash" in self.cfg.model.attn_implementation
+        self.padding_fraction = 0.0
         if data.synthetic:
             self.eval_ds = None
             self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, micro, self.layout.dp_rank,
@@ -132,17 +136,20 @@ class Trainer:
         train_ds, self.eval_ds, stats = built
         if self.layout.is_main:
             logger.info("data: %s", stats)
+        self.padding_fraction = stats.train.padding_fraction
         agree("checking the data", lambda: self._check_splits_fill_a_batch(train_ds))
-        self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed)
+        self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
+                                     one_row=self.one_row)
 
     def _check_splits_fill_a_batch(self, train_ds) -> None:
         """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,
         after training has run (at the end: before the final checkpoint)."""
         data, micro, dp = self.cfg.data, self.cfg.train.micro_batch_size, self.layout.dp
-        eval_source = (f"data.eval_path={data.eval_path}" if data.eval_path else
+        train_source = "data.sources" if data.sources else f"data.train_path={data.train_path}"
+        eval_source = ("the eval_path and eval_fraction of data.sources" if data.sources else
+                       f"data.eval_path={data.eval_path}" if data.eval_path else
                        f"the data.eval_fraction={data.eval_fraction} hold-out of data.train_path={data.train_path}")
-        for split, dataset, source in (("train", train_ds, f"data.train_path={data.train_path}"),
-                                       ("eval", self.eval_ds, eval_source)):
+        for split, dataset, source in (("train", train_ds, train_source), ("eval", self.eval_ds, eval_source)):
             if dataset is not None and len(dataset) < micro * dp:
                 raise ConfigError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
                                  f"train.micro_batch_size={micro} x {dp} data-parallel ranks; add {split} "
@@ -218,7 +225,8 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
         micro = self.cfg.train.micro_batch_size
-        for i, batch in enumerate(eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp)):
+        for i, batch in enumerate(eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp,
+                                               one_row=self.one_row)):
             if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -246,6 +254,7 @@ class Trainer:
                                 "recompute_layers": self.recompute_layers, "world_size": self.layout.world,
                                 "tp_size": self.layout.tp, "eval_loss": eval_loss,
                                 "skipped_batches": self.state.skipped_batches,
+                                "padding_fraction": self.padding_fraction,
                                 "trainable_params": self.report.trainable})
 
     def close(self) -> None:
