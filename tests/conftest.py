@@ -32,3 +32,23 @@ def tiny_llama_config(**overrides):
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def hf_base(tmp_path_factory):
+    """The default config's tiny Llama as a Hugging Face checkpoint: a base whose weights, unlike the random base's
+    (drawn per TP shard), are the same for every tp_size."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from miss_ds.modeling import hf_config
+    from miss_ds.run_config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    model_cfg = load_config(root / "configs/tiny-cpu.yaml").model
+    vocab = len(AutoTokenizer.from_pretrained(root / "data/arith/tokenizer"))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf_base") / "llama"
+    LlamaForCausalLM(hf_config(model_cfg, vocab_size=vocab)).save_pretrained(path)
+    return path

@@ -34,7 +34,7 @@ from miss_ds.train.atomic import verify
 from miss_ds.ds_compat import cpu_shm_segment
 from miss_ds.train.metrics import read_metrics
 from tests.launch_utils import ROOT, free_port, result_of
-from tests.test_train import CONFIG, QUICK, env, run, train_cmd, train_losses
+from tests.test_train import QUICK, env, run, train_cmd, train_losses
 
 SOAK = os.environ.get("MISS_DS_SOAK") == "1"
 
@@ -193,23 +193,6 @@ def test_sigkill_at_random_points_then_resume_auto_loses_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- SIGTERM and another TP size
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory) -> Path:
-    """The tiny config's Llama as a Hugging Face checkpoint: a base whose weights, unlike the random base's
-    (drawn per TP shard), are the same for every tp_size."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from miss_ds.modeling import hf_config
-    from miss_ds.run_config import load_config
-
-    model_cfg = load_config(ROOT / CONFIG).model
-    vocab = len(AutoTokenizer.from_pretrained(ROOT / "data/arith/tokenizer"))
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hf_base") / "llama"
-    LlamaForCausalLM(hf_config(model_cfg, vocab_size=vocab)).save_pretrained(path)
-    return path
-
-
 SIGTERM_RUN = ("train.max_steps=20", "eval.every_steps=0", "checkpoint.every_steps=0")
 #: What launch/train.py prints once SIGTERM/SIGUSR1 no longer kill it.
 HANDLER_INSTALLED = "preemption handler installed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,24 @@ def test_packed_mix_of_two_sources_trains(tmp_path):
     capacity = 30 * 8 * 128
     assert (1 - summary["padding_fraction"] - 0.02) * capacity < summary["tokens"] < capacity
     assert summary["eval_loss"] < losses[1]
+
+
+def test_resume_on_another_layout_continues_the_uninterrupted_run(tmp_path, hf_base):
+    """A checkpoint of 2 data-parallel ranks resumes on TP=2 x DP=2 and on one rank (accumulating 2 micro-batches):
+    every later loss equals the uninterrupted 2-rank run's, with the same global batch of 16 sequences (D, its Adam
+    state, the LR schedule and the data position all carry over)."""
+    common = (f"model.path={hf_base}", "train.max_steps=8", "train.micro_batch_size=8", "checkpoint.every_steps=4",
+              "checkpoint.keep_last=3", "eval.every_steps=0")
+    straight = tmp_path / "straight"
+    proc = run(train_cmd(2, straight, *common))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = train_losses(straight)
+    for name, ranks, layout in (("tp2xdp2", 4, ["parallel.tp_size=2"]), ("one_rank", 1, ["train.grad_accum_steps=2"])):
+        out = tmp_path / name
+        shutil.copytree(straight / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+        proc = run(train_cmd(ranks, out, *common, *layout, resume="auto"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses = train_losses(out)
+        assert sorted(losses) == [5, 6, 7, 8], name
+        for step in losses:
+            assert losses[step] == pytest.approx(reference[step], rel=1e-4), (name, step)

@@ -271,7 +271,8 @@ def worker(args: argparse.Namespace) -> None:
         tally = tally or CommsTally()
         tally.layout(tp)
         config = hf_config(cfg.model)
-        batches = SyntheticBatches(config.vocab_size, cfg.data.seq_len, cfg.train.micro_batch_size, info.rank // tp)
+        batches = SyntheticBatches(config.vocab_size, cfg.data.seq_len, cfg.train.micro_batch_size, info.rank // tp,
+                                   info.world_size // tp)
         trainer, persistence = None, None
         if kind == "miss":
             trainer = Trainer(cfg)

@@ -33,7 +33,7 @@ Typical use in a trainer::
   peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass.
 - `count_tokens(batch)`, `as_one_row(batch)` (batch.py): real tokens of any batch; a packed
   micro-batch as one row, for flash attention's varlen path.
-- `SyntheticBatches(vocab_size, seq_len, micro_batch_size, dp_rank, seed)` (synthetic.py): random
+- `SyntheticBatches(vocab_size, seq_len, micro_batch_size, dp_rank, dp_size, seed)` (synthetic.py): random
   tokens for benchmarks (`data.synthetic: true`), with no files and no `datasets` import.
 """
 

@@ -1,5 +1,6 @@
-"""What a micro-batch is: the model's keyword arguments, as `engine(**batch)` takes them, and how many of its
-tokens are real. No `datasets` import, so synthetic benchmark runs can use it."""
+"""What a micro-batch is: the model's keyword arguments, as `engine(**batch)` takes them, how many of its tokens
+are real, and where in the global order a resumed iterator may start. No `datasets` import, so synthetic benchmark
+runs can use it."""
 
 import torch
 import torch.nn.functional as F
@@ -26,3 +27,12 @@ def as_one_row(batch: Batch) -> Batch:
     (transformers reads packed sequences from position ids only in batches of one row). Exact: every row
     starts with an example whose first label is ignored, so no row's last token is trained on the next row."""
     return {name: tensor.reshape(1, -1) for name, tensor in batch.items()}
+
+
+def check_resumable(state: dict[str, int], micro_step: int) -> None:
+    """A saved position must start a micro-step of `micro_step` sequences (micro_batch_size x dp_size)."""
+    if state["consumed"] % micro_step:
+        raise ValueError(f"cannot resume at sequence {state['consumed']} of epoch {state['epoch']}: it was saved with "
+                         f"a global batch of {state['global_batch']} sequences, and train.micro_batch_size x "
+                         f"data-parallel ranks = {micro_step} does not divide that position. Choose a micro-batch "
+                         f"size and rank count whose product divides {state['global_batch']}")

@@ -1,12 +1,14 @@
-"""Deterministic, resumable micro-batches for data-parallel training.
+"""Deterministic, resumable micro-batches for data-parallel training, in one global order whatever the layout.
 
-Each epoch is a seeded permutation of the sequences. Step `s` of the epoch takes
-the slice `[s * global, (s + 1) * global)` of the permutation
-(`global = micro_batch_size * dp_size`), and dp rank `r` gets the `r`-th
-micro-batch of that slice. So ranks never overlap, all ranks get the same number
-of batches (the tail that would not fill a global batch is left out of that
-epoch), and ranks that share a dp rank (tensor-parallel peers) get identical
-batches by passing the same `dp_rank`.
+Each epoch is a seeded permutation of the sequences: the global order. It is cut into global batches of
+`micro_batch_size * dp_size * accum_steps` sequences, one optimizer step each (the tail that would not fill one is
+left out of that epoch). Micro-step `k` of a step takes the `k`-th run of `micro_batch_size * dp_size` sequences of
+its global batch, and dp rank `r` the `r`-th micro-batch of that run. So ranks never overlap, all ranks get the same
+number of batches, tensor-parallel peers get identical batches by passing the same `dp_rank`, and a step trains on
+the same sequences for every split of its global batch into micro-batches, accumulation steps and ranks.
+
+The state is the epoch and how many sequences of it were taken, counted globally: a checkpoint resumes at the exact
+next sequence on another layout (more or fewer data-parallel ranks, another micro-batch size or accumulation).
 """
 
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from itertools import islice
 import numpy as np
 from datasets import Dataset
 
-from miss_ds.data.batch import Batch, as_one_row
+from miss_ds.data.batch import Batch, as_one_row, check_resumable
 
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
@@ -25,8 +27,8 @@ class BatchIterator:
     `input_ids`, `labels` and, as the dataset has them, `attention_mask` (padded) or `position_ids` (packed).
     `one_row=True` (packed data only) yields each as `(1, micro_batch_size * seq_len)` (`as_one_row`).
 
-    `state_dict()` / `load_state_dict()` save and restore the (epoch, position),
-    so a resumed run yields exactly the batches the uninterrupted run would have.
+    `state_dict()` / `load_state_dict()` save and restore the epoch and the sequences taken, so a resumed run
+    yields exactly the batches the uninterrupted run would have (on any layout, see the module docstring).
     """
 
     def __init__(
@@ -38,15 +40,18 @@ class BatchIterator:
         seed: int = 0,
         shuffle: bool = True,
         one_row: bool = False,
+        accum_steps: int = 1,
     ) -> None:
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size is {micro_batch_size}: use a positive integer")
+        if micro_batch_size < 1 or accum_steps < 1:
+            raise ValueError(f"micro_batch_size {micro_batch_size} and accum_steps {accum_steps} must be positive")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
-        self.batches_per_epoch = len(dataset) // (micro_batch_size * dp_size)
-        if self.batches_per_epoch == 0:
+        self.global_batch = micro_batch_size * dp_size * accum_steps
+        self.steps_per_epoch = len(dataset) // self.global_batch
+        if self.steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} sequences cannot fill one global batch of micro_batch_size "
-                             f"{micro_batch_size} x dp_size {dp_size}: add data or use smaller batches")
+                             f"{micro_batch_size} x dp_size {dp_size} x accumulation {accum_steps}: add data or "
+                             "use smaller batches")
         self._columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
         if one_row and "position_ids" not in self._columns:
             raise ValueError("one_row needs packed sequences (a position_ids column)")
@@ -57,43 +62,45 @@ class BatchIterator:
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
-        self.position = 0  # batches of `epoch` already yielded
+        self.consumed = 0  # sequences of `epoch` taken by all ranks
         self._sequences = dataset.with_format("torch", columns=self._columns)
         self._order_epoch = -1
         self._order = np.arange(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches each rank gets per epoch."""
+        return self.steps_per_epoch * self.global_batch // (self.micro_batch_size * self.dp_size)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        if self.position == self.batches_per_epoch:
+        if self.consumed >= self.steps_per_epoch * self.global_batch:
             self.epoch += 1
-            self.position = 0
-        start = (self.position * self.dp_size + self.dp_rank) * self.micro_batch_size
+            self.consumed = 0
+        start = self.consumed + self.dp_rank * self.micro_batch_size
         indices = self._epoch_order()[start : start + self.micro_batch_size]
-        self.position += 1
+        self.consumed += self.micro_batch_size * self.dp_size
         rows = self._sequences[indices.tolist()]
         batch = {name: rows[name].long() for name in self._columns}
         return as_one_row(batch) if self.one_row else batch
 
     def state_dict(self) -> dict[str, int]:
-        """Where the iterator stands, plus the settings a resume must match."""
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "micro_batch_size": self.micro_batch_size,
-            "dp_size": self.dp_size,
-            "num_sequences": len(self._sequences),
-        }
+        """Where the global order stands, plus what a resume must match (the data and its seed)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "num_sequences": len(self._sequences), "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from `state`; raises `ValueError` if it was taken with other data or settings."""
-        for key in ("seed", "micro_batch_size", "dp_size", "num_sequences"):
+        """Continue from `state`; raises `ValueError` if it was taken with other data, or at a point this layout's
+        micro-steps cannot start from."""
+        check_resumable(state, self.micro_batch_size * self.dp_size)
+        for key in ("seed", "num_sequences"):
             if state[key] != self.state_dict()[key]:
-                raise ValueError(f"cannot resume: saved {key} is {state[key]}, now {self.state_dict()[key]}")
+                raise ValueError(f"cannot resume: the data changed since the checkpoint (saved {key} is "
+                                 f"{state[key]}, now {self.state_dict()[key]})")
         self.epoch = state["epoch"]
-        self.position = state["position"]
+        self.consumed = state["consumed"]
 
     def _epoch_order(self) -> np.ndarray:
         """This epoch's permutation of sequence indices (cached for the epoch)."""

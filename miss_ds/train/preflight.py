@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.batch import check_resumable
 from ..run_config import ConfigError, RunConfig, to_dict
 from .atomic import CheckpointManager
 from .checkpoint import STATE_FILE, check_base_layout
@@ -60,10 +61,10 @@ def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -
     return aside
 
 
-def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int) -> None:
-    """A resumed checkpoint must hold the adapter this config builds (same r, mode, targets...) and fit this run's
-    base on this layout: checked on the checkpoint's recorded config (rank 0, sizes-only verification; the full
-    check comes with the resume)."""
+def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int, dp: int) -> None:
+    """A resumed checkpoint must hold the adapter this config builds (same r, mode, targets...), fit this run's base
+    on this layout, and stop where this layout's micro-steps can start: checked on the checkpoint's recorded state
+    (rank 0, sizes-only verification; the full check comes with the resume)."""
     if resume is None:
         return
     path = CheckpointManager(Path(cfg.output_dir) / "checkpoints").resolve(resume, full=False)
@@ -72,8 +73,9 @@ def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int) -> None
     state = json.loads((path / STATE_FILE).read_text())
     try:
         check_base_layout(state, tp, to_dict(cfg), path)
+        check_resumable(state["data"], cfg.train.micro_batch_size * dp)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     saved = state.get("config", {}).get("miss", {})
     ours = cfg.miss.to_dict()
     changed = [f"miss.{k}: checkpoint {saved[k]!r}, config {ours[k]!r}" for k in ADAPTER_FIELDS

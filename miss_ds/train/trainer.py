@@ -109,7 +109,7 @@ class Trainer:
         aside = prepare_output_dir(self.cfg, resume, overwrite)
         if aside is not None:
             logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
-        check_resume_matches(self.cfg, resume, self.layout.tp)
+        check_resume_matches(self.cfg, resume, self.layout.tp, self.layout.dp)
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
@@ -120,7 +120,7 @@ class Trainer:
         if data.synthetic:
             self.eval_ds = None
             self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, micro, self.layout.dp_rank,
-                                            seed=data.seed)
+                                            self.layout.dp, seed=data.seed)
             return
         from ..data import BatchIterator, build_datasets
 
@@ -139,7 +139,7 @@ class Trainer:
         self.padding_fraction = stats.train.padding_fraction
         agree("checking the data", lambda: self._check_splits_fill_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
-                                     one_row=self.one_row)
+                                     one_row=self.one_row, accum_steps=self.cfg.train.grad_accum_steps)
 
     def _check_splits_fill_a_batch(self, train_ds) -> None:
         """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,

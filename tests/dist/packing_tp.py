@@ -24,7 +24,7 @@ from miss_ds import engine as miss_engine  # noqa: E402
 from miss_ds.distributed import exit_process, init_distributed  # noqa: E402
 from miss_ds.parallel.autotp import shard_model  # noqa: E402
 from tests.conftest import tiny_llama_config  # noqa: E402
-from tests.dist.tp_equivalence import _local_slice, check, ds_config  # noqa: E402
+from tests.dist.tp_equivalence import check, ds_config  # noqa: E402
 from tests.packing_reference import loss_and_d_grads  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def run_format(name: str, packed: dict, one_by_one: list[dict], failures: list[s
     torch.manual_seed(1)
     shard_model(base, groups.get_tensor_model_parallel_group())
     apply_miss(base, miss_cfg)
-    engine, *_ = miss_engine.initialize(base, ds_config(zero=1, offload=False), tp_size=2)
+    engine, *_ = miss_engine.initialize(base, ds_config(zero=1, offload=False, accum=1), tp_size=2)
 
     loss = engine(**packed).loss
     engine.backward(loss)
@@ -50,7 +50,7 @@ def run_format(name: str, packed: dict, one_by_one: list[dict], failures: list[s
     check(f"{name} loss", loss.detach(), want_loss, failures, tol=1e-5)
     for layer_name, layer in miss_layers(engine.module):
         grad = safe_get_full_grad(layer.miss_block)
-        check(f"{name} grad {layer_name}", grad, _local_slice(layer, want_grads[layer_name]), failures)
+        check(f"{name} grad {layer_name}", grad, layer.shard_d(want_grads[layer_name]), failures)
     engine.destroy()
 
 
