@@ -4,25 +4,22 @@
 #
 #     launch/deepspeed.sh --num_gpus 8 launch/train.py --config configs/llama-7b.yaml --resume auto
 #
-# DeepSpeed's launcher exits 1 whenever it receives SIGTERM itself (it forwards the signal to the ranks, waits up to
-# 30 s for them, then exits 1 whatever they returned). The ranks record their exit code in $MISS_DS_EXIT_FILE
-# (launch/train.py, rank 0); this script returns it when the launcher's own code says only "signalled".
+# DeepSpeed's runner dies at once when signalled and its launcher exits 1 (after up to 30 s for the ranks), whatever
+# the ranks returned. So deepspeed runs here in its own session, a signal to this script reaches all its processes
+# as SIGTERM, and the script waits for every one of them to end; the ranks record their exit code in
+# $MISS_DS_EXIT_FILE (launch/train.py, rank 0), which is returned when it says 85.
 set -uo pipefail
 exit_file="$(mktemp)"
 trap 'rm -f "$exit_file"' EXIT
-MISS_DS_EXIT_FILE="$exit_file" deepspeed "$@" &
-launcher=$!
-# Pass SIGTERM/SIGUSR1 on to the launcher as SIGTERM (the one signal it forwards to the ranks; SIGUSR1 would kill it
-# and orphan them) and keep waiting for it.
-trap 'kill -TERM "$launcher" 2>/dev/null' TERM USR1
-code=0
-while true; do
-    wait "$launcher"
-    code=$?
-    kill -0 "$launcher" 2>/dev/null || break   # interrupted by a trapped signal: the launcher is still running
+MISS_DS_EXIT_FILE="$exit_file" setsid deepspeed "$@" &
+job=$!
+trap 'kill -TERM -- "-$job" 2>/dev/null' TERM USR1
+wait "$job"
+code=$?
+while kill -0 -- "-$job" 2>/dev/null; do   # the runner can end before its launcher and ranks
+    sleep 1
 done
-recorded="$(cat "$exit_file" 2>/dev/null)"
-if [ "$recorded" = 85 ]; then
+if [ "$(cat "$exit_file" 2>/dev/null)" = 85 ]; then
     exit 85
 fi
 exit "$code"

@@ -93,8 +93,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 disables)."""
     max_bad_steps: int = 5
-    """Stop after this many bad micro-batches in a row: a non-finite loss (the micro-batch is skipped) or
-    non-finite gradients (the optimizer step is skipped and its accumulation window dropped) each count one."""
+    """Stop after this many skipped optimizer steps in a row: a non-finite loss in any micro-batch of the step's
+    accumulation window, or non-finite gradients, skips the step and drops its window (each counts one)."""
 
 
 @dataclass

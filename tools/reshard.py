@@ -1,4 +1,4 @@
-"""Rewrite a miss_ds adapter for another tensor-parallel size (e.g. trained at TP=4, resumed at TP=2).
+"""Rewrite a miss_ds adapter for another tensor-parallel size (e.g. trained at TP=4, used at TP=2).
 
     PYTHONPATH=. python tools/reshard.py --checkpoint CKPT --tp 2 --output OUT [--base BASE]
 
@@ -8,15 +8,15 @@ The new partition is the one a run with --tp ranks makes (the same DeepSpeed spl
 config: from --base/config.json, or rebuilt from the base summary stored in the adapter). A TP size the
 adapter's mode cannot be split for (bat shards must hold whole r x r blocks) is refused, naming the layer.
 
-Only the adapter (D, and modules_to_save) is resharded. The optimizer state in the checkpoint's
-engine/ is NOT: a run resumed at another TP size restarts its optimizer state.
+Only the adapter (D, and modules_to_save) is written. A training checkpoint needs no resharding to go on at another
+TP size: `launch/train.py --resume` takes it on any layout, Adam state and LR schedule included.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from miss_ds.convert.reshard import OPTIMIZER_WARNING, reshard_adapter
+from miss_ds.convert.reshard import reshard_adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base, args.tp_grain_size)
     print(f"adapter for tp_size={args.tp} written to {out}")
-    print(f"WARNING: {OPTIMIZER_WARNING}", file=sys.stderr)
     return 0
 
 

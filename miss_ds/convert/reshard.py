@@ -5,7 +5,7 @@ device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would
 sizes of :mod:`miss_ds.parallel.autotp` on the same config), and that layer's own ``d_layout`` says how its D
 is split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
 cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting such a run would. Only
-the adapter is rewritten: optimizer state is not.
+the adapter is rewritten (training checkpoints resume on any TP size as they are).
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from ..parallel.autotp import shard_sizes, tp_style
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 from .output import new_output_dir
 from .source import module_of, read_adapter, read_base_config
-
-OPTIMIZER_WARNING = ("only the adapter is resharded, not the optimizer state: a run resumed from it "
-                     "at the new TP size starts with a fresh optimizer")
 
 
 def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,

@@ -20,11 +20,11 @@ class TrainingStopped(RuntimeError):
 class NonFiniteGuard:
     """Decides, the same way on every rank, whether a micro-batch's loss and an optimizer step's gradients are finite.
 
-    A micro-batch with a non-finite loss is skipped before backward. Non-finite gradients (with a finite loss) make
-    DeepSpeed's ZeRO and bf16 optimizers skip the optimizer step themselves (``skipped_steps`` grows, the LR schedule
-    holds); the plain torch optimizer of ZeRO-0 in fp32 has no such check and would write NaN into D, so for it the
-    guard checks the gradients at the accumulation boundary and takes DeepSpeed's overflow path. Every skipped
-    micro-batch counts towards ``max_bad_in_row``.
+    Non-finite gradients make DeepSpeed's ZeRO and bf16 optimizers skip the optimizer step themselves
+    (``skipped_steps`` grows, the LR schedule holds); the plain torch optimizer of ZeRO-0 in fp32 has no such check
+    and would write NaN into D, so for it the guard checks the gradients at the accumulation boundary and takes
+    DeepSpeed's overflow path. Every skipped window counts towards ``max_bad_in_row`` (``StepRunner`` decides what
+    is skipped).
     """
 
     def __init__(self, engine: Any, device: torch.device, max_bad_in_row: int, state: TrainState) -> None:
@@ -56,14 +56,15 @@ class NonFiniteGuard:
         self.bad_in_row = 0
 
     def bad(self, what: str) -> None:
-        """Count a skipped micro-batch (``what``: "loss" or "gradients"); stop after ``max_bad_in_row`` in a row."""
+        """Count a skipped window (``what`` was non-finite: "loss" or "gradients"); stop after ``max_bad_in_row`` in
+        a row."""
         self.bad_in_row += 1
         self.state.skipped_batches += 1
         step = self.state.step + 1
-        skipped = "micro-batch skipped" if what == "loss" else "optimizer step skipped, its micro-batches dropped"
-        logger.warning("step %d: non-finite %s on some rank; %s (%d in a row)", step, what, skipped, self.bad_in_row)
+        logger.warning("step %d: non-finite %s on some rank; optimizer step skipped, its micro-batches dropped (%d in a "
+                       "row)", step, what, self.bad_in_row)
         if self.bad_in_row >= self.max_bad_in_row:
             raise TrainingStopped(
-                f"{self.bad_in_row} micro-batches in a row gave a non-finite loss or gradients (train.max_bad_steps="
+                f"{self.bad_in_row} steps in a row had a non-finite loss or gradients (train.max_bad_steps="
                 f"{self.max_bad_in_row}; the last: non-finite {what}) at step {step}: lower train.lr, check the data, "
                 "or resume from the last checkpoint")

@@ -18,7 +18,7 @@ from ..run_config import ConfigError, RunConfig, to_dict
 from .atomic import CheckpointManager
 from .checkpoint import STATE_FILE, check_base_layout
 
-#: Files and folders whose presence means an output directory holds a run.
+#: Files, and folders when not empty, whose presence means an output directory holds a run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
 #: MissConfig fields that shape D or decide which tensors the adapter holds: a resume must keep them.
 ADAPTER_FIELDS = ("r", "mode", "mini_r", "target_modules", "exclude_modules", "modules_to_save", "adapter_dtype")
@@ -48,7 +48,8 @@ def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -
     except OSError as exc:
         raise ConfigError(f"output_dir={out} cannot be written ({exc.strerror or exc}): choose a writable directory "
                           "with --set output_dir=...") from None
-    found = sorted(name for name in RUN_FILES if (out / name).exists())
+    found = sorted(name for name in RUN_FILES
+                   if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir())))
     if not found or resume is not None:
         return None
     if not overwrite:

@@ -63,14 +63,14 @@ class Reporter:
         Tokens/s over the run counts every step including warm-up; per GPU it is taken from the median step
         (the first two steps, warm-up, are left out when there are more).
         """
-        seconds = time.time() - self.start_time
+        seconds = round(time.time() - self.start_time, 3)
         tokens = tokens_seen - self.start_tokens
         timed = sorted(self.step_times[2:] or self.step_times or [float("nan")])
         step_s = timed[len(timed) // 2]
         per_gpu = tokens_per_step / step_s / world
         peak = (get_accelerator().max_memory_allocated() if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        summary = {"steps": steps, "tokens": tokens, "seconds": round(seconds, 2),
+        summary = {"steps": steps, "tokens": tokens, "seconds": seconds,
                    "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "step_s_median": round(step_s, 4),
                    "tokens_per_s_per_gpu": round(per_gpu, 1),
                    "mfu": round(per_gpu * frozen_finetune_flops_per_token(model_config, seq_len)

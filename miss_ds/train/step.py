@@ -38,9 +38,11 @@ def loss_tokens(batch: Batch) -> torch.Tensor:
 class StepRunner:
     """Runs optimizer steps of ``accum`` micro-batches drawn from ``next_batch`` (this rank's micro-batches).
 
-    Non-finite values are handled by ``guard``: a micro-batch with a non-finite loss is replaced by the next one
-    (normalised by the window's planned token count), and a window whose optimizer step DeepSpeed skipped for
-    non-finite gradients is dropped whole and a new one drawn.
+    Non-finite values drop the whole window, agreed by every rank: a micro-batch with a non-finite loss (on any rank)
+    is backpropagated as NaN, so the window's gradients are non-finite, and an optimizer step with non-finite
+    gradients is skipped (``NonFiniteGuard.step``); a new window is then drawn from the next micro-batches. So every
+    step that is taken is the token-weighted mean over a whole clean window, and DeepSpeed's accumulation count
+    stays in step with the windows. The guard counts the skipped windows and stops the run when they keep coming.
     """
 
     def __init__(self, engine: Any, next_batch: Callable[[], Batch], layout: ParallelLayout, device: torch.device,
@@ -58,22 +60,20 @@ class StepRunner:
         """One accumulation window; None when its optimizer step was skipped."""
         window = [self._to_device(self.next_batch()) for _ in range(self.accum)]
         num_items = self._global_sum(torch.stack([loss_tokens(b) for b in window]).sum().float()).clamp_min(1)
-        losses, tokens = [], torch.zeros((), device=self.device)
-        i = 0
-        while i < len(window):
-            loss = self.engine(**window[i], num_items_in_batch=num_items).loss
+        losses, tokens, bad_loss = [], torch.zeros((), device=self.device), False
+        for batch in window:
+            loss = self.engine(**batch, num_items_in_batch=num_items).loss
             if not self.guard.all_finite(loss):
-                self.guard.bad("loss")
-                window[i] = self._to_device(self.next_batch())
-                continue
+                bad_loss, loss = True, loss * float("nan")  # makes every gradient of the window non-finite
             self.engine.backward(loss * self.layout.dp, scale_wrt_gas=False)
             if self._any_rank(self.guard.step()):
-                self.guard.bad("gradients")
+                self.guard.bad("loss" if bad_loss else "gradients")
                 return None
-            self.guard.good()
             losses.append(loss.detach().float())
-            tokens += count_tokens(window[i])
-            i += 1
+            tokens += count_tokens(batch)
+        if bad_loss:
+            raise RuntimeError("an optimizer step was taken over non-finite gradients: DeepSpeed did not skip it")
+        self.guard.good()
         totals = self._global_sum(torch.stack([torch.stack(losses).sum(), tokens.float()]))
         return StepResult(totals[0].item(), int(totals[1].item()))
 
