@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from miss_ds import MissConfig, apply_miss
 from miss_ds.flops import frozen_finetune_flops_per_token
+from miss_ds.layers import Split
 from miss_ds.model_shape import COLUMN, ModelShape
 from miss_ds.parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 
@@ -66,7 +67,7 @@ def test_adapter_params_under_tp_equal_one_ranks_d(mode):
         sizes = [(fan_out if column else fan_in) // tp] * tp
         weight = nn.Parameter(torch.zeros((sizes[0], fan_in) if column else (fan_out, sizes[0])))
         cls = ColumnParallelMissLinear if column else RowParallelMissLinear
-        layer = cls(weight, None, config=config, name=name, group=None, partition_sizes=sizes, tp_rank=0,
+        layer = cls(weight, None, config=config, name=name, group=None, split=Split.contiguous(sizes), tp_rank=0,
                     full_shape=(fan_out, fan_in))
         local += layer.miss_block.numel()
     assert shape.adapter_params(r, mode, mini_r, tp=tp) == shape.layers * local
