@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from miss_ds import MissConfig, apply_miss
 from miss_ds.flops import frozen_finetune_flops_per_token
 from miss_ds.layers import Split
-from miss_ds.model_shape import COLUMN, ModelShape
+from miss_ds.model_shape import ModelShape
 from miss_ds.parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 
 
@@ -63,7 +63,7 @@ def test_adapter_params_under_tp_equal_one_ranks_d(mode):
     config = MissConfig(r=r, mode=mode, mini_r=mini_r)
     local = 0
     for name, (fan_in, fan_out) in shape.projections().items():
-        column = name in COLUMN
+        column = shape.style(name) == "column"
         sizes = [(fan_out if column else fan_in) // tp] * tp
         weight = nn.Parameter(torch.zeros((sizes[0], fan_in) if column else (fan_out, sizes[0])))
         cls = ColumnParallelMissLinear if column else RowParallelMissLinear
