@@ -238,7 +238,8 @@ def _peft_engine(cfg: Any, device: Any) -> tuple[Any, float]:
     # zero.Init takes the dtype from the bf16 section (DeepSpeed 0.19.8 ignores its dtype argument on CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
-    model = get_peft_model(model, MissConfig(r=cfg.miss.r, target_modules=list(cfg.miss.target_modules)))
+    targets = cfg.miss.for_model(model.config).target_modules  # the family's default when unset
+    model = get_peft_model(model, MissConfig(r=cfg.miss.r, target_modules=list(targets)))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
