@@ -58,6 +58,7 @@ class Experts:
     count: str
     """The config field of the number of routed experts."""
 
+
 @dataclass(frozen=True)
 class Family:
     """Everything miss_ds needs to know about one model family (see the module docstring)."""
@@ -73,6 +74,7 @@ class Family:
     renames: Mapping[str, str] = field(default_factory=dict)
     """Module-tree name component -> the checkpoint's name for it, where checkpoints name tensors otherwise."""
     experts: Optional[Experts] = None
+    """Routed MoE experts: split over TP, read per expert from checkpoints, not adapted."""
     full_width_norms: Mapping[str, str] = field(default_factory=dict)
     """Norm -> the projection whose whole output it normalises (OLMo2's q_norm over all heads): under TP its weight
     is split as that projection and its mean square is summed over the TP group."""
@@ -95,11 +97,6 @@ class Family:
         """The checkpoint key of the tensor the module tree calls ``model_key`` (a routed-expert parameter has
         several: :meth:`expert_file_keys`)."""
         return ".".join(self.renames.get(part, part) for part in model_key.split("."))
-
-    def model_key(self, file_key: str) -> str:
-        """The module-tree key of checkpoint key ``file_key`` (the inverse of :meth:`file_key`)."""
-        back = {v: k for k, v in self.renames.items()}
-        return ".".join(back.get(part, part) for part in file_key.split("."))
 
     def expert_file_keys(self, param_key: str, config: Any) -> Optional[list[list[str]]]:
         """The checkpoint keys of a routed-expert parameter (``<block>.experts.gate_up_proj``), [expert][part]:

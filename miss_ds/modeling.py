@@ -63,6 +63,7 @@ def _check_fields(config_class: type, fields: dict[str, Any], overrides: dict[st
     ``rope_scaling``, GPT-NeoX's ``rotary_pct``) change the built config, and so count as known."""
     known = {f.name for f in dataclasses.fields(config_class)} | set(config_class.attribute_map) \
         | set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+
     def built(values: dict[str, Any]) -> dict[str, Any]:  # constructors may edit the dicts they are given
         return config_class(**copy.deepcopy(values)).to_dict()
 

@@ -111,7 +111,7 @@ def test_config_is_built_by_its_class_so_derived_fields_follow():
 
 
 def test_unknown_config_field_names_the_nearest():
-    with pytest.raises(ConfigError, match=r"unknown field 'model.config.num_hidden_layer'.*'model.config.num_hidden_layers'"):
+    with pytest.raises(ConfigError, match=r"'model.config.num_hidden_layer'.*mean 'model.config.num_hidden_layers'"):
         hf_config(ModelConfig(config={"model_type": "llama", "num_hidden_layer": 2}))
 
 

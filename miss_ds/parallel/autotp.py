@@ -81,7 +81,8 @@ def shard_model(model: nn.Module, group: Optional[ProcessGroup], grain: int = 1)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         count += 1
-    localize(model, family, group, meta)
+    if tp > 1:
+        localize(model, family, group, meta)
     ds_compat.mark_tp_split(model)
     return count
 
