@@ -4,6 +4,7 @@ Layout of an adapter directory (inside every training checkpoint, and what the e
 
     adapter_config.json          MiSS config, tp_size, base-model summary, and per-tensor layout:
                                  {"<module>.miss_block": {"dim": 0 | 1 | null, "sizes": [...], "full_shape": [...]}}
+                                 (plus "parts", each fused part's sizes, for the D of a fused projection)
     tp00-of-02.safetensors       the tensors held by TP rank 0 (fp32), keyed by parameter name
     tp01-of-02.safetensors       ... one file per TP rank
 
@@ -37,7 +38,8 @@ def base_summary(model: nn.Module) -> dict[str, Any]:
     """What identifies the base model an adapter belongs to (checked when loading)."""
     cfg = getattr(model, "config", None)
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "vocab_size")
+            "num_key_value_heads", "head_dim", "num_local_experts", "num_experts", "shared_expert_intermediate_size",
+            "vocab_size")
     summary = {k: getattr(cfg, k) for k in keys if cfg is not None and hasattr(cfg, k)}
     summary["name_or_path"] = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
     return summary
@@ -60,6 +62,8 @@ def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
 
 
 def write_adapter_config(directory: Path, config: MissConfig, model: nn.Module, tp_size: int) -> None:
+    """adapter_config.json, with ``target_modules`` resolved (the family's default when the config leaves it unset)."""
+    config = config.for_model(getattr(model, "config", None))
     meta = {"format_version": FORMAT_VERSION, "miss": config.to_dict(), "tp_size": tp_size,
             "base_model": base_summary(model), "layouts": layouts(model, config)}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
@@ -100,7 +104,7 @@ def read_full_adapter(directory: Path, keys: Optional[Iterable[str]] = None) -> 
         missing = [r for r, s in enumerate(shards) if key not in s]
         if missing:
             raise KeyError(f"'{key}' is missing from {directory / shard_file(missing[0], tp_size)}")
-        tensor = shards[0][key] if layout["dim"] is None else torch.cat([s[key] for s in shards], layout["dim"])
+        tensor = DLayout.from_json(layout).join([s[key] for s in shards])
         if list(tensor.shape) != layout["full_shape"]:
             raise ValueError(f"'{key}' reassembles to {list(tensor.shape)}, adapter_config.json says "
                              f"{layout['full_shape']}: the adapter files are inconsistent")

@@ -1,15 +1,13 @@
 """MiSS adapter configuration: which layers get an adapter and how D is shaped and initialised."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Optional, Union
 
 Mode = Literal["miss", "mini", "bat"]
 MODES: tuple[str, ...] = ("miss", "mini", "bat")
-
-#: Projections of Llama-family decoders (Llama, Mistral, Qwen2) that MiSS targets by default.
-LLAMA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -26,8 +24,9 @@ class MissConfig:
     """True (or "miss"): D starts at zero, so the adapted model equals the base. False: random D (tests)."""
     dropout: float = 0.0
     """Dropout on the adapter's input (``miss`` and ``mini`` only; ``bat`` rewrites the weight)."""
-    target_modules: Union[list[str], str] = field(default_factory=lambda: list(LLAMA_TARGETS))
-    """Module names (exact, or suffix after a dot) or one regex matched against the full module name."""
+    target_modules: Union[list[str], str, None] = None
+    """Module names (exact, or suffix after a dot) or one regex matched against the full module name. Not set: the
+    model family's projections (``miss_ds.families``: attention and MLP, e.g. Llama's q/k/v/o/gate/up/down)."""
     exclude_modules: Union[list[str], str, None] = None
     """Names or a regex, as for ``target_modules``, of modules to leave untouched."""
     modules_to_save: list[str] = field(default_factory=list)
@@ -59,8 +58,9 @@ class MissConfig:
             raise ValueError("miss.dropout must be 0 in 'bat' mode: bat rewrites the weight, it has no input path")
         if self.adapter_dtype not in ("float32", "model"):
             raise ValueError(f"miss.adapter_dtype={self.adapter_dtype!r} must be 'float32' or 'model'")
-        if not self.target_modules:
-            raise ValueError("miss.target_modules is empty: name the projections to adapt, e.g. ['q_proj', 'v_proj']")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("miss.target_modules is empty: name the projections to adapt, e.g. ['q_proj', 'v_proj'], "
+                             "or leave it unset for the model family's default")
         for key in ("target_modules", "exclude_modules"):
             value = getattr(self, key)
             if isinstance(value, str):
@@ -69,8 +69,23 @@ class MissConfig:
                 except re.error as exc:
                     raise ValueError(f"miss.{key}={value!r} is not a valid regex: {exc}") from None
 
+    def for_model(self, model_config: Optional[Any]) -> MissConfig:
+        """This config with ``target_modules`` set: as given, or the model family's default (``model_config`` is the
+        model's Hugging Face config). Adapter files and run configs record the resolved list."""
+        if self.target_modules is not None:
+            return self
+        if model_config is None:
+            raise ValueError("miss.target_modules is not set and the model has no Hugging Face config to take its "
+                             "family's default projections from: name the projections to adapt")
+        from .families import default_targets
+
+        return dataclasses.replace(self, target_modules=default_targets(model_config))
+
     def matches(self, name: str) -> bool:
-        """Whether the module called ``name`` (as in ``model.named_modules()``) gets an adapter."""
+        """Whether the module called ``name`` (as in ``model.named_modules()``) gets an adapter; ``target_modules``
+        must be set (:meth:`for_model`)."""
+        if self.target_modules is None:
+            raise ValueError("MissConfig.matches needs target_modules: resolve it with MissConfig.for_model first")
         return _name_matches(name, self.target_modules) and not (
             self.exclude_modules is not None and _name_matches(name, self.exclude_modules)
         )

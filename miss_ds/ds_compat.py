@@ -70,17 +70,21 @@ def mark_tp_split(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class AutoTPSplit:
-    """Where a DeepSpeed AutoTP layer's weight shard sits: shard sizes in rank order, this rank, the full shape."""
+    """Where a DeepSpeed AutoTP layer's weight shard sits: per part of the split dimension (one part, or the parts
+    of a fused projection) the shard sizes in rank order, this rank, the full shape."""
 
-    sizes: tuple[int, ...]
+    parts: tuple[tuple[int, ...], ...]
     rank: int
     full_shape: tuple[int, int]
     group: Any
 
 
 def autotp_split(layer: nn.Module) -> AutoTPSplit:
-    """The split of a DeepSpeed ``LinearLayer`` / ``LinearAllreduce`` (attributes its constructor sets)."""
-    return AutoTPSplit(tuple(layer._partition_sizes), layer.tp_index, tuple(layer._orig_weight_shape), layer.mp_group)
+    """The split of a DeepSpeed ``LinearLayer`` / ``LinearAllreduce`` / ``SubParamLinearLayer`` (attributes their
+    constructors set: ``_partition_sizes``, or per sub-parameter ``_subparam_shard_widths``)."""
+    widths = getattr(layer, "_subparam_shard_widths", None)
+    parts = (tuple(layer._partition_sizes),) if widths is None else tuple(tuple(w) for w in widths)
+    return AutoTPSplit(parts, layer.tp_index, tuple(layer._orig_weight_shape), layer.mp_group)
 
 
 # ----------------------------------------------------------------------------------------------- ZeRO and optimizer

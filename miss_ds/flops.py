@@ -1,7 +1,8 @@
 """Model FLOPs of a frozen-base fine-tune, for MFU.
 
 Per token, a decoder's forward pass costs F = 2 * P + 4 * L * s * q: two FLOPs per weight of every matrix
-product (P: all linear weights, LM head included; embeddings are lookups; ``ModelShape.linear_params``) plus the
+product a token goes through (P: the linear weights, LM head included, of an MoE only the experts a token is sent to;
+embeddings are lookups; ``ModelShape.linear_params``) plus the
 two attention products (QK^T and AV, each 2 * s * q per token per layer with q = heads * head_dim, causal masking
 not discounted, as in the PaLM MFU). With the base frozen, backward computes input gradients only: the linear
 layers cost 2 * P again, no weight gradient. A step is counted as 2 F per token, so the attention products'

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_numel
+from .families import FAMILIES
 from .layers import D_NAME, MissLayer
 from .registry import factory_for
 
@@ -19,24 +20,32 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainableReport:
-    """How many parameters train, counted on this rank (tensor-parallel shards count locally)."""
+    """How many parameters train, counted on this rank (tensor-parallel shards count locally), and the routed MoE
+    experts left without an adapter."""
 
     adapted_modules: int
     trainable: int
     total: int
+    experts_not_adapted: int = 0
+    """Parameters of routed experts (MoE) that get no MiSS: transformers keeps them as fused 3-D parameters, not
+    linears, so neither MiSS here nor PEFT's ``miss`` tuner can wrap them."""
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
+        experts = (f" || routed experts not adapted: {self.experts_not_adapted:,} params (fused 3-D expert weights; "
+                   "attention and dense/shared MLPs carry MiSS)" if self.experts_not_adapted else "")
         return (f"MiSS on {self.adapted_modules} modules: trainable params {self.trainable:,} || "
-                f"all params {self.total:,} || trainable {pct:.4f}%")
+                f"all params {self.total:,} || trainable {pct:.4f}%{experts}")
 
 
 def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     """Replace every targeted linear of ``model`` in place with its MiSS layer and freeze everything else.
 
-    Shape problems are raised here, naming the module, before any training starts.
+    ``config.target_modules`` unset: the model family's projections (``MissConfig.for_model``). Shape problems are
+    raised here, naming the module, before any training starts.
     """
     _import_parallel_layers()
+    config = config.for_model(getattr(model, "config", None))
     targets = [(name, module) for name, module in model.named_modules() if name and config.matches(name)]
     if not targets:
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
@@ -53,7 +62,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
         _set_submodule(model, name, factory(module, config, name))
         wrapped += 1
     _set_trainable(model, config)
-    report = TrainableReport(wrapped, *_count(model))
+    report = TrainableReport(wrapped, *_count(model), experts_not_adapted=_routed_expert_params(model))
     logger.info("%s", report)
     return report
 
@@ -131,6 +140,14 @@ def _set_trainable(model: nn.Module, config: MissConfig) -> None:
             logger.warning("%s are one tied tensor: modules_to_save=%s trains all of them", names,
                            list(config.modules_to_save))
         p.requires_grad_(train)
+
+
+def _routed_expert_params(model: nn.Module) -> int:
+    """Frozen parameters of the routed experts of an MoE family (0 for other models)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in FAMILIES or FAMILIES[config.model_type].experts is None:
+        return 0
+    return sum(full_numel(p) for name, p in model.named_parameters() if ".experts." in name and not p.requires_grad)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:

@@ -4,7 +4,9 @@
 weight is split over the tensor-parallel group (:class:`Sharding`), how the local D relates to the full D
 (:class:`DLayout`), D's initialisation, merging and the forward pass. :class:`MissLinear` is the single-device
 case (one shard, no group); the column- and row-parallel layers (:mod:`miss_ds.parallel.layers`) add only what
-differs: where their shard sits, which D they split, and their communication.
+differs: where their shard sits, which D they split, and their communication. Both the weight's split and D's are
+a :class:`Split`: one contiguous range per rank, or, for a fused projection (Phi-3's ``qkv_proj``), one range of
+each fused part per rank.
 """
 from __future__ import annotations
 
@@ -26,12 +28,66 @@ Style = Literal["none", "column", "row"]
 
 
 @dataclass(frozen=True)
+class Split:
+    """How one dimension of a tensor is divided over the ranks of a group.
+
+    ``parts`` holds, for each part of the dimension in order, that part's shard sizes in rank order. A plain split
+    has one part. A fused projection (Phi-3's ``qkv_proj`` = [q; k; v]) has one part per fused projection, each
+    split as that projection alone would be: a rank holds its shard of every part, concatenated in part order (the
+    layout Megatron and DeepSpeed give a fused QKV), so its shard is a list of ranges of the full dimension.
+    """
+
+    parts: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def contiguous(cls, sizes: Sequence[int]) -> Split:
+        """One contiguous range per rank, of ``sizes`` in rank order."""
+        return cls((tuple(sizes),))
+
+    @property
+    def ranks(self) -> int:
+        return len(self.parts[0]) if self.parts else 0
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """What each rank holds, in rank order."""
+        return tuple(sum(part[rank] for part in self.parts) for rank in range(self.ranks))
+
+    @property
+    def full(self) -> int:
+        return sum(sum(part) for part in self.parts)
+
+    def ranges(self, rank: int) -> tuple[tuple[int, int], ...]:
+        """The ``(start, stop)`` ranges of the full dimension that ``rank`` holds, in the order it holds them."""
+        out, offset = [], 0
+        for part in self.parts:
+            start = offset + sum(part[:rank])
+            if part[rank]:
+                out.append((start, start + part[rank]))
+            offset += sum(part)
+        return tuple(out)
+
+    def scaled(self, unit: int) -> Split:
+        """The same split counted in units of ``unit`` features (``bat``'s r x r blocks)."""
+        return Split(tuple(tuple(size // unit for size in part) for part in self.parts))
+
+    def take(self, full: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of ``full`` (a view when it is one range)."""
+        pieces = [full.narrow(dim, start, stop - start) for start, stop in self.ranges(rank)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+    def join(self, shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+        """The full tensor from every rank's shard (the inverse of :meth:`take`)."""
+        pieces = [shard.split([part[rank] for part in self.parts], dim) for rank, shard in enumerate(shards)]
+        return torch.cat([pieces[rank][p] for p in range(len(self.parts)) for rank in range(self.ranks)], dim)
+
+
+@dataclass(frozen=True)
 class Span:
-    """Where a shard sits in its full tensor: ``[start:stop]`` of ``full`` along ``dim``."""
+    """Where a shard sits in its full tensor: the ``ranges`` of ``full`` along ``dim`` it holds, in order."""
 
     dim: int
-    start: int
-    stop: int
+    ranges: tuple[tuple[int, int], ...]
     full: int
 
 
@@ -40,47 +96,70 @@ class Sharding:
     """How a linear's frozen weight is split over its tensor-parallel group.
 
     ``column``: along out (dim 0 of weight and bias). ``row``: along in (dim 1 of the weight; the bias is added
-    after the all-reduce, so every rank holds all of it). ``none``: not split. ``sizes`` are the shard sizes
-    along the split dimension in rank order (empty when not split).
+    after the all-reduce, so every rank holds all of it). ``none``: not split.
     """
 
     style: Style = "none"
-    sizes: tuple[int, ...] = ()
+    split: Split = Split()
     rank: int = 0
     group: Optional[ProcessGroup] = None
 
     @property
+    def sizes(self) -> tuple[int, ...]:
+        """The features along the split dimension each rank holds, in rank order (empty when not split)."""
+        return self.split.sizes
+
+    @property
     def offset(self) -> int:
         """Index of this rank's first feature along the split dimension."""
-        return sum(self.sizes[:self.rank])
+        ranges = self.split.ranges(self.rank)
+        return ranges[0][0] if ranges else 0
 
     def span(self, attr: str) -> Optional[Span]:
         """Where this rank's ``weight`` or ``bias`` sits in the full tensor; None when the rank holds all of it."""
         if self.style == "none" or (self.style == "row" and attr == "bias"):
             return None
-        return Span(dim=0 if self.style == "column" else 1, start=self.offset,
-                    stop=self.offset + self.sizes[self.rank], full=sum(self.sizes))
+        return Span(dim=0 if self.style == "column" else 1, ranges=self.split.ranges(self.rank), full=self.split.full)
 
 
 @dataclass(frozen=True)
 class DLayout:
-    """How a layer's local D relates to the full D: split along ``dim`` in ``sizes`` (rank order), or whole on
-    every rank (``dim`` None)."""
+    """How a layer's local D relates to the full D: split along ``dim`` as ``split`` says, or whole on every rank
+    (``dim`` None)."""
 
     dim: Optional[int] = None
-    sizes: Optional[tuple[int, ...]] = None
+    split: Optional[Split] = None
 
     @property
     def replicated(self) -> bool:
         return self.dim is None
 
+    @property
+    def sizes(self) -> Optional[tuple[int, ...]]:
+        return None if self.split is None else self.split.sizes
+
     def part(self, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank ``rank``'s part of ``full`` (a view; ``full`` itself when replicated)."""
-        return full if self.dim is None else full.split(list(self.sizes), dim=self.dim)[rank]
+        """Rank ``rank``'s part of ``full`` (``full`` itself when replicated)."""
+        return full if self.dim is None else self.split.take(full, self.dim, rank)
+
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full D from every rank's part, in rank order."""
+        return parts[0] if self.dim is None else self.split.join(parts, self.dim)
 
     def to_json(self) -> dict:
-        """The adapter file's form: ``{"dim": 0 | 1 | None, "sizes": [...] | None}``."""
-        return {"dim": self.dim, "sizes": None if self.sizes is None else list(self.sizes)}
+        """The adapter file's form: ``{"dim": 0 | 1 | None, "sizes": [...] | None}`` with what each rank holds, plus
+        ``"parts"`` (each part's sizes in rank order) for the D of a fused projection."""
+        out = {"dim": self.dim, "sizes": None if self.split is None else list(self.split.sizes)}
+        if self.split is not None and len(self.split.parts) > 1:
+            out["parts"] = [list(part) for part in self.split.parts]
+        return out
+
+    @classmethod
+    def from_json(cls, layout: dict) -> DLayout:
+        if layout["dim"] is None:
+            return cls()
+        parts = layout.get("parts") or [layout["sizes"]]
+        return cls(layout["dim"], Split(tuple(tuple(part) for part in parts)))
 
 
 class MissLayer(nn.Module):
@@ -94,13 +173,13 @@ class MissLayer(nn.Module):
     style: Style = "none"
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], *, config: MissConfig, name: str,
-                 full_shape: tuple[int, int], partition_sizes: Sequence[int] = (), tp_rank: int = 0,
+                 full_shape: tuple[int, int], split: Split = Split(), tp_rank: int = 0,
                  group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
         out_full, in_full = full_shape
         MF.check_layer(name, config.mode, config.r, config.mini_r, in_full, out_full)
         self.name = name
-        self.sharding = Sharding(self.style, tuple(partition_sizes), tp_rank, group)
+        self.sharding = Sharding(self.style, split, tp_rank, group)
         self.full_geometry = MF.MissGeometry(config.mode, config.r, config.mini_r, in_full, out_full)
         self._check_shards()
         self.geometry = self._local_geometry()
@@ -125,14 +204,21 @@ class MissLayer(nn.Module):
         return DLayout()
 
     def _check_shards(self) -> None:
-        """``bat`` works on whole r x r blocks, so every shard boundary must fall on a block boundary."""
+        """Shards the mode cannot carry. ``bat`` works on whole r x r blocks, so every shard boundary must fall on a
+        block boundary. ``mini`` tiles its (r, mini_r) D along out from the shard's first feature: a fused shard's
+        later ranges must continue that tiling (they do when mini_r divides every part's shard sizes)."""
         g, s = self.full_geometry, self.sharding
-        if g.mode == "bat" and any(size % g.r for size in s.sizes):
-            dim = "out_features" if s.style == "column" else "in_features"
+        dim = "out_features" if s.style == "column" else "in_features"
+        fused = f" (fused parts {[list(p) for p in s.split.parts]})" if len(s.split.parts) > 1 else ""
+        where = f"module '{self.name}' ({s.style}-parallel, {dim} shards {list(s.sizes)}{fused})"
+        if g.mode == "bat" and any(size % g.r for part in s.split.parts for size in part):
             raise MF.MissShapeError(
-                f"miss.mode='bat' with r={g.r} cannot split module '{self.name}' ({s.style}-parallel, "
-                f"{dim} shards {list(s.sizes)}): every shard must be a multiple of r. Use an r "
+                f"miss.mode='bat' with r={g.r} cannot split {where}: every shard must be a multiple of r. Use an r "
                 f"dividing all shards, or set parallel.tp_grain_size to a multiple of {g.r}")
+        if g.mode == "mini" and s.style == "column" and not _tiles_continue(s.split, g.mini_r):
+            raise MF.MissShapeError(
+                f"miss.mode='mini' with mini_r={g.mini_r} cannot split {where}: a rank's ranges of the fused parts "
+                f"would not continue one mini_r tiling. Use a mini_r dividing every part's shard sizes")
 
     def shard_d(self, full_d: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full D (its own memory)."""
@@ -205,3 +291,15 @@ class MissLinear(MissLayer):
 
     def __init__(self, base: nn.Linear, config: MissConfig, name: str = "") -> None:
         super().__init__(base.weight, base.bias, config=config, name=name, full_shape=tuple(base.weight.shape))
+
+
+def _tiles_continue(split: Split, mini_r: int) -> bool:
+    """Whether every rank's ranges, laid end to end, continue the mini_r tiling that starts at its first range."""
+    for rank in range(split.ranks):
+        ranges = split.ranges(rank)
+        local = 0
+        for start, stop in ranges:
+            if (start - ranges[0][0] - local) % mini_r:
+                return False
+            local += stop - start
+    return True

@@ -4,11 +4,16 @@
     shard_model(model, tp_group); apply_miss(model, miss)  # still on meta: shapes of this rank's shards
     stats = load_sharded_weights(model, base_dir, device, dtype, miss_config=miss)
 
-A tensor-parallel weight is read as a slice of the safetensors file (column layers: dim 0 of weight and
-bias; row layers: dim 1 of the weight, the bias whole), so no rank ever holds a full split weight.
-Parameters are filled in place (``torch.utils.swap_tensors``): tied weights stay tied and the attributes
-DeepSpeed set on its TP parameters survive. Non-persistent buffers (rotary ``inv_freq``) are recomputed by
-the model's own ``_init_weights``.
+A tensor-parallel weight is read as slices of the safetensors file (column layers: dim 0 of weight and
+bias, one range per fused part; row layers: dim 1 of the weight, the bias whole), so no rank ever holds a full
+split weight. Tensors the checkpoint names otherwise are found through the model family's key mapping
+(``miss_ds.families``: GPT-NeoX's ``embed_out``, Mixtral's ``block_sparse_moe``), and routed MoE experts, which
+transformers keeps fused as (experts, out, in) while checkpoints hold one 2-D weight per expert and projection,
+are assembled from this rank's slices of those. (transformers' own ``conversion_mapping`` does that conversion
+on whole tensors, reading every expert in full before any split, so it is not used here.) Parameters are filled
+in place (``torch.utils.swap_tensors``): tied weights stay tied and the attributes DeepSpeed set on its TP
+parameters survive. Buffers the checkpoint does not hold (rotary ``inv_freq``, Gemma's ``embed_scale``) are
+recomputed by the model's own ``_init_weights``.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from .adapter_io import check_base, load_full_adapter_into, read_full_adapter
 from .config import MissConfig
 from .engine import prepare_model
+from .families import Family, family_of
 from .hf_checkpoint import HFCheckpoint
 from .inject import TrainableReport, distinct_parameters, miss_layers
 from .layers import D_NAME, MissLayer, Span
@@ -65,14 +71,11 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
     or ``export.peft.read_peft_adapter`` return them), set from it along with any ``modules_to_save`` parameters.
     """
     stats = LoadStats()
+    family = family_of(model.config)
     with HFCheckpoint(checkpoint_dir) as ckpt:
         for names, param in _base_params(model):
-            key = next((n for n in names if n in ckpt.key_file), None)
-            if key is None:
-                raise KeyError(f"{ckpt.directory} has no tensor for parameter '{names[0]}'"
-                               f"{f' (nor its tied aliases {names[1:]})' if len(names) > 1 else ''}")
             split = _split_of(model, names[0])
-            value = _read(ckpt, key, tuple(param.shape), split)
+            value = _read(ckpt, _stored(ckpt, family, model.config, names), names[0], tuple(param.shape), split)
             stats.bytes_read += value.numel() * value.element_size()
             stats.tensors_read += 1
             stats.tensors_sliced += split is not None
@@ -99,7 +102,7 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
     std = getattr(model.config, "initializer_range", None) or 0.02
     for names, param in _base_params(model):
         split = _split_of(model, names[0])
-        offset = split.start if split is not None else 0
+        offset = split.ranges[0][0] if split is not None and split.ranges else 0
         value = torch.empty(param.shape, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
         if value.dim() >= 2:
             generator = torch.Generator(device=value.device)
@@ -124,32 +127,80 @@ def _base_params(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
 def _split_of(model: nn.Module, param_name: str) -> Optional[Span]:
     """Where this rank's shard of ``param_name`` sits in the full tensor; None for a replicated parameter.
 
-    The owner is a MiSS layer, or a DeepSpeed AutoTP layer MiSS did not wrap (an excluded projection).
+    The owner is a MiSS layer, a DeepSpeed AutoTP layer MiSS did not wrap (an excluded projection), or a module
+    whose split parameters ``tp_spans`` lists (``miss_ds.parallel.internals``: OLMo2's q/k norms, routed experts).
     """
     module_name, _, attr = param_name.rpartition(".")
     module = model.get_submodule(module_name)
-    sharding = None
     if isinstance(module, MissLayer):
-        sharding = module.sharding
-    elif "deepspeed.module_inject.layers" in sys.modules:  # only a model holding DeepSpeed's TP layers imported it
+        return module.sharding.span(attr)
+    if hasattr(module, "tp_spans"):
+        return module.tp_spans.get(attr)
+    if "deepspeed.module_inject.layers" in sys.modules:  # only a model holding DeepSpeed's TP layers imported it
         from .parallel.autotp import sharding_of
 
         sharding = sharding_of(module)
-    return None if sharding is None else sharding.span(attr)
+        return None if sharding is None else sharding.span(attr)
+    return None
 
 
-def _read(ckpt: HFCheckpoint, key: str, local_shape: tuple[int, ...], split: Optional[Span]) -> torch.Tensor:
-    """Read ``key`` (only this rank's slice of a split one), checking the stored shape first."""
-    full_shape = list(local_shape)
+@dataclass(frozen=True)
+class _Stored:
+    """Where a parameter is in the checkpoint: ``keys[expert][part]``. A tensor stored whole has one key; a routed
+    expert parameter is every expert's parts concatenated along out, the experts stacked (``stacked``)."""
+
+    keys: list[list[str]]
+    stacked: bool = False
+
+
+def _stored(ckpt: HFCheckpoint, family: Family, config: PretrainedConfig, names: list[str]) -> _Stored:
+    """Where the parameter called ``names`` (all its tied names) is stored: under the module tree's name, the
+    family's checkpoint name for it, or per expert."""
+    experts = family.expert_file_keys(names[0], config)
+    if experts is not None:
+        return _Stored(experts, stacked=True)
+    for name in names:
+        for key in (name, family.file_key(name)):
+            if key in ckpt.key_file:
+                return _Stored([[key]])
+    tied = f" (nor its tied aliases {names[1:]})" if len(names) > 1 else ""
+    raise KeyError(f"{ckpt.directory} has no tensor for parameter '{names[0]}'{tied}")
+
+
+def _read(ckpt: HFCheckpoint, stored: _Stored, name: str, local_shape: tuple[int, ...],
+          split: Optional[Span]) -> torch.Tensor:
+    """Read the parameter ``name`` (only this rank's ranges of a split one), checking the stored shapes first."""
+    want = list(local_shape)
     if split is not None:
-        full_shape[split.dim] = split.full
-    stored = list(ckpt.shape(key))
-    if stored != full_shape:
-        raise ValueError(f"'{key}' in {ckpt.directory} has shape {stored}, the model expects {full_shape}: "
-                         "was the checkpoint saved from a model with this config?")
+        want[split.dim] = split.full
+    shapes = [[list(ckpt.shape(key)) for key in parts] for parts in stored.keys]
+    first = shapes[0]
+    got = first[0] if not stored.stacked else [len(shapes), sum(s[0] for s in first), *first[0][1:]]
+    if got != want or any(s != first for s in shapes) or any(s[1:] != first[0][1:] for s in first):
+        where = stored.keys[0][0] + (f" ... {stored.keys[-1][-1]}" if stored.stacked else "")
+        raise ValueError(f"'{where}' in {ckpt.directory} has shape {got if got != want else shapes}, the model "
+                         f"expects {want} for '{name}': was the checkpoint saved from a model with this config?")
+    if not stored.stacked:
+        return _read_ranges(ckpt, stored.keys[0], split)
+    inner = None if split is None else Span(split.dim - 1, split.ranges, split.full)
+    return torch.stack([_read_ranges(ckpt, parts, inner) for parts in stored.keys])
+
+
+def _read_ranges(ckpt: HFCheckpoint, parts: list[str], split: Optional[Span]) -> torch.Tensor:
+    """The tensors ``parts`` concatenated along dim 0, or only ``split``'s ranges of that concatenation."""
     if split is None:
-        return ckpt.read(key)
-    return ckpt.read(key, split.dim, split.start, split.stop)
+        return torch.cat([ckpt.read(key) for key in parts]) if len(parts) > 1 else ckpt.read(parts[0])
+    offsets, pieces = [0], []
+    for key in parts:
+        offsets.append(offsets[-1] + ckpt.shape(key)[0])
+    for start, stop in split.ranges:
+        if split.dim != 0:
+            pieces.append(torch.cat([ckpt.read(key, split.dim, start, stop) for key in parts]))
+            continue
+        for key, lo, hi in zip(parts, offsets, offsets[1:]):
+            if start < hi and stop > lo:
+                pieces.append(ckpt.read(key, 0, max(start, lo) - lo, min(stop, hi) - lo))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, split.dim)
 
 
 def _swap_in(tensor: torch.Tensor, value: torch.Tensor) -> None:
@@ -162,26 +213,40 @@ def _swap_in(tensor: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device | str, ckpt: Optional[HFCheckpoint]) -> None:
-    """Buffers: recompute rotary embeddings with the model's own init, read others from the checkpoint."""
+    """Buffers: read those the checkpoint holds; recompute the others (rotary ``inv_freq``, Gemma's ``embed_scale``)
+    with the model's own ``_init_weights``, the module's parameters marked as initialised (transformers' flag) so
+    that only its buffers are written."""
     for module_name, module in model.named_modules():
         meta = {n: b for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta}
         if not meta:
             continue
+        keys = {name: f"{module_name}.{name}" if module_name else name for name in meta}
+        stored = {name: key for name, key in keys.items() if ckpt is not None and key in ckpt.key_file}
         for name, buffer in meta.items():
-            setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
-        if _is_rotary(module):
-            model._init_weights(module)
-            continue
-        for name in meta:
-            key = f"{module_name}.{name}" if module_name else name
-            if ckpt is None or key not in ckpt.key_file:
-                raise KeyError(f"buffer '{key}' is on the meta device and neither recomputable nor in the checkpoint")
+            value = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
+            setattr(module, name, value.fill_(float("nan")) if value.is_floating_point() else value)
+        for name, key in stored.items():
             getattr(module, name).copy_(ckpt.read(key))
+        if len(stored) < len(meta):
+            _recompute_buffers(model, module)
+        for name in set(meta) - set(stored):
+            value = getattr(module, name)
+            if not value.is_floating_point() or value.isnan().any():
+                raise KeyError(f"buffer '{keys[name]}' is on the meta device, not in the checkpoint and not recomputed "
+                               f"by {type(model).__name__}._init_weights")
 
 
-def _is_rotary(module: nn.Module) -> bool:
-    """The rotary embeddings HF's ``_init_weights`` knows how to (re)compute."""
-    return "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq")
+def _recompute_buffers(model: nn.Module, module: nn.Module) -> None:
+    """``model._init_weights(module)`` writing only buffers: the module's own parameters carry transformers'
+    ``_is_hf_initialized`` flag meanwhile, which its init functions respect."""
+    params = list(module.parameters(recurse=False))
+    for p in params:
+        p._is_hf_initialized = True
+    try:
+        model._init_weights(module)
+    finally:
+        for p in params:
+            del p._is_hf_initialized
 
 
 def _materialize_d(model: nn.Module, device: torch.device | str, zeros: bool) -> None:

@@ -9,7 +9,7 @@ parameter counts and q = heads * head_dim, kv = kv_heads * head_dim from ``miss_
   optimizer offload moves master and moments to the CPU;
 - activations of a recomputed layer: its input, 2*b*s*h; a stored layer keeps, per token, both RMSNorm inputs
   (2h), the attention's q, k, v, output and pre-rotary q, k ((3q + 3kv)/t), and the MLP's gate, up and SiLU
-  output (3*inter/t), all bf16;
+  output (3*inter/t; inter the features a token computes: ``ModelShape.mlp_width``), all bf16;
 - the working set of the layer in backward (one stored layer again) and the loss: bf16 logits plus fp32 logits
   and their gradient (2 + 4 + 4 bytes per vocabulary entry per token).
 Calibrated on the Llama-2-70B shape on 2 H200s (docs/scale.md): predictions within a few percent of the peaks.
@@ -46,7 +46,7 @@ class Plan:
 
 
 def layer_activation_bytes(m: ModelShape, tp: int, tokens: int) -> float:
-    per_token = 2 * m.hidden + (3 * m.q_dim + 3 * m.kv_dim) / tp + 3 * m.intermediate / tp
+    per_token = 2 * m.hidden + (3 * m.q_dim + 3 * m.kv_dim) / tp + 3 * m.mlp_width / tp
     return 2 * per_token * tokens
 
 

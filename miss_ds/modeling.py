@@ -1,33 +1,93 @@
 """The base model's Hugging Face config for a run: a local checkpoint's, or one built from fields (random weights)."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import inspect
+from types import SimpleNamespace
+from typing import Any, Optional
+
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .run_config import ModelConfig
+from .families import UnsupportedModel, family_of
+from .run_config import ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Attention implementations and the flag a transformers model class declares its support with.
+ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                   "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> PretrainedConfig:
-    """The model's config: ``path``'s config.json with ``config`` overrides, or ``config`` alone (model_type required)."""
+    """The model's config: ``path``'s config.json with ``config`` overrides, or ``config`` alone (model_type required).
+
+    The config class's own constructor builds it from all the fields at once, so the fields it derives follow the
+    given ones (Llama's head_dim is hidden_size / num_attention_heads unless set). A field the class does not know
+    is refused with the nearest valid name, a family miss_ds does not support by name, and the attention
+    implementation is the family's default (``sdpa`` where transformers supports it, else ``eager``) unless set.
+    """
     overrides = dict(cfg.config)
-    if cfg.path is not None:
-        config = AutoConfig.from_pretrained(cfg.path)
-    else:
-        model_type = overrides.pop("model_type", None)
-        if model_type is None:
-            raise ValueError("model.config needs 'model_type' (e.g. llama) when model.path is null")
-        config = AutoConfig.for_model(model_type)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    if cfg.path is None and vocab_size is not None and "vocab_size" not in cfg.config:
-        config.vocab_size = vocab_size
+    fields: dict[str, Any] = PretrainedConfig.get_config_dict(cfg.path)[0] if cfg.path is not None else {}
+    model_type = overrides.pop("model_type", None) or fields.get("model_type")
+    if model_type is None:
+        raise ConfigError("model.config needs 'model_type' (e.g. llama) when model.path is null")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=1)
+        raise ConfigError(f"model.config.model_type={model_type!r} is not a transformers model type"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        family_of(SimpleNamespace(model_type=model_type))
+    except UnsupportedModel as exc:
+        raise ConfigError(f"model: {exc}") from None
+    config_class = CONFIG_MAPPING[model_type]
+    if cfg.path is None and vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    _check_fields(config_class, {k: v for k, v in fields.items() if k != "model_type"}, overrides)
+    try:
+        config = config_class.from_dict(copy.deepcopy({**fields, **overrides}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.config does not make a valid {config_class.__name__}: {exc}") from None
     config.use_cache = False
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = attention_implementation(config, cfg.attn_implementation)
     return config
+
+
+def _check_fields(config_class: type, fields: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Refuse an override the config class neither declares nor consumes (a typo would otherwise be kept as a stray
+    attribute while the model silently takes the default). Legacy names the constructor converts (``rope_theta``,
+    ``rope_scaling``, GPT-NeoX's ``rotary_pct``) change the built config, and so count as known."""
+    known = {f.name for f in dataclasses.fields(config_class)} | set(config_class.attribute_map) \
+        | set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+
+    def built(values: dict[str, Any]) -> dict[str, Any]:  # constructors may edit the dicts they are given
+        return config_class(**copy.deepcopy(values)).to_dict()
+
+    for key in sorted(set(overrides) - known):
+        without = {**fields, **{k: v for k, v in overrides.items() if k != key}}
+        if {k: v for k, v in built({**without, key: overrides[key]}).items() if k != key} == built(without):
+            close = difflib.get_close_matches(key, sorted(k for k in known if not k.startswith("_")), n=1)
+            hint = f"; did you mean 'model.config.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown field 'model.config.{key}' for {config_class.__name__}{hint}")
+
+
+def attention_implementation(config: PretrainedConfig, requested: Optional[str]) -> str:
+    """``requested``, or the family's default: ``sdpa`` where the model class supports it, else ``eager``. A known
+    implementation the class does not support is refused, naming the family and what works."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    supported = ["eager"] + [name for name, flag in ATTENTION_FLAGS.items() if getattr(model_class, flag, False)]
+    if requested is None:
+        return "sdpa" if "sdpa" in supported else "eager"
+    if requested in ATTENTION_FLAGS and requested not in supported:
+        family = family_of(config)
+        why = f" ({family.attention_note})" if family.attention_note else ""
+        raise ConfigError(f"model.attn_implementation={requested!r}: {family.name} does not support it in transformers"
+                          f"{why}; use one of {supported}, or leave it unset for the default")
+    return requested
 
 
 def enable_recompute(model: nn.Module, layers: int | None) -> int:

@@ -43,7 +43,9 @@ class ModelConfig:
     """With gradient_checkpointing: how many decoder layers recompute (null: all). Fewer is faster and needs
     more memory. ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
     ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Optional[str] = None
+    """transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...). Unset: the family's
+    default, ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
 
 
 ZERO3_REFUSAL = (

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from miss_ds import MissConfig, MissShapeError, adapter_io, adapter_state_dict, apply_miss
+from miss_ds import MissConfig, adapter_io, adapter_state_dict, apply_miss
 from miss_ds.hf_checkpoint import INDEX_FILE, HFCheckpoint
 from miss_ds.convert.merge import merge_to_hf
 from miss_ds.convert.peft import PEFT_PREFIX, read_peft_adapter, write_peft_adapter
 from miss_ds.convert.reshard import reshard_adapter
 from miss_ds.loading import build_model_on_meta, load_sharded_weights
-from miss_ds.parallel.autotp import LLAMA_TP_PLAN
+from miss_ds.families import LLAMA_PLAN
 from tests.conftest import tiny_llama_config
 from tests.dist.export_make import MODES, STEP, input_ids
 from tests.launch_utils import ROOT, deepspeed_run, result_of
@@ -299,7 +299,7 @@ def test_sharded_loading_on_two_ranks(loaded):
         _close(torch.load(root / f"{mode}-tp2.pt"), torch.load(root / "tp2" / mode / "logits_tp.pt"))
     with HFCheckpoint(root / "tp2" / "miss" / "base") as ckpt:
         sizes = {k: torch.Size(ckpt.shape(k)).numel() * 4 for k in ckpt.key_file}
-    split = sum(n for k, n in sizes.items() if k.split(".")[-2] in LLAMA_TP_PLAN)
+    split = sum(n for k, n in sizes.items() if k.split(".")[-2] in LLAMA_PLAN)
     replicated = sum(sizes.values()) - split
     for rank in ranks:
         assert rank["zero"]["sliced"] == 14
@@ -382,9 +382,9 @@ def test_non_miss_peft_adapters_are_rejected(runs, tmp_path):
         read_peft_adapter(runs / "tp2" / "miss" / STEP / "adapter")
 
 
-def test_incompatible_tp_size_names_the_layer(runs, tmp_path):
-    # bat r=4: an MLP of 96 splits 5 ways as [20, 19, 19, 19, 19], cutting 4 x 4 blocks.
-    with pytest.raises(MissShapeError, match=r"'model\.layers\.0\.mlp\.gate_proj'.*\[20, 19, 19, 19, 19\]"):
+def test_incompatible_tp_size_is_refused(runs, tmp_path):
+    # 4 KV heads cannot be split over 5 ranks (a bat split that cuts r x r blocks: test_tensor_parallel, test_train).
+    with pytest.raises(ValueError, match=r"tp_size=5 is more than the 4 key/value heads.*tp_size in \[1, 2, 3, 4\]"):
         reshard_adapter(runs / "tp4" / "bat" / STEP, 5, tmp_path / "tp5")
     assert not (tmp_path / "tp5").exists()
     (tmp_path / "busy").mkdir()

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from miss_ds import MissConfig, apply_miss
 from miss_ds.flops import frozen_finetune_flops_per_token
-from miss_ds.model_shape import COLUMN, ModelShape
+from miss_ds.layers import Split
+from miss_ds.model_shape import ModelShape
 from miss_ds.parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 
 
@@ -62,11 +63,11 @@ def test_adapter_params_under_tp_equal_one_ranks_d(mode):
     config = MissConfig(r=r, mode=mode, mini_r=mini_r)
     local = 0
     for name, (fan_in, fan_out) in shape.projections().items():
-        column = name in COLUMN
+        column = shape.style(name) == "column"
         sizes = [(fan_out if column else fan_in) // tp] * tp
         weight = nn.Parameter(torch.zeros((sizes[0], fan_in) if column else (fan_out, sizes[0])))
         cls = ColumnParallelMissLinear if column else RowParallelMissLinear
-        layer = cls(weight, None, config=config, name=name, group=None, partition_sizes=sizes, tp_rank=0,
+        layer = cls(weight, None, config=config, name=name, group=None, split=Split.contiguous(sizes), tp_rank=0,
                     full_shape=(fan_out, fan_in))
         local += layer.miss_block.numel()
     assert shape.adapter_params(r, mode, mini_r, tp=tp) == shape.layers * local

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from miss_ds.distributed import free_port  # noqa: E402
-from miss_ds.model_shape import ROW, ModelShape  # noqa: E402
+from miss_ds.model_shape import ModelShape  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 #: Collectives that DeepSpeed's logger sizes by one rank's input shard; the payload is the gathered whole.
@@ -81,7 +81,8 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
     d = m.adapter_params(r, "miss", tp=tp) * d_bytes
     if tp > 1:
         _add(t, "forward", "tp", "all_reduce", 2 * m.layers * act)
-        row_d_grads = m.layers * r * sum(m.projections()[name][1] for name in ROW) * d_bytes
+        row_outs = [o for name, (_, o) in m.projections().items() if m.style(name) == "row"]
+        row_d_grads = m.layers * r * sum(row_outs) * d_bytes
         _add(t, "backward", "tp", "all_reduce", (5 * m.layers + recompute) * act + row_d_grads)
     if dp > 1:
         _add(t, "backward", "dp", "all_reduce", d)
@@ -237,7 +238,8 @@ def _peft_engine(cfg: Any, device: Any) -> tuple[Any, float]:
     # zero.Init takes the dtype from the bf16 section (DeepSpeed 0.19.8 ignores its dtype argument on CPU).
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
-    model = get_peft_model(model, MissConfig(r=cfg.miss.r, target_modules=list(cfg.miss.target_modules)))
+    targets = cfg.miss.for_model(model.config).target_modules  # the family's default when unset
+    model = get_peft_model(model, MissConfig(r=cfg.miss.r, target_modules=list(targets)))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -15,6 +15,7 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from .. import functional as MF
+from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint, ShardedWriter
 from .output import copy_model_files, new_output_dir
 from .source import Adapter, check_fits_base, full_geometry, module_of, read_adapter, read_base_config, weight_key_of
@@ -42,8 +43,9 @@ def merge_to_hf(checkpoint: Path | str, base: Path | str, output: Path | str,
         check_fits_base(adapter, base_config, weights)
         out = new_output_dir(output)
         writer = ShardedWriter(out, convert_file_size_to_int(max_shard_size))
-        d_of_weight = {weight_key_of(key): key for key in adapter.d}
-        saved = adapter.saved
+        family = family_of(base_config)  # checkpoints may name tensors otherwise than the module tree
+        d_of_weight = {family.file_key(weight_key_of(key)): key for key in adapter.d}
+        saved = {family.file_key(key): value for key, value in adapter.saved.items()}
         merged = replaced = copied = 0
         for key, tensor in weights.stream():
             if key in d_of_weight:

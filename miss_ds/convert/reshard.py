@@ -1,11 +1,11 @@
 """Rewrite a miss_ds adapter for another tensor-parallel size.
 
 The new split is the one a run with the new TP size makes: the base model's modules are built on the meta
-device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (the TP plan and shard
-sizes of :mod:`miss_ds.parallel.autotp` on the same config), and that layer's own ``d_layout`` says how its D
-is split (``modules_to_save`` parameters stay replicated). A split the mode cannot carry (``bat`` shards that
-cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting such a run would. Only
-the adapter is rewritten (training checkpoints resume on any TP size as they are).
+device, each adapted module is wrapped as ``shard_model`` + ``apply_miss`` would wrap it (``planned_split`` of
+:mod:`miss_ds.parallel.autotp` on the same config, fused projections per part), and that layer's own
+``d_layout`` says how its D is split (``modules_to_save`` parameters stay replicated). A split the mode cannot
+carry (``bat`` shards that cut an r x r block) raises ``MissShapeError`` naming the layer, exactly as starting
+such a run would. Only the adapter is rewritten (training checkpoints resume on any TP size as they are).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io, ds_compat
 from ..config import MissConfig
+from ..families import check_tp
 from ..layers import DLayout, MissLayer, MissLinear
 from ..loading import build_model_on_meta
-from ..parallel.autotp import shard_sizes, tp_style
+from ..parallel.autotp import planned_split
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 from .output import new_output_dir
 from .source import module_of, read_adapter, read_base_config
@@ -60,11 +61,12 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
 
 
 def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConfig:
-    """A config with the shape fields the adapter recorded about its base (enough for standard models)."""
+    """A config with the shape fields the adapter recorded about its base (enough for standard models). No padding
+    token: the class's default id may lie outside a small vocabulary, and the view needs none."""
     if "model_type" not in summary:
         raise ValueError(f"{source} records no base model_type: pass the base model with --base")
     fields = {k: v for k, v in summary.items() if k not in ("model_type", "name_or_path")}
-    config = AutoConfig.for_model(summary["model_type"], **fields)
+    config = AutoConfig.for_model(summary["model_type"], **fields, pad_token_id=None)
     config._name_or_path = summary.get("name_or_path", "")
     return config
 
@@ -72,6 +74,7 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
 def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], tp_size: int,
             tp_grain_size: int = 1) -> nn.Module:
     """The base model on meta with each of ``modules`` replaced by the MiSS layer TP rank 0 would build."""
+    check_tp(config, tp_size)
     model = build_model_on_meta(config)
     tp_meta = ds_compat.autotp_meta(config, tp_grain_size)
     for name in modules:
@@ -82,24 +85,25 @@ def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], 
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'{name}' is a {type(linear).__name__} in the base model, not a linear layer")
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, _layer(linear, name, miss, tp_size, tp_meta))
+        setattr(model.get_submodule(parent_name), child, _layer(linear, name, config, miss, tp_size, tp_meta))
     return model
 
 
-def _layer(linear: nn.Linear, name: str, config: MissConfig, tp_size: int, tp_meta: Any) -> MissLayer:
+def _layer(linear: nn.Linear, name: str, model_config: PretrainedConfig, config: MissConfig, tp_size: int,
+           tp_meta: Any) -> MissLayer:
     """``shard_model``'s rule: a planned projection is split when TP > 1, anything else stays whole."""
-    style = tp_style(name) if tp_size > 1 else None
-    if style is None:
-        return MissLinear(linear, config, name)
     full_shape = tuple(linear.weight.shape)
-    sizes = shard_sizes(name, style, full_shape, tp_size, tp_meta)
-    shard_shape = (sizes[0], full_shape[1]) if style == "column" else (full_shape[0], sizes[0])
+    planned = planned_split(model_config, name, full_shape, tp_size, tp_meta) if tp_size > 1 else None
+    if planned is None:
+        return MissLinear(linear, config, name)
+    style, split = planned
+    size = split.sizes[0]
+    shard_shape = (size, full_shape[1]) if style == "column" else (full_shape[0], size)
     cls = ColumnParallelMissLinear if style == "column" else RowParallelMissLinear
     return cls(nn.Parameter(torch.empty(shard_shape, device="meta"), requires_grad=False), None, config=config,
-               name=name, full_shape=full_shape, partition_sizes=sizes, tp_rank=0, group=None)
+               name=name, full_shape=full_shape, split=split, tp_rank=0, group=None)
 
 
 def _part(full: torch.Tensor, layout: dict[str, Any], rank: int) -> torch.Tensor:
     """TP rank ``rank``'s part of a full tensor under its adapter-file layout."""
-    sizes = layout["sizes"]
-    return DLayout(layout["dim"], None if sizes is None else tuple(sizes)).part(full, rank)
+    return DLayout.from_json(layout).part(full, rank)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 from .. import adapter_io
 from .. import functional as MF
 from ..config import MissConfig
+from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint
 from ..inject import D_NAME
 from ..train.checkpoint import TrainCheckpoint
@@ -60,8 +61,9 @@ def check_fits_base(adapter: Adapter, base_config: PretrainedConfig, weights: HF
     """Refuse a base the adapter does not belong to: config summary, a base tensor for every adapter tensor,
     shapes that fit (D against its weight, a saved module's parameter against the base's)."""
     adapter_io.check_base(adapter.meta, SimpleNamespace(config=base_config), str(adapter.directory))
+    family = family_of(base_config)
     for key, tensor in adapter.tensors.items():
-        base_key = weight_key_of(key) if is_d_key(key) else key
+        base_key = family.file_key(weight_key_of(key) if is_d_key(key) else key)
         if base_key not in weights.key_file:
             raise KeyError(f"'{key}' of {adapter.directory} has no base tensor '{base_key}' in "
                            f"{weights.directory}: wrong base model?")

@@ -7,6 +7,7 @@ eos. Its first label is always `IGNORE_INDEX`: no token of the example predicts 
 and in a packed sequence the previous example's last token must not learn to.
 """
 
+import os
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -89,27 +90,44 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenize
     """The rendered conversation cut into (text, is_assistant_turn) pieces.
 
     An assistant turn is the text the template adds when message i is appended to
-    the conversation rendered up to a generation prompt: exactly what the model is
-    asked to produce at inference. Works with any template that renders each
-    conversation as an extension of its prefixes (all common ones do).
+    the conversation rendered up to a generation prompt (exactly what the model is
+    asked to produce at inference), as far as the whole conversation renders that
+    text there too: a template may close a conversation with text it renders only
+    at its very end (Phi-3's adds eos when no generation prompt follows), which
+    then belongs to the last turn alone. Works with any template that renders each
+    conversation as an extension of its prefixes up to such closing text (all
+    common ones do).
     """
+    whole = _render(messages, tokenizer, add_generation_prompt=False)
     segments: list[tuple[str, bool]] = []
-    done = ""
+    done = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _render(messages[:index], tokenizer, add_generation_prompt=True)
         turn = _render(messages[: index + 1], tokenizer, add_generation_prompt=False)
-        if not (prompt.startswith(done) and turn.startswith(prompt)):
+        if not (whole.startswith(prompt) and turn.startswith(prompt) and len(prompt) >= done):
             raise ValueError(f"the chat template does not render message {index} as an extension of the "
                              "conversation before it, so assistant turns cannot be located for loss masking")
-        segments += [(prompt[len(done):], False), (turn[len(prompt):], True)]
-        done = turn
-    whole = _render(messages, tokenizer, add_generation_prompt=False)
-    if not whole.startswith(done):
-        raise ValueError("the chat template renders the whole conversation differently from its prefix "
-                         "ending at the last assistant turn, so that turn cannot be located for loss masking")
-    return [(text, trained) for text, trained in segments + [(whole[len(done):], False)] if text]
+        end = _shared_end(turn, whole, len(prompt), tokenizer)
+        segments += [(whole[done:len(prompt)], False), (whole[len(prompt):end], True)]
+        done = end
+    return [(text, trained) for text, trained in segments + [(whole[done:], False)] if text]
+
+
+def _shared_end(turn: str, whole: str, start: int, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Where ``turn`` and ``whole`` (equal up to ``start``) part, moved back to the start of any special token of
+    ``whole`` the parting point would cut (``<|end|>`` and ``<|user|>`` share their first characters)."""
+    end = start + len(os.path.commonprefix([turn[start:], whole[start:]]))
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    moved = True
+    while moved:
+        moved = False
+        for token in specials:
+            at = whole.find(token, max(start, end - len(token) + 1))
+            if at != -1 and at < end < at + len(token):
+                end, moved = at, True
+    return end
 
 
 def _render(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool) -> str:

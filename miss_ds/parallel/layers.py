@@ -3,7 +3,9 @@
 Column-parallel (q, k, v, gate, up: W split along out). Each rank computes ``agg(x) @ D_shard`` for its own
 output columns; the input's gradient is summed by the one all-reduce the base layer needs anyway.
 ``miss`` D is split along out with the base; ``bat`` D by output blocks; ``mini`` D is shared (each rank
-tiles it from its own output offset) and its gradient is summed over the TP group.
+tiles it from its own output offset) and its gradient is summed over the TP group. A fused projection (Phi-3's
+``qkv_proj``) holds one range of each part per rank: D's columns (``miss``) or blocks (``bat``) are taken from
+the same ranges, so the layer is the single-device layer cut as its weight is.
 
 Row-parallel (o, down: W split along in, input arrives split). Each rank aggregates its own input slice at
 its global offset, adds the partial delta to its partial product, and the base's one all-reduce sums both:
@@ -36,11 +38,12 @@ class ColumnParallelMissLinear(MissLayer):
                                out_offset=s.offset)
 
     def _d_layout(self) -> DLayout:
-        g, sizes = self.full_geometry, self.sharding.sizes
+        """``miss``: D's columns are split as W's rows (per fused part too); ``bat``: its blocks likewise."""
+        g, split = self.full_geometry, self.sharding.split
         if g.mode == "miss":
-            return DLayout(dim=1, sizes=sizes)
+            return DLayout(dim=1, split=split)
         if g.mode == "bat":
-            return DLayout(dim=0, sizes=tuple(s // g.r for s in sizes))
+            return DLayout(dim=0, split=split.scaled(g.r))
         return DLayout()
 
     def product(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""The two tensor-parallel communication ops MiSS needs, as autograd functions paired with their opposites.
+"""The tensor-parallel communication ops MiSS needs, as autograd functions.
 
 ``copy_to_tp``: identity forward, all-reduce of the gradient backward. Used on the input of a column-parallel
 layer (every rank reads the whole input, so its gradient is summed) and on a D that is replicated in the TP
 group (every rank computes part of its gradient).
-``reduce_from_tp``: all-reduce forward, identity backward. The output of a row-parallel layer.
-Both return at once when the group has a single rank. The all-reduces go through ``deepspeed.comm`` when it is
+``reduce_from_tp``: all-reduce forward, identity backward. The output of a row-parallel layer (what follows is
+computed alike on every rank).
+``sum_over_tp``: all-reduce forward and backward. A statistic summed over the ranks' shards and used by each rank
+on its own shard (OLMo2's q/k norm over all heads): each rank's gradient holds only its shard's share.
+All return at once when the group has a single rank. The all-reduces go through ``deepspeed.comm`` when it is
 initialised (always, once DeepSpeed started the process group), so DeepSpeed's comms logger records them.
 """
 from __future__ import annotations
@@ -51,6 +54,21 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _SumOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone(memory_format=torch.contiguous_format)
+        _all_reduce(x, group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        _all_reduce(grad, ctx.group)
+        return grad, None
+
+
 def copy_to_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Identity forward; the gradient is summed over the TP group."""
     return x if tp_world_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -59,3 +77,8 @@ def copy_to_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
 def reduce_from_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Sum of the partial results over the TP group; the gradient passes through."""
     return x if tp_world_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def sum_over_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Sum over the TP group, its gradient summed too (the sum feeds rank-local computations)."""
+    return x if tp_world_size(group) == 1 else _SumOverTP.apply(x, group)

@@ -18,14 +18,15 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..config import MissConfig
+from ..layers import Split
 from ..registry import register_layer
 from .layers import ColumnParallelMissLinear, RowParallelMissLinear
 
 Output = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _checked(layer: ColumnParallelLinear | RowParallelLinear, name: str) -> tuple[list[int], int]:
-    """Refuse what the MiSS layers do not implement; return the equal shard sizes and this rank's index."""
+def _checked(layer: ColumnParallelLinear | RowParallelLinear, name: str) -> tuple[Split, int]:
+    """Refuse what the MiSS layers do not implement; return the (equal) split and this rank's index."""
     unsupported = [what for what, present in (
         ("gather_output=True", getattr(layer, "gather_output", False)),
         ("input_is_parallel=False", not getattr(layer, "input_is_parallel", True)),
@@ -37,7 +38,7 @@ def _checked(layer: ColumnParallelLinear | RowParallelLinear, name: str) -> tupl
                          "split, without sequence or expert parallelism")
     tp = dist.get_world_size(layer.tp_group)
     split = layer.output_size if isinstance(layer, ColumnParallelLinear) else layer.input_size
-    return [split // tp] * tp, dist.get_rank(layer.tp_group)
+    return Split.contiguous([split // tp] * tp), dist.get_rank(layer.tp_group)
 
 
 class _MegatronMiss:
@@ -45,9 +46,9 @@ class _MegatronMiss:
     Megatron's ``(output, bias)`` result."""
 
     def __init__(self, layer: ColumnParallelLinear | RowParallelLinear, config: MissConfig, name: str) -> None:
-        sizes, rank = _checked(layer, name)
+        split, rank = _checked(layer, name)
         super().__init__(layer.weight, layer.bias, config=config, name=name, group=layer.tp_group,
-                         partition_sizes=sizes, tp_rank=rank, full_shape=(layer.output_size, layer.input_size))
+                         split=split, tp_rank=rank, full_shape=(layer.output_size, layer.input_size))
         self.skip_bias_add = layer.skip_bias_add
 
     def forward(self, x: torch.Tensor) -> Output:

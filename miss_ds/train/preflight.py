@@ -2,21 +2,26 @@
 
 What needs only the config file is checked by ``miss_ds.run_config.validate``; what needs the model's shapes (r, mode,
 TP shards) by building the model on the meta device (``loading.model_on_meta``). This module checks what needs the
-job's size or the output directory: the TP size against the attention heads, the output directory (writable, and not
+job's size or the output directory: the TP size against the attention heads, the sequence length against the model's
+positions, the output directory (writable, and not
 holding another run unless the user says so), and a resumed checkpoint's adapter settings against the config's.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ..data.batch import check_resumable
+from ..families import UnsupportedModel, check_tp
 from ..run_config import ConfigError, RunConfig, to_dict
 from .atomic import CheckpointManager
 from .checkpoint import STATE_FILE, check_base_layout
+
+logger = logging.getLogger(__name__)
 
 #: Files, and folders when not empty, whose presence means an output directory holds a run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
@@ -24,15 +29,31 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "ten
 ADAPTER_FIELDS = ("r", "mode", "mini_r", "target_modules", "exclude_modules", "modules_to_save", "adapter_dtype")
 
 
-def check_tp_fits_heads(model_config: Any, tp: int, world: int) -> None:
-    """Attention is split by heads: the TP size must divide the query heads and the key/value heads."""
-    heads = model_config.num_attention_heads
-    kv = getattr(model_config, "num_key_value_heads", None) or heads
-    if heads % tp == 0 and kv % tp == 0:
+def check_model_fits_run(model_config: Any, tp: int, world: int, seq_len: int) -> None:
+    """The model against the job: the TP size against its attention heads (``families.check_tp``: every rank needs a
+    whole key/value head; uneven head counts are fine), and ``data.seq_len`` against its maximum positions (longer
+    is an error, or a warning when the model has rope scaling, which is meant to stretch them)."""
+    try:
+        check_tp(model_config, tp, world)
+    except UnsupportedModel as exc:
+        raise ConfigError(str(exc)) from None
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or seq_len <= limit:
         return
-    fits = [t for t in range(1, world + 1) if world % t == 0 and heads % t == 0 and kv % t == 0]
-    raise ConfigError(f"parallel.tp_size={tp} does not divide the model's {heads} attention heads and {kv} key/value "
-                      f"heads: each TP rank needs whole heads. Use parallel.tp_size in {fits} (on {world} ranks)")
+    scaling = rope_scaling(model_config)
+    if scaling is None:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the model's max_position_embeddings={limit} and "
+                          f"it has no rope scaling: use data.seq_len <= {limit}")
+    logger.warning("data.seq_len=%d is longer than max_position_embeddings=%d; relying on the model's %r rope "
+                   "scaling", seq_len, limit, scaling)
+
+
+def rope_scaling(model_config: Any) -> Optional[str]:
+    """The rope type of a model whose positions are scaled (llama3, yarn, linear, dynamic...), else None."""
+    params = getattr(model_config, "rope_parameters", None) or {}
+    per_layer = params.values() if all(isinstance(v, dict) for v in params.values()) and params else [params]
+    scaled = [p.get("rope_type") for p in per_layer if p.get("rope_type", "default") != "default"]
+    return scaled[0] if scaled else None
 
 
 def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> Optional[Path]:

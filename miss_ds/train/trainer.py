@@ -33,7 +33,7 @@ from .checkpoint import TrainCheckpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .preflight import check_resume_matches, check_tp_fits_heads, prepare_output_dir
+from .preflight import check_model_fits_run, check_resume_matches, prepare_output_dir
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
@@ -60,7 +60,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         # Every step that can fail on one rank alone ends in ``agree``: all ranks stop together.
         agree("reading the tokenizer and model config", self._read_model_config)
-        check_tp_fits_heads(self.model_config, self.layout.tp, self.layout.world)
+        check_model_fits_run(self.model_config, self.layout.tp, self.layout.world, cfg.data.seq_len)
         agree("checking the output directory", lambda: self._check_output_dir(resume, overwrite))
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
@@ -96,6 +96,7 @@ class Trainer:
         tokenizer_dir = None if cfg.data.synthetic else cfg.tokenizer or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
         self.model_config = hf_config(cfg.model, vocab_size=len(self.tokenizer) if self.tokenizer else None)
+        cfg.miss = cfg.miss.for_model(self.model_config)  # the family's targets when unset, recorded explicitly
 
     def _model_on_meta(self) -> tuple:
         try:
