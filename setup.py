@@ -22,6 +22,13 @@ setup(
         "matplotlib>=3.8",
         "psutil>=5.9",
     ],
+    # The commands (miss_ds/cli/); launch/train.py and tools/*.py wrap the same functions.
+    entry_points={"console_scripts": [
+        "miss-ds-train=miss_ds.cli.train:run",
+        "miss-ds-convert=miss_ds.cli.convert:main",
+        "miss-ds-reshard=miss_ds.cli.reshard:main",
+        "miss-ds-plan-memory=miss_ds.cli.plan_memory:main",
+    ]},
     # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
     # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
     extras_require={"test": ["pytest>=8", "peft>=0.17", "megatron-core>=0.12,<0.17",
