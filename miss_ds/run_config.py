@@ -44,6 +44,11 @@ class ModelConfig:
     ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
     attn_implementation: str = "sdpa"
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the run draws its base weights (per TP shard: ``loading.materialize_random``), not loads them."""
+        return self.path is None or self.random_init
+
 
 ZERO3_REFUSAL = (
     "parallel.zero_stage=3 is not supported: DeepSpeed's stage 3 manages every parameter of the model, the frozen "

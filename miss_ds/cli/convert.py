@@ -1,16 +1,19 @@
 """Convert a miss_ds adapter (or training checkpoint) for Hugging Face.
 
-    miss-ds-convert --checkpoint CKPT --base BASE --output OUT --merge [--max-shard-size 5GB]
+    miss-ds-convert --checkpoint CKPT [--base BASE] --output OUT --merge [--max-shard-size 5GB]
     miss-ds-convert --checkpoint CKPT [--base BASE] --output OUT --peft
 
-CKPT is a training checkpoint (out/checkpoints/step_00001000, its adapter/ is used) or an adapter dir;
-BASE is the local Hugging Face directory of the base model.
+CKPT is a training checkpoint (out/checkpoints/step_00001000, its adapter/ is used) or an adapter dir. BASE is the
+local Hugging Face directory of the base model; by default the one the adapter records (the run's model.path, or
+the random base a run saves in <output_dir>/base) when it is here. The base is checked against the adapter (config,
+shapes and the fingerprint of the base it was trained on): another base is refused by name.
 
---merge writes the base model with every D folded into its weight (same dtype as the base, sharded
-safetensors + index, config/generation config/tokenizer copied from --base): load it with
-AutoModelForCausalLM.from_pretrained. The base is streamed one tensor at a time on the CPU.
---peft writes a PEFT MiSS adapter (adapter_config.json + adapter_model.safetensors): load it with
-PeftModel.from_pretrained(base_model, OUTPUT). --base is optional there (it is then checked and recorded).
+--merge writes the base model with every D folded into its weight (same dtype as the base, sharded safetensors +
+index, config/generation config/tokenizer copied from the base): load it with AutoModelForCausalLM.from_pretrained.
+The base is streamed one tensor at a time on the CPU.
+--peft writes a PEFT MiSS adapter (adapter_config.json + adapter_model.safetensors): PeftModel.from_pretrained(base,
+OUTPUT), or AutoPeftModelForCausalLM.from_pretrained(OUTPUT) when the base is known.
+Every export of a training checkpoint also holds the run's config (miss_ds_run_config.json).
 """
 from __future__ import annotations
 
@@ -22,16 +25,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="miss-ds-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint dir (uses its adapter/) or adapter dir")
-    p.add_argument("--base", help="local Hugging Face directory of the base model (required with --merge)")
+    p.add_argument("--base", help="local Hugging Face directory of the base model (default: the one the adapter "
+                                  "records, when it is here)")
     p.add_argument("--output", required=True, help="new (or empty) output directory")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="write a merged full model")
     mode.add_argument("--peft", action="store_true", help="write a PEFT MiSS adapter")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard with --merge (e.g. 5GB, 500MB)")
-    args = p.parse_args(argv)
-    if args.merge and not args.base:
-        p.error("--merge needs --base")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ CKPT is a training checkpoint (out/checkpoints/step_00001000, its adapter/ is us
 The new partition is the one a run with --tp ranks makes (the same DeepSpeed split of the base model's
 config: from --base/config.json, or rebuilt from the base summary stored in the adapter). A TP size the
 adapter's mode cannot be split for (bat shards must hold whole r x r blocks) is refused, naming the layer.
+With --base the base is checked against the adapter (config, shapes, fingerprint) first.
 
 Only the adapter (D, and modules_to_save) is resharded. The optimizer state in the checkpoint's
 engine/ is NOT: a run resumed at another TP size restarts its optimizer state.

@@ -27,6 +27,7 @@ from ..functional import MissShapeError
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
+from ..random_base import save_random_base
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
 from .checkpoint import TrainCheckpoint
@@ -65,6 +66,8 @@ class Trainer:
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
         self.checkpoint_bytes_read = agree("loading the model", lambda: materialize_model(model, cfg, self.device))
+        if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
+            agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())
                                  if cfg.model.gradient_checkpointing else None)
         t = cfg.train

@@ -1,0 +1,114 @@
+"""Serving what was trained: the base fingerprint and the saved random base.
+
+The TP=2 inputs (bases, adapters written by a 2-rank run, its logits) come from the 2-rank run the export tests
+share (``export_tp2`` in conftest.py: ``tests/dist/export_make.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from miss_ds import MissConfig, adapter_io, apply_miss, fingerprint
+from miss_ds.convert.merge import merge_to_hf
+from miss_ds.convert.peft import write_peft_adapter
+from miss_ds.convert.reshard import reshard_adapter
+from miss_ds.distributed import ParallelLayout
+from miss_ds.hf_checkpoint import HFCheckpoint
+from miss_ds.loading import build_model_on_meta, materialize_random
+from miss_ds.random_base import save_random_base
+from tests.conftest import tiny_llama_config
+from tests.dist.export_make import STEP, input_ids
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=input_ids(model.config.vocab_size)).logits
+
+
+# ----------------------------------------------------------------------------------------------- fingerprint
+def test_fingerprint_of_a_tp2_model_is_read_back_from_its_base_on_disk(export_tp2):
+    """The 2-rank run recorded the fingerprint its sharded model read; the base on disk gives the same values."""
+    for case in ("miss", "qwen2", "random"):
+        recorded = fingerprint.Fingerprint.from_json(
+            adapter_io.read_adapter_config(export_tp2 / case / STEP / "adapter")["base_fingerprint"])
+        assert len(recorded.positions) == fingerprint.SAMPLES
+        assert len({key for key, _, _ in recorded.positions}) == 14  # every adapted weight of the tiny model
+        with HFCheckpoint(export_tp2 / case / "base") as ckpt:
+            assert fingerprint.read_checkpoint(ckpt, recorded.positions) == recorded.values
+
+
+def _other_base(path: Path, seed: int = 5) -> Path:
+    """A base of the tiny Llama's exact shape with other weights."""
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    return path
+
+
+def test_another_base_of_the_same_shape_is_refused_by_name(export_tp2, tmp_path):
+    ckpt = export_tp2 / "miss" / STEP
+    other = _other_base(tmp_path / "other")
+    for convert in (lambda: merge_to_hf(ckpt, other, tmp_path / "merged"),
+                    lambda: write_peft_adapter(ckpt, tmp_path / "peft", other),
+                    lambda: reshard_adapter(ckpt, 1, tmp_path / "tp1", base=other)):
+        with pytest.raises(fingerprint.OtherBaseError, match=r"trained on another base than .*other: \d+ of 64 "
+                                                             r"sampled weights differ, e\.g\. model\.layers\."):
+            convert()
+    assert not any((tmp_path / name).exists() for name in ("merged", "peft", "tp1"))
+
+
+def test_the_same_base_in_another_precision_is_accepted(export_tp2, tmp_path, caplog):
+    """bf16 and fp16 copies of the fp32 base are the same base (fp16 may round a sample one bf16 step away)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        AutoModelForCausalLM.from_pretrained(export_tp2 / "miss" / "base", dtype=dtype).save_pretrained(
+            tmp_path / str(dtype))
+        with caplog.at_level(logging.WARNING):
+            merge_to_hf(export_tp2 / "miss" / STEP, tmp_path / str(dtype), tmp_path / f"merged-{dtype}")
+    assert "trained on another base" not in caplog.text
+
+
+def test_resharding_keeps_the_fingerprint(export_tp2, tmp_path):
+    out = reshard_adapter(export_tp2 / "miss" / STEP, 3, tmp_path / "tp3")
+    want = adapter_io.read_adapter_config(export_tp2 / "miss" / STEP / "adapter")["base_fingerprint"]
+    assert adapter_io.read_adapter_config(out)["base_fingerprint"] == want
+    merge_to_hf(out, export_tp2 / "miss" / "base", tmp_path / "merged")  # still checks, and passes
+
+
+def test_an_adapter_without_a_fingerprint_is_converted_with_a_warning(export_tp2, tmp_path, caplog):
+    adapter = shutil.copytree(export_tp2 / "miss" / STEP / "adapter", tmp_path / "adapter")
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**meta, "base_fingerprint": None}))
+    with caplog.at_level(logging.WARNING):
+        merge_to_hf(adapter, _other_base(tmp_path / "other"), tmp_path / "merged")
+    assert "records no base fingerprint" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------- random base
+def test_a_saved_tp2_random_base_merges_by_default_and_gives_the_tp_models_logits(export_tp2, tmp_path):
+    """The 2-rank run drew its random base per TP shard and saved it: the adapter records it as its base, so the merge
+    finds it alone; the merged model is the TP=2 model."""
+    run = export_tp2 / "random"
+    assert adapter_io.read_adapter_config(run / STEP / "adapter")["base_model"]["name_or_path"] == str(run / "base")
+    merge_to_hf(run / STEP, None, tmp_path / "merged")
+    _close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")), torch.load(run / "logits_tp.pt"))
+
+
+def test_the_random_base_of_another_tp_layout_is_refused(export_tp2, tmp_path):
+    """The same seed at TP=1 draws other split weights: another base, refused by the fingerprint."""
+    model = build_model_on_meta(tiny_llama_config(), torch.float32)
+    apply_miss(model, MissConfig(r=8))
+    materialize_random(model, "cpu", torch.float32, seed=0)
+    save_random_base(model, tmp_path / "tp1", None, ParallelLayout(0, 1, 1))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "tp1" / "base").model.embed_tokens.weight.equal(
+        AutoModelForCausalLM.from_pretrained(export_tp2 / "random" / "base").model.embed_tokens.weight)
+    with pytest.raises(fingerprint.OtherBaseError, match="trained on another base"):
+        merge_to_hf(export_tp2 / "random" / STEP, tmp_path / "tp1" / "base", tmp_path / "merged")
