@@ -1,4 +1,4 @@
-"""Serving what was trained: the base fingerprint and the saved random base.
+"""Serving what was trained: the exact LoRA export, the base fingerprint, the saved random base.
 
 The TP=2 inputs (bases, adapters written by a 2-rank run, its logits) come from the 2-rank run the export tests
 share (``export_tp2`` in conftest.py: ``tests/dist/export_make.py``).
@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from miss_ds import MissConfig, adapter_io, apply_miss, fingerprint
+from miss_ds import functional as MF
+from miss_ds.convert.lora import SERVER_WARNING, chunk_matrix, lora_factors, write_lora_adapter
 from miss_ds.convert.merge import merge_to_hf
 from miss_ds.convert.peft import write_peft_adapter
 from miss_ds.convert.reshard import reshard_adapter
 from miss_ds.distributed import ParallelLayout
 from miss_ds.hf_checkpoint import HFCheckpoint
+from miss_ds.inject import adapter_state_dict
 from miss_ds.loading import build_model_on_meta, materialize_random
 from miss_ds.random_base import save_random_base
 from tests.conftest import tiny_llama_config
@@ -33,6 +37,91 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(input_ids=input_ids(model.config.vocab_size)).logits
+
+
+# ----------------------------------------------------------------------------------------------- LoRA math
+@pytest.mark.parametrize("mode,r,mini_r,in_features,out_features", [
+    ("miss", 8, 1, 100, 64),     # a partial last chunk (100 = 12 x 8 + 4)
+    ("miss", 16, 1, 64, 100),
+    ("mini", 8, 4, 100, 64),     # D (8, 4) tiled along out
+    ("mini", 5, 3, 23, 9),       # partial chunk and a partial last tile
+])
+def test_lora_factors_are_miss_delta_weight_in_float64(mode, r, mini_r, in_features, out_features):
+    g = MF.MissGeometry(mode, r, mini_r, in_features, out_features)
+    d = torch.randn(g.d_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = lora_factors(d, g)
+    assert a.shape == (r, in_features) and b.shape == (out_features, r)
+    assert set(a.unique().tolist()) == {0.0, 1.0} and torch.equal(a.sum(0), torch.ones(in_features, dtype=a.dtype))
+    w = torch.randn(out_features, in_features, dtype=torch.float64)
+    assert torch.equal(b @ a, MF.delta_weight(w, d, g))
+    x = torch.randn(3, in_features, dtype=torch.float64)
+    torch.testing.assert_close(x @ a.T, MF.aggregate(x, r), rtol=0, atol=1e-12)  # E x is MiSS's aggregation
+
+
+def test_chunk_matrix_sums_the_chunks():
+    assert chunk_matrix(3, 7).tolist() == [[1, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1, 0]]
+
+
+# ----------------------------------------------------------------------------------------------- LoRA export
+@pytest.mark.parametrize("case", ["miss", "mini", "qwen2"])
+def test_lora_export_of_a_tp2_checkpoint_gives_the_merged_and_the_tp_models_logits(export_tp2, tmp_path, case):
+    """PEFT's LoraModel on the base = the merged checkpoint = the TP=2 MiSS model that wrote the adapter."""
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraModel
+
+    run = export_tp2 / case
+    out = write_lora_adapter(run / STEP, tmp_path / "lora", run / "base")
+    config = LoraConfig.from_pretrained(str(out))
+    assert (config.r, config.lora_alpha, config.use_rslora) == (8, 8, False)
+    assert sorted(config.target_modules) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"]) and config.exclude_modules is None
+    assert config.base_model_name_or_path == str((run / "base").resolve())
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), str(out))
+    assert isinstance(peft_model.base_model, LoraModel)
+    lora = _logits(peft_model)
+    _close(lora, torch.load(run / "logits_tp.pt"))
+    merge_to_hf(run / STEP, run / "base", tmp_path / "merged")
+    _close(lora, _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged")))
+    assert not torch.allclose(lora, torch.load(run / "logits_base.pt"), atol=1e-3), "the adapter changed nothing"
+
+
+def test_lora_export_refuses_bat_and_names_the_merged_export(export_tp2, tmp_path):
+    from miss_ds.cli.convert import main as convert
+
+    with pytest.raises(ValueError, match=r"mode='bat'.*not low-rank.*--merge"):
+        convert(["--checkpoint", str(export_tp2 / "bat" / STEP), "--output", str(tmp_path / "lora"), "--lora"])
+    assert not (tmp_path / "lora").exists()
+
+
+def test_lora_export_wraps_exactly_the_adapted_modules_and_warns_about_modules_to_save(tmp_path, caplog):
+    """q_proj everywhere but in layer 0, plus a trained lm_head: exclude_modules keeps PEFT off layer 0's q_proj, and
+    the lm_head travels as modules_to_save, which LoRA servers do not take (warned)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    base.save_pretrained(tmp_path / "base")
+    miss = MissConfig(r=8, init_weights=False, target_modules=["q_proj", "down_proj"],
+                      exclude_modules=["model.layers.0.self_attn.q_proj"], modules_to_save=["lm_head"])
+    apply_miss(base, miss)
+    with torch.no_grad():
+        base.lm_head.weight.add_(torch.randn_like(base.lm_head.weight))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_io.write_adapter_config(adapter, miss, base, 1, fingerprint.of_model(base))
+    adapter_io.write_adapter_shard(adapter, adapter_state_dict(base, miss), 0, 1)
+    with caplog.at_level(logging.WARNING):
+        out = write_lora_adapter(adapter, tmp_path / "lora", tmp_path / "base")
+    assert SERVER_WARNING.format(names=["lm_head"]) in caplog.text
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["exclude_modules"] == ["model.layers.0.self_attn.q_proj"]
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert "base_model.model.lm_head.weight" in keys and len(keys) == 2 * 3 + 1
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(out))
+    wrapped = {n.removesuffix(".lora_A.default") for n, _ in peft_model.named_modules() if n.endswith("lora_A.default")}
+    assert wrapped == {f"base_model.model.model.layers.{i}.mlp.down_proj" for i in (0, 1)} | {
+        "base_model.model.model.layers.1.self_attn.q_proj"}
+    _close(_logits(peft_model), _logits(base))
 
 
 # ----------------------------------------------------------------------------------------------- fingerprint
@@ -59,11 +148,12 @@ def test_another_base_of_the_same_shape_is_refused_by_name(export_tp2, tmp_path)
     other = _other_base(tmp_path / "other")
     for convert in (lambda: merge_to_hf(ckpt, other, tmp_path / "merged"),
                     lambda: write_peft_adapter(ckpt, tmp_path / "peft", other),
+                    lambda: write_lora_adapter(ckpt, tmp_path / "lora", other),
                     lambda: reshard_adapter(ckpt, 1, tmp_path / "tp1", base=other)):
         with pytest.raises(fingerprint.OtherBaseError, match=r"trained on another base than .*other: \d+ of 64 "
                                                              r"sampled weights differ, e\.g\. model\.layers\."):
             convert()
-    assert not any((tmp_path / name).exists() for name in ("merged", "peft", "tp1"))
+    assert not any((tmp_path / name).exists() for name in ("merged", "peft", "lora", "tp1"))
 
 
 def test_the_same_base_in_another_precision_is_accepted(export_tp2, tmp_path, caplog):

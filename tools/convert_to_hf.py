@@ -1,6 +1,6 @@
-"""Convert a miss_ds adapter for Hugging Face: ``miss-ds-convert`` (miss_ds/cli/convert.py).
+"""Convert a miss_ds adapter for Hugging Face and LoRA servers: ``miss-ds-convert`` (miss_ds/cli/convert.py).
 
-    python tools/convert_to_hf.py --checkpoint CKPT [--base BASE] --output OUT --merge | --peft
+    python tools/convert_to_hf.py --checkpoint CKPT [--base BASE] --output OUT --merge | --peft | --lora
 """
 from __future__ import annotations
 
