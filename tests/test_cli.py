@@ -17,7 +17,8 @@ WRAPPERS = {"tools/convert_to_hf.py": "miss_ds.cli.convert", "tools/reshard.py":
 
 
 def test_console_scripts_are_the_cli_commands():
-    assert set(SCRIPTS) == {"miss-ds-train", "miss-ds-convert", "miss-ds-reshard", "miss-ds-plan-memory"}
+    assert set(SCRIPTS) == {"miss-ds-train", "miss-ds-convert", "miss-ds-reshard", "miss-ds-plan-memory",
+                            "miss-ds-generate", "miss-ds-eval"}
     for name, (module, function) in SCRIPTS.items():
         assert callable(getattr(importlib.import_module(module), function)), name
 

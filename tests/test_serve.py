@@ -1,4 +1,5 @@
-"""Serving what was trained: the exact LoRA export, the base fingerprint, the saved random base.
+"""Serving what was trained: the exact LoRA export, the base fingerprint, the saved random base, the prompt rule,
+and the default job end to end (its printed answers, generation from every export, evaluation on 1 and 2 ranks).
 
 The TP=2 inputs (bases, adapters written by a 2-rank run, its logits) come from the 2-rank run the export tests
 share (``export_tp2`` in conftest.py: ``tests/dist/export_make.py``).
@@ -7,13 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from miss_ds import MissConfig, adapter_io, apply_miss, fingerprint
 from miss_ds import functional as MF
@@ -21,6 +25,8 @@ from miss_ds.convert.lora import SERVER_WARNING, chunk_matrix, lora_factors, wri
 from miss_ds.convert.merge import merge_to_hf
 from miss_ds.convert.peft import write_peft_adapter
 from miss_ds.convert.reshard import reshard_adapter
+from miss_ds.data.config import DataConfig
+from miss_ds.data.encode import IGNORE_INDEX, encode_batch, prompt_ids
 from miss_ds.distributed import ParallelLayout
 from miss_ds.hf_checkpoint import HFCheckpoint
 from miss_ds.inject import adapter_state_dict
@@ -28,6 +34,8 @@ from miss_ds.loading import build_model_on_meta, materialize_random
 from miss_ds.random_base import save_random_base
 from tests.conftest import tiny_llama_config
 from tests.dist.export_make import STEP, input_ids
+from tests.launch_utils import ROOT, deepspeed_run
+from tests.test_train import env
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -202,3 +210,143 @@ def test_the_random_base_of_another_tp_layout_is_refused(export_tp2, tmp_path):
         AutoModelForCausalLM.from_pretrained(export_tp2 / "random" / "base").model.embed_tokens.weight)
     with pytest.raises(fingerprint.OtherBaseError, match="trained on another base"):
         merge_to_hf(export_tp2 / "random" / STEP, tmp_path / "tp1" / "base", tmp_path / "merged")
+
+
+# ----------------------------------------------------------------------------------------------- prompt rule
+@pytest.fixture(scope="module")
+def arith_tokenizer():
+    return AutoTokenizer.from_pretrained(ROOT / "data/arith/tokenizer")
+
+
+def _context(ids: list[int], labels: list[int]) -> list[int]:
+    """The tokens of a training example before its first trained one."""
+    return ids[:next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)]
+
+
+def test_instruction_prompts_are_the_training_context(arith_tokenizer):
+    cfg = DataConfig(train_path="unused", format="instruction")
+    rows = [json.loads(line) for line in (ROOT / "data/arith/eval.jsonl").read_text().splitlines()[:20]]
+    encoded = encode_batch({"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]},
+                           arith_tokenizer, cfg)
+    for row, ids, labels in zip(rows, encoded["input_ids"], encoded["labels"]):
+        want = _context(ids, labels)
+        assert prompt_ids(row["prompt"], arith_tokenizer, cfg) == want
+        assert want[0] == arith_tokenizer.bos_token_id and arith_tokenizer.decode(want[-1:]) == "\n"
+        assert arith_tokenizer(row["prompt"]).input_ids != want  # the tokenizer alone adds neither
+
+
+def test_chat_prompts_are_the_training_context_of_every_assistant_turn(arith_tokenizer):
+    cfg = DataConfig(train_path="unused", format="chat")
+    rows = [json.loads(line) for line in (ROOT / "data/arith/train_chat.jsonl").read_text().splitlines()[:10]]
+    assert any(len(r["messages"]) > 2 for r in rows)
+    for row in rows:
+        messages = row["messages"]
+        encoded = encode_batch({"messages": [messages]}, arith_tokenizer, cfg)
+        ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        # the tokens before the last assistant turn's first trained token
+        starts = [i for i in trained if i == 0 or labels[i - 1] == IGNORE_INDEX]
+        assert prompt_ids(messages[:last], arith_tokenizer, cfg) == ids[:starts[-1]]
+    with pytest.raises(ValueError, match="must end with the turn to answer"):
+        prompt_ids(rows[0]["messages"], arith_tokenizer, cfg)
+
+
+# ----------------------------------------------------------------------------------------------- the default job
+TINY_STEPS = 30
+SAMPLES_HEADER = "the model's answers to 3 rows of data/arith/eval.jsonl:"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """The README's default job, shortened: one process on a random base, its samples printed at the end."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    sets = [f"output_dir={out}", f"train.max_steps={TINY_STEPS}", "train.warmup_steps=2", "eval.every_steps=0",
+            "checkpoint.every_steps=0", "logging.progress=false"]
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny-cpu.yaml",
+                           *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"out": out, "checkpoint": out / "checkpoints" / f"step_{TINY_STEPS:08d}", "stdout": proc.stdout}
+
+
+def _printed_answers(text: str) -> list[str]:
+    return [line.split("model:", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("model:")]
+
+
+def _generate(capsys, *args: str) -> list[str]:
+    from miss_ds.cli.generate import main as generate
+
+    capsys.readouterr()
+    assert generate([*args, "--prompts", str(ROOT / "data/arith/eval.jsonl"), "--limit", "3"]) == 0
+    return _printed_answers(capsys.readouterr().out)
+
+
+def test_the_default_job_shows_its_answers_and_they_are_what_every_export_generates(tiny_run, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """The run prints 3 eval rows with its answers; miss-ds-generate gives the same answers from the checkpoint (base
+    found by itself), from the merged export and from the LoRA export (prompt format from their run config)."""
+    from miss_ds.cli.convert import main as convert
+
+    monkeypatch.chdir(ROOT)  # the run config's data and tokenizer paths are relative to the repository
+    stdout = tiny_run["stdout"]
+    assert SAMPLES_HEADER in stdout
+    printed = _printed_answers(stdout[stdout.index(SAMPLES_HEADER):])
+    rows = [json.loads(line) for line in (ROOT / "data/arith/eval.jsonl").read_text().splitlines()[:3]]
+    assert len(printed) == 3 and all(row["prompt"] in stdout for row in rows)
+    ckpt = str(tiny_run["checkpoint"])
+    assert _generate(capsys, "--checkpoint", ckpt) == printed
+    assert convert(["--checkpoint", ckpt, "--output", str(tmp_path / "merged"), "--merge"]) == 0
+    assert _generate(capsys, "--base", str(tmp_path / "merged")) == printed
+    assert convert(["--checkpoint", ckpt, "--output", str(tmp_path / "lora"), "--lora"]) == 0
+    assert _generate(capsys, "--adapter", str(tmp_path / "lora")) == printed
+
+
+def _eval_report(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    return json.loads(text[text.index("{\n"):text.rindex("}") + 1])
+
+
+def test_eval_on_one_and_two_ranks_reports_the_loss_of_the_merged_model(tiny_run, tmp_path):
+    """miss-ds-eval: the same report on 1 rank and on 2 data-parallel ranks; its loss is the token-weighted mean of
+    Hugging Face's own loss of the merged export over the same sequences."""
+    from miss_ds.convert.merge import merge_to_hf
+    from miss_ds.data import build_datasets
+
+    args = ["--checkpoint", str(tiny_run["checkpoint"]), "--limit", "40", "--answer-regex", "The answer is (-?[0-9]+)"]
+    one = _eval_report(subprocess.run([sys.executable, "-m", "miss_ds.cli.evaluate", *args, "--output",
+                                       str(tmp_path / "report.json")], cwd=ROOT, env=env(), capture_output=True,
+                                      text=True, timeout=600))
+    assert json.loads((tmp_path / "report.json").read_text()) == one
+    two = _eval_report(deepspeed_run("--module", ["miss_ds.cli.evaluate", *args], 2))
+    assert one["rows"] == two["rows"] == 40 and one["loss_tokens"] == two["loss_tokens"]
+    for key in ("loss", "exact_match", "answer_found", "answer_match"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    assert len(one["samples"]) == 5 and one["format"] == "instruction"
+
+    merge_to_hf(tiny_run["checkpoint"], None, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    cfg = DataConfig(train_path=str(ROOT / "data/arith/eval.jsonl"), format="instruction", seq_len=64)
+    sequences = build_datasets(cfg, tokenizer)[0].select(range(40)).with_format("torch")
+    total = tokens = 0
+    with torch.no_grad():
+        for row in sequences:
+            labels = row["labels"].long()[None]
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += model(input_ids=row["input_ids"].long()[None], attention_mask=row["attention_mask"].long()[None],
+                           labels=labels).loss.item() * n
+            tokens += n
+    assert tokens == one["loss_tokens"] and one["loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_exact_match_and_the_answer_regex():
+    from miss_ds.infer.evaluate import match_counts
+    from miss_ds.infer.examples import Example
+
+    examples = [Example("q", "3 + 4 = 7. The answer is 7.")] * 4
+    answers = ["3 + 4 = 7. The answer is 7.", "3 + 4 = 7.  The answer is 7", "2 + 5 = 7. The answer is 7.", "7"]
+    pattern = re.compile(r"The answer is (-?[0-9]+)")
+    assert match_counts(examples, answers, pattern) == [4, 1, 3, 3]  # rows, exact, answers found, answers matched
+    assert match_counts(examples, answers, None) == [4, 1, 0, 0]
