@@ -309,8 +309,8 @@ def _eval_report(proc: subprocess.CompletedProcess) -> dict:
 
 
 def test_eval_on_one_and_two_ranks_reports_the_loss_of_the_merged_model(tiny_run, tmp_path):
-    """miss-ds-eval: the same report on 1 rank and on 2 data-parallel ranks; its loss is the token-weighted mean of
-    Hugging Face's own loss of the merged export over the same sequences."""
+    """miss-ds-eval: the same report on 1 rank, on 2 data-parallel ranks and on 2 tensor-parallel ranks; its loss is
+    the token-weighted mean of Hugging Face's own loss of the merged export over the same sequences."""
     from miss_ds.convert.merge import merge_to_hf
     from miss_ds.data import build_datasets
 
@@ -319,10 +319,11 @@ def test_eval_on_one_and_two_ranks_reports_the_loss_of_the_merged_model(tiny_run
                                        str(tmp_path / "report.json")], cwd=ROOT, env=env(), capture_output=True,
                                       text=True, timeout=600))
     assert json.loads((tmp_path / "report.json").read_text()) == one
-    two = _eval_report(deepspeed_run("--module", ["miss_ds.cli.evaluate", *args], 2))
-    assert one["rows"] == two["rows"] == 40 and one["loss_tokens"] == two["loss_tokens"]
-    for key in ("loss", "exact_match", "answer_found", "answer_match"):
-        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    for layout in (["--tp", "1"], ["--tp", "2"]):
+        two = _eval_report(deepspeed_run("--module", ["miss_ds.cli.evaluate", *args, *layout], 2))
+        assert one["rows"] == two["rows"] == 40 and one["loss_tokens"] == two["loss_tokens"], layout
+        for key in ("loss", "exact_match", "answer_found", "answer_match"):
+            assert two[key] == pytest.approx(one[key], rel=1e-6), (layout, key)
     assert len(one["samples"]) == 5 and one["format"] == "instruction"
 
     merge_to_hf(tiny_run["checkpoint"], None, tmp_path / "merged")
