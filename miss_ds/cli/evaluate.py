@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from .generate import add_source_args
 
@@ -42,21 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from deepspeed.accelerator import get_accelerator
 
-    from ..distributed import ParallelLayout, init_distributed
+    from ..distributed import ParallelLayout, agree, init_distributed
     from ..infer.evaluate import evaluate
-    from ..infer.source import load_model, print_notes, resolve
+    from ..infer.source import load_model, resolve
 
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer)
     data = args.data or cfg.eval_path
     if not data:
-        sys.exit("error: the run has no data.eval_path: pass --data FILE")
+        raise ValueError("the run has no data.eval_path: pass --data FILE")
     info = init_distributed()
     layout = ParallelLayout(info.rank, info.world_size, args.tp)
-    if layout.is_main:
-        print_notes(source)
-    model = load_model(source, get_accelerator().current_device_name(), source.dtype(args.dtype), args.tp)
+    device, dtype = get_accelerator().current_device_name(), source.dtype(args.dtype)
+    model = agree("loading the model", lambda: load_model(source, device, dtype, args.tp))
     max_new = args.max_new_tokens or (source.run_config.data.seq_len if source.run_config else 128)
     report = evaluate(model, tokenizer, cfg, data, layout, micro_batch_size=args.batch_size, max_new_tokens=max_new,
                       answer_regex=args.answer_regex, limit=args.limit, generate_batch_size=args.generate_batch_size)
@@ -68,11 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> None:
-    """The process: ``main``, then ``exit_process`` (ranks of a multi-rank job end together)."""
-    from ..distributed import exit_process
+def run() -> NoReturn:
+    """The process: ``main``, then ``exit_process`` (the ranks of a multi-rank job end together; a failed one
+    leaves at once)."""
+    from ..distributed import PeerFailed, exit_process
 
-    exit_process(main())
+    try:
+        code = main()
+    except PeerFailed:  # another rank failed and printed why
+        code = 1
+    except SystemExit as exc:  # argparse: --help (0), bad arguments (2)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except BaseException:  # noqa: BLE001 - printed here, then the process leaves
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,12 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     from ..infer.examples import Example, read_examples
     from ..infer.generate import answer, format_samples
-    from ..infer.source import load_model, print_notes, resolve
+    from ..infer.source import load_model, resolve
 
     args = parse_args(argv)
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer)
-    print_notes(source)
     examples = [Example(text) for text in args.prompt]
     if args.prompts:
         examples += read_examples(args.prompts, cfg, args.limit)

@@ -11,13 +11,13 @@ One of:
 
 The run config (the prompt format, the data files, the dtype) comes from ``config`` (a run YAML) when given, else
 from the training checkpoint or the run config an export carries (``convert.output.RUN_CONFIG_FILE``). Without one,
-prompts go through the tokenizer's chat template when it has one, else as plain text: said on stderr.
+prompts go through the tokenizer's chat template when it has one, else as plain text (warned).
 """
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +29,8 @@ from ..convert.source import Adapter, known_base, read_adapter
 from ..data.config import DataConfig
 from ..run_config import RunConfig, config_from_dict, load_config
 
+logger = logging.getLogger(__name__)
+
 TOKENIZER_FILE = "tokenizer_config.json"
 
 
@@ -39,8 +41,6 @@ class Source:
     adapter: Optional[Adapter] = None
     peft_adapter: Optional[Path] = None
     run_config: Optional[RunConfig] = None
-    notes: list[str] = field(default_factory=list)
-    """What was assumed for lack of a run config (printed by the commands)."""
 
     def tokenizer(self) -> Any:
         """The base's tokenizer, else the one the run trained with."""
@@ -56,8 +56,8 @@ class Source:
         if self.run_config is not None:
             return self.run_config.data
         fmt = "chat" if getattr(tokenizer, "chat_template", None) else "text"
-        self.notes.append(f"no run config recorded with {self.peft_adapter or self.base}: prompting in the "
-                          f"'{fmt}' format (pass --config RUN.yaml for the format the model was trained with)")
+        logger.warning("no run config recorded with %s: prompting in the '%s' format (pass --config RUN.yaml for the "
+                       "format the model was trained with)", self.peft_adapter or self.base, fmt)
         return DataConfig(format=fmt)
 
     def dtype(self, override: Optional[str]) -> torch.dtype:
@@ -123,8 +123,3 @@ def load_model(source: Source, device: torch.device | str, dtype: torch.dtype, t
     prepare_model(model, miss, tp, grain)
     load_sharded_weights(model, source.base, device, dtype, miss_config=miss, adapter=source.adapter.tensors)
     return model.eval()
-
-
-def print_notes(source: Source) -> None:
-    for note in source.notes:
-        print(f"note: {note}", file=sys.stderr)
