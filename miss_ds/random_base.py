@@ -6,7 +6,8 @@ Before the first step the trainer writes it as a Hugging Face model directory::
 
     <output_dir>/base/      config.json, generation_config.json, model.safetensors (+ index), tokenizer files
 
-gathered from the TP ranks to rank 0 and written atomically (temp dir + rename); a resumed run finds it there. The
+gathered from the TP ranks to rank 0 and written atomically (temp dir + rename); a resumed run finds it there (one
+of another seed, model or TP size is moved aside, not overwritten, and the run's resume check refuses the mismatch). The
 run's adapters record it as their base (``base_model.name_or_path``), so the export, generation and evaluation tools
 find it by themselves. A base over ``MAX_BYTES`` (a random 70B benchmark) is not saved: the run says so, and the
 adapters' base fingerprint still refuses any other base.
@@ -16,17 +17,21 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 from transformers.utils.hub import convert_file_size_to_int
 
+from . import fingerprint
+from .adapter_io import base_summary
 from .distributed import ParallelLayout
-from .hf_checkpoint import ShardedWriter
+from .hf_checkpoint import HFCheckpoint, ShardedWriter
 from .loading import base_parameters, split_of
 
 logger = logging.getLogger(__name__)
@@ -50,8 +55,14 @@ def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout:
                            total / 2**30, MAX_BYTES / 2**30)
         return None
     model.config._name_or_path = str(target)  # recorded by every adapter as its base (adapter_io.base_summary)
-    if (target / "config.json").is_file():  # an earlier attempt of this run saved it (same seed, same layout)
-        return target
+    if (target / "config.json").is_file():
+        if _holds(target, model):  # an earlier attempt of this run saved it
+            return target
+        if layout.is_main:  # another seed, model or TP size: kept aside (its checkpoints need it), not overwritten
+            aside = target.with_name(f"{BASE_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            target.rename(aside)
+            logger.warning("%s held another random base than this run draws (another seed, model or tp_size): "
+                           "moved to %s", target, aside)
     temp = target.with_name(f".{BASE_DIR}.tmp")
     writer = None
     if layout.is_main:
@@ -75,6 +86,16 @@ def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout:
     temp.rename(target)
     logger.info("saved the random base (%.1f MiB) in %s", total / 2**20, target)
     return target
+
+
+def _holds(directory: Path, model: nn.Module) -> bool:
+    """Whether the base saved in ``directory`` is the base of ``model``: same shape, same fingerprint (collective)."""
+    drawn = fingerprint.of_model(model)
+    saved_summary = base_summary(SimpleNamespace(config=AutoConfig.from_pretrained(directory)))
+    if any(saved_summary.get(key) != value for key, value in base_summary(model).items() if key != "name_or_path"):
+        return False
+    with HFCheckpoint(directory) as saved:
+        return fingerprint.read_checkpoint(saved, drawn.positions) == drawn.values
 
 
 def _full_numel(model: nn.Module, name: str, param: torch.Tensor) -> int:

@@ -508,11 +508,16 @@ def test_init_adapter_from_another_base_model_is_refused(scenarios):
 
 
 def test_resume_on_another_random_base_of_the_same_shape_is_refused(scenarios):
-    """seed=1 draws another random base of the same shape: the checkpoint's base fingerprint refuses it by name."""
+    """seed=1 draws another random base of the same shape: the checkpoint's base fingerprint refuses it by name; the
+    base the first attempt saved is kept aside, not overwritten."""
     outcome = scenarios["resume_other_seed"]
     assert outcome["error_type"] == "OtherBaseError", outcome
     assert "step_00000004 was trained on another base than this run's base" in outcome["error"]
     assert "sampled weights differ, e.g. model.layers." in outcome["error"]
+    assert any("held another random base than this run draws" in w for w in outcome["log"])
+    aside = list((scenarios["root"] / "resume_other_seed").glob("base.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == (
+        scenarios["root"] / "base" / "base" / "model.safetensors").read_bytes()
 
 
 def test_init_adapter_from_another_random_base_is_warned_about(scenarios):
