@@ -21,9 +21,19 @@ setup(
         "tensorboard>=2.15",
         "matplotlib>=3.8",
         "psutil>=5.9",
+        "peft>=0.17",  # the PEFT MiSS and LoRA exports, and generating with them
     ],
+    # The commands (miss_ds/cli/); launch/train.py and tools/*.py wrap the same functions.
+    entry_points={"console_scripts": [
+        "miss-ds-train=miss_ds.cli.train:run",
+        "miss-ds-convert=miss_ds.cli.convert:main",
+        "miss-ds-reshard=miss_ds.cli.reshard:main",
+        "miss-ds-generate=miss_ds.cli.generate:main",
+        "miss-ds-eval=miss_ds.cli.evaluate:run",
+        "miss-ds-plan-memory=miss_ds.cli.plan_memory:main",
+    ]},
     # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
     # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
-    extras_require={"test": ["pytest>=8", "peft>=0.17", "megatron-core>=0.12,<0.17",
+    extras_require={"test": ["pytest>=8", "megatron-core>=0.12,<0.17",
                              "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
 )

@@ -1,4 +1,5 @@
-"""Fine-tune a causal LM with MiSS under DeepSpeed.
+"""Fine-tune a causal LM with MiSS under DeepSpeed: ``miss-ds-train`` (miss_ds/cli/train.py) as a script, for
+launchers that take a file.
 
     deepspeed launch/train.py --config configs/tiny-cpu.yaml [--set train.lr=1e-4 ...] [--resume auto]
     python launch/train.py --config configs/tiny-cpu.yaml            # one process
@@ -9,68 +10,12 @@ Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (req
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from miss_ds.train.preemption import Preemption  # noqa: E402
-from miss_ds.run_config import ConfigError, load_config  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    preemption = Preemption().install()  # before anything slow: a notice while loading must not kill us
-    print("preemption handler installed: SIGTERM/SIGUSR1 save a checkpoint and exit 85", file=sys.stderr, flush=True)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set train.max_steps=50 (repeatable)")
-    parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint) or a checkpoint path")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start over in an output_dir that holds a run (the old run is moved aside, not deleted)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.set)
-        from miss_ds.train.trainer import Trainer
-
-        trainer = Trainer(cfg, resume=args.resume, preemption=preemption, overwrite=args.overwrite)
-    except ConfigError as exc:  # bad input: one line, printed once (by the first rank that found it)
-        if rank == min(getattr(exc, "failed_ranks", [0])):
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
-
-
-def record_exit_code(code: int) -> None:
-    """Write the exit code to $MISS_DS_EXIT_FILE (rank 0), for launch/deepspeed.sh: DeepSpeed's launcher exits 1
-    whenever it is signalled itself, even when every rank saved a checkpoint and exited 85."""
-    path = os.environ.get("MISS_DS_EXIT_FILE")
-    if path and int(os.environ.get("RANK", "0")) == 0:
-        with open(path, "w") as f:
-            f.write(f"{code}\n")
-
+from miss_ds.cli.train import run  # noqa: E402 (imports no torch: main() installs the preemption handler first)
 
 if __name__ == "__main__":
-    from miss_ds.distributed import PeerFailed, exit_process
-    from miss_ds.watchdog import name_lost_peer
-
-    try:
-        code = main()
-    except PeerFailed:  # another rank failed and printed why (rank 0 logged which)
-        code = 1
-    except BaseException as exc:  # noqa: BLE001 - printed here, then the process leaves without waiting for the others
-        traceback.print_exc()
-        name_lost_peer(exc)
-        code = 1
-    record_exit_code(code)
-    exit_process(code)
+    run()

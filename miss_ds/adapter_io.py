@@ -2,7 +2,8 @@
 
 Layout of an adapter directory (inside every training checkpoint, and what the export tools read)::
 
-    adapter_config.json          MiSS config, tp_size, base-model summary, and per-tensor layout:
+    adapter_config.json          MiSS config, tp_size, base-model summary, base fingerprint (miss_ds.fingerprint),
+                                 and per-tensor layout:
                                  {"<module>.miss_block": {"dim": 0 | 1 | null, "sizes": [...], "full_shape": [...]}}
                                  (plus "parts", each fused part's sizes, for the D of a fused projection)
     tp00-of-02.safetensors       the tensors held by TP rank 0 (fp32), keyed by parameter name
@@ -23,6 +24,7 @@ from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_shape
+from .fingerprint import Fingerprint
 from .inject import adapter_state_dict, miss_layers
 from .layers import D_NAME, DLayout
 
@@ -61,11 +63,16 @@ def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_adapter_config(directory: Path, config: MissConfig, model: nn.Module, tp_size: int) -> None:
-    """adapter_config.json, with ``target_modules`` resolved (the family's default when the config leaves it unset)."""
+def write_adapter_config(directory: Path, config: MissConfig, model: nn.Module, tp_size: int,
+                         base_fingerprint: Optional[Fingerprint] = None) -> None:
+    """Write adapter_config.json, with ``target_modules`` resolved (the family's default when the config leaves it
+    unset); ``base_fingerprint`` identifies the base D was trained on (``fingerprint.of_model`` of the training
+    model; None: unknown)."""
     config = config.for_model(getattr(model, "config", None))
     meta = {"format_version": FORMAT_VERSION, "miss": config.to_dict(), "tp_size": tp_size,
-            "base_model": base_summary(model), "layouts": layouts(model, config)}
+            "base_model": base_summary(model),
+            "base_fingerprint": None if base_fingerprint is None else base_fingerprint.to_json(),
+            "layouts": layouts(model, config)}
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=1))
 
 

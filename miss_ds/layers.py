@@ -90,6 +90,29 @@ class Span:
     ranges: tuple[tuple[int, int], ...]
     full: int
 
+    def local(self, index: int) -> Optional[int]:
+        """Where the full tensor's ``index`` along ``dim`` sits in this shard; None when the shard does not hold it."""
+        offset = 0
+        for start, stop in self.ranges:
+            if start <= index < stop:
+                return offset + index - start
+            offset += stop - start
+        return None
+
+
+def assemble(shards: Sequence[tuple[torch.Tensor, "Span"]]) -> torch.Tensor:
+    """The full tensor from every rank's shard and its span (fused parts and uneven splits included)."""
+    first, span = shards[0]
+    shape = list(first.shape)
+    shape[span.dim] = span.full
+    full = first.new_empty(shape)
+    for shard, span in shards:
+        offset = 0
+        for start, stop in span.ranges:
+            full.narrow(span.dim, start, stop - start).copy_(shard.narrow(span.dim, offset, stop - start))
+            offset += stop - start
+    return full
+
 
 @dataclass(frozen=True)
 class Sharding:

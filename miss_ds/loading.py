@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from . import fingerprint
 from .adapter_io import check_base, load_full_adapter_into, read_full_adapter
 from .config import MissConfig
 from .engine import prepare_model
@@ -73,8 +74,8 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
     stats = LoadStats()
     family = family_of(model.config)
     with HFCheckpoint(checkpoint_dir) as ckpt:
-        for names, param in _base_params(model):
-            split = _split_of(model, names[0])
+        for names, param in base_parameters(model):
+            split = split_of(model, names[0])
             value = _read(ckpt, _stored(ckpt, family, model.config, names), names[0], tuple(param.shape), split)
             stats.bytes_read += value.numel() * value.element_size()
             stats.tensors_read += 1
@@ -100,8 +101,8 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
     the global RNG reseeded with ``seed`` (as ``apply_miss`` draws it), so it is equal on every rank too.
     """
     std = getattr(model.config, "initializer_range", None) or 0.02
-    for names, param in _base_params(model):
-        split = _split_of(model, names[0])
+    for names, param in base_parameters(model):
+        split = split_of(model, names[0])
         offset = split.ranges[0][0] if split is not None and split.ranges else 0
         value = torch.empty(param.shape, device=device, dtype=dtype if param.is_floating_point() else param.dtype)
         if value.dim() >= 2:
@@ -119,12 +120,12 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
     _check_materialized(model)
 
 
-def _base_params(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
+def base_parameters(model: nn.Module) -> Iterator[tuple[list[str], nn.Parameter]]:
     """Every distinct non-D parameter with all its names (tied parameters have several), in model order."""
     return ((names, p) for names, p in distinct_parameters(model) if not names[0].endswith("." + D_NAME))
 
 
-def _split_of(model: nn.Module, param_name: str) -> Optional[Span]:
+def split_of(model: nn.Module, param_name: str) -> Optional[Span]:
     """Where this rank's shard of ``param_name`` sits in the full tensor; None for a replicated parameter.
 
     The owner is a MiSS layer, a DeepSpeed AutoTP layer MiSS did not wrap (an excluded projection), or a module
@@ -275,7 +276,7 @@ def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device) ->
     adapter of ``init_adapter``. Returns the bytes read from the checkpoint."""
     dtype = DTYPES[cfg.model.dtype]
     bytes_read = 0
-    if cfg.model.path is not None and not cfg.model.random_init:
+    if not cfg.model.random_weights:
         bytes_read = load_sharded_weights(model, cfg.model.path, device, dtype, miss_config=cfg.miss).bytes_read
         logger.info("read %.2f GiB of %s", bytes_read / 2**30, cfg.model.path)
     else:
@@ -298,4 +299,7 @@ def load_init_adapter(model: nn.Module, path: str) -> None:
         adapter_dir = TrainCheckpoint.adapter_dir(source)
         meta, full = read_full_adapter(adapter_dir)
         check_base(meta, model, str(adapter_dir))
+        # Starting from an adapter of another base can be meant (a new version of the base): warned, not refused.
+        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
+                          str(adapter_dir), "this run's base", strict=False)
     load_full_adapter_into(model, full, str(source))

@@ -47,6 +47,11 @@ class ModelConfig:
     """transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...). Unset: the family's
     default, ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the run draws its base weights (per TP shard: ``loading.materialize_random``), not loads them."""
+        return self.path is None or self.random_init
+
 
 ZERO3_REFUSAL = (
     "parallel.zero_stage=3 is not supported: DeepSpeed's stage 3 manages every parameter of the model, the frozen "
@@ -105,6 +110,8 @@ class EvalConfig:
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     max_batches: int = 0
     """Cap on eval micro-batches per evaluation (0: the whole split)."""
+    samples: int = 0
+    """After training, print this many rows of ``data.eval_path`` with the model's greedy answers (0: none)."""
 
 
 @dataclass
@@ -165,6 +172,14 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
         _apply_override(raw, item)
     cfg = _build(RunConfig, raw, str(path), "")
     validate(cfg, str(path), check_files)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
+    """A run config stored as a dict (``to_dict``: a checkpoint's trainer_state.json, an export's run config), built
+    and checked like a YAML file, its files unchecked (they were the training machine's)."""
+    cfg = _build(RunConfig, raw, source, "")
+    validate(cfg, source, check_files=False)
     return cfg
 
 

@@ -1,7 +1,8 @@
-"""Shared test helpers: tiny random models and a CPU DeepSpeed environment."""
+"""Shared test helpers: tiny random models, a CPU DeepSpeed environment, and the TP-written export inputs."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,18 @@ def tiny_llama_config(**overrides):
               num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
     kw.update(overrides)
     cfg = LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def tiny_qwen2_config(**overrides):
+    """A tiny Qwen2 (biased q/k/v projections), shaped like ``tiny_llama_config``."""
+    from transformers import Qwen2Config
+
+    kw = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
+    kw.update(overrides)
+    cfg = Qwen2Config(**kw)
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -52,3 +65,29 @@ def hf_base(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_base") / "llama"
     LlamaForCausalLM(hf_config(model_cfg, vocab_size=vocab)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def export_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+def _export_run(root: Path, tp: int, cases: str) -> Path:
+    from tests.launch_utils import deepspeed_run, result_of
+
+    proc = deepspeed_run("tests/dist/export_make.py", ["--out", str(root / f"tp{tp}"), "--modes", cases], tp)
+    assert result_of(proc)["tp"] == tp and proc.returncode == 0, proc.stderr[-3000:]
+    return root / f"tp{tp}"
+
+
+@pytest.fixture(scope="session")
+def export_tp2(export_root) -> Path:
+    """One 2-rank run of ``tests/dist/export_make.py`` (every MiSS mode on Llama, Qwen2, a saved random base), shared
+    by the export and the serving tests: ``<root>/tp2/<case>/{base, checkpoints/step_00000001/adapter, logits_*.pt}``."""
+    return _export_run(export_root, 2, "miss,mini,bat,qwen2,random")
+
+
+@pytest.fixture(scope="session")
+def export_tp4(export_root) -> Path:
+    """The same for the MiSS modes at TP=4: ``<root>/tp4/<mode>/...``."""
+    return _export_run(export_root, 4, "miss,mini,bat")

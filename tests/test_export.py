@@ -29,7 +29,7 @@ from tests.conftest import tiny_llama_config
 from tests.dist.export_make import MODES, STEP, input_ids
 from tests.launch_utils import ROOT, deepspeed_run, result_of
 
-ALL_MODES = list(MODES)
+ALL_MODES = list(MODES)  # the Qwen2 case of the TP=2 run is the serving tests' (test_serve.py)
 
 
 def _tool(name: str):
@@ -58,14 +58,11 @@ def _save_tokenizer(directory: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(export_root, export_tp2, export_tp4) -> Path:
     """``<root>/tp{2,4}/<mode>/{base, checkpoints/step_00000001/adapter, logits_base.pt, logits_tp.pt}``."""
-    root = tmp_path_factory.mktemp("export")
-    for tp in (2, 4):
-        proc = deepspeed_run("tests/dist/export_make.py", ["--out", str(root / f"tp{tp}")], tp)
-        assert result_of(proc)["tp"] == tp and proc.returncode == 0, proc.stderr[-3000:]
-    _save_tokenizer(root / "tp2" / "miss" / "base")
-    return root
+    if not (export_tp2 / "miss" / "base" / "tokenizer.json").is_file():
+        _save_tokenizer(export_tp2 / "miss" / "base")
+    return export_root
 
 
 @pytest.fixture(scope="module")

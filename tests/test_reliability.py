@@ -333,7 +333,9 @@ def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
         resume(step4, "flipped", flip=OPTIM_FILE),
         resume("auto", "auto_flipped", flip=OPTIM_FILE),
         resume("auto", "other_base", "model.config.hidden_size=64"),
+        resume("auto", "other_seed", "seed=1"),
         job("init_adapter_other_base", f"init_adapter={base / step4}", "model.config.hidden_size=64"),
+        job("init_adapter_other_seed", f"init_adapter={base / step4}", "seed=1", "train.max_steps=2"),
         job("restart_without_checkpoint", "train.max_steps=2", resume="auto", stale_metrics=3),
         {"name": "tp1_straight", "overrides": [*QUICK, f"output_dir={root / 'tp1_straight'}", *SIGTERM_RUN,
                                                f"model.path={hf_base}"]},
@@ -506,6 +508,41 @@ def test_init_adapter_from_another_base_model_is_refused(scenarios):
     assert outcome["error_type"] == "ValueError" and outcome["step"] is None
     assert "step_00000004/adapter was trained on another base model" in outcome["error"]
     assert "hidden_size: adapter 128 vs model 64" in outcome["error"]
+
+
+def test_resume_on_another_random_base_of_the_same_shape_is_refused(scenarios):
+    """seed=1 draws another random base of the same shape: the checkpoint's base fingerprint refuses it by name; the
+    base the first attempt saved is kept aside, not overwritten."""
+    outcome = scenarios["resume_other_seed"]
+    assert outcome["error_type"] == "OtherBaseError", outcome
+    assert "step_00000004 was trained on another base than this run's base" in outcome["error"]
+    assert "sampled weights differ, e.g. model.layers." in outcome["error"]
+    assert any("held another random base than this run draws" in w for w in outcome["log"])
+    aside = list((scenarios["root"] / "resume_other_seed").glob("base.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == (
+        scenarios["root"] / "base" / "base" / "model.safetensors").read_bytes()
+
+
+def test_init_adapter_from_another_random_base_is_warned_about(scenarios):
+    """Starting from an adapter of another base can be meant: the run warns, naming the adapter, and trains."""
+    outcome = scenarios["init_adapter_other_seed"]
+    assert outcome["error"] is None and outcome["step"] == 2, outcome
+    assert any("step_00000004/adapter was trained on another base than this run's base" in w for w in outcome["log"])
+
+
+def test_a_random_base_is_saved_and_is_what_the_adapters_were_trained_on(scenarios, tmp_path):
+    """The run saved its random base in <output_dir>/base and its adapters name it: the merge finds it alone and the
+    base fingerprint the live model recorded matches the saved weights (merge_to_hf checks it)."""
+    from transformers import AutoModelForCausalLM
+
+    from miss_ds.adapter_io import read_adapter_config
+    from miss_ds.convert.merge import merge_to_hf
+
+    run = scenarios["root"] / "base"
+    assert read_adapter_config(run / STEP4 / "adapter")["base_model"]["name_or_path"] == str(run / "base")
+    merge_to_hf(run / STEP4, None, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert model.config.use_cache and (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
 def test_disk_full_during_a_save_says_so_and_keeps_earlier_checkpoints(scenarios):

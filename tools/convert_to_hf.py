@@ -1,53 +1,14 @@
-"""Convert a miss_ds adapter (or training checkpoint) for Hugging Face.
+"""Convert a miss_ds adapter for Hugging Face and LoRA servers: ``miss-ds-convert`` (miss_ds/cli/convert.py).
 
-    PYTHONPATH=. python tools/convert_to_hf.py --checkpoint CKPT --base BASE --output OUT --merge [--max-shard-size 5GB]
-    PYTHONPATH=. python tools/convert_to_hf.py --checkpoint CKPT [--base BASE] --output OUT --peft
-
-CKPT is a training checkpoint (out/checkpoints/step_00001000, its adapter/ is used) or an adapter dir;
-BASE is the local Hugging Face directory of the base model.
-
---merge writes the base model with every D folded into its weight (same dtype as the base, sharded
-safetensors + index, config/generation config/tokenizer copied from --base): load it with
-AutoModelForCausalLM.from_pretrained. The base is streamed one tensor at a time on the CPU.
---peft writes a PEFT MiSS adapter (adapter_config.json + adapter_model.safetensors): load it with
-PeftModel.from_pretrained(base_model, OUTPUT). --base is optional there (it is then checked and recorded).
+    python tools/convert_to_hf.py --checkpoint CKPT [--base BASE] --output OUT --merge | --peft | --lora
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
-from miss_ds.convert.merge import merge_to_hf
-from miss_ds.convert.peft import write_peft_adapter
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="training checkpoint dir (uses its adapter/) or adapter dir")
-    p.add_argument("--base", help="local Hugging Face directory of the base model (required with --merge)")
-    p.add_argument("--output", required=True, help="new (or empty) output directory")
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--merge", action="store_true", help="write a merged full model")
-    mode.add_argument("--peft", action="store_true", help="write a PEFT MiSS adapter")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard with --merge (e.g. 5GB, 500MB)")
-    args = p.parse_args(argv)
-    if args.merge and not args.base:
-        p.error("--merge needs --base")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.merge:
-        stats = merge_to_hf(args.checkpoint, args.base, args.output, args.max_shard_size)
-        print(f"merged {stats.merged} weights, replaced {stats.replaced} (modules_to_save), copied {stats.copied}: "
-              f"{stats.shards} shard(s), "
-              f"{stats.total_bytes / 2**20:.1f} MiB in {args.output}")
-    else:
-        out = write_peft_adapter(args.checkpoint, args.output, args.base)
-        print(f"PEFT MiSS adapter written to {out}")
-    return 0
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from miss_ds.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,9 @@
 """Write a Hugging Face checkpoint with random weights (sharded safetensors), e.g. to test per-rank loading.
 
     python tools/make_random_checkpoint.py --config configs/llama-70b-tp2.yaml --layers 8 --output /tmp/ckpt
+
+These are not the weights a run with ``model.path: null`` draws (per TP shard): such a run saves its own base in
+``<output_dir>/base``, and its adapters refuse any other (miss_ds.fingerprint).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers.utils.hub import convert_file_size_to_int
@@ -17,8 +18,8 @@ from transformers.utils.hub import convert_file_size_to_int
 from .. import functional as MF
 from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint, ShardedWriter
-from .output import copy_model_files, new_output_dir
-from .source import Adapter, check_fits_base, full_geometry, module_of, read_adapter, read_base_config, weight_key_of
+from .output import copy_model_files, new_output_dir, write_run_config
+from .source import Adapter, full_geometry, known_base, module_of, read_adapter, weight_key_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,15 @@ class MergeStats:
     total_bytes: int
 
 
-def merge_to_hf(checkpoint: Path | str, base: Path | str, output: Path | str,
+def merge_to_hf(checkpoint: Path | str, base: Optional[Path | str], output: Path | str,
                 max_shard_size: int | str = "5GB") -> MergeStats:
-    """Write ``base`` with the adapter of ``checkpoint`` merged into it as a new model directory ``output``."""
+    """Write ``base`` (default: the base the adapter records, when it is here) with the adapter of ``checkpoint``
+    merged into it as a new model directory ``output``, with the training run's config when known."""
     adapter = read_adapter(checkpoint)
-    base_config = read_base_config(base)
+    base = known_base(adapter, base)
+    if base is None:
+        raise ValueError(f"{adapter.directory} records no base model that is here: pass --base")
     with HFCheckpoint(base) as weights:
-        check_fits_base(adapter, base_config, weights)
         out = new_output_dir(output)
         writer = ShardedWriter(out, convert_file_size_to_int(max_shard_size))
         family = family_of(base_config)  # checkpoints may name tensors otherwise than the module tree
@@ -59,6 +62,7 @@ def merge_to_hf(checkpoint: Path | str, base: Path | str, output: Path | str,
             writer.add(key, tensor)
         shards = writer.close()
     copy_model_files(base, out)
+    write_run_config(out, adapter.run_config)
     logger.info("merged %d weights, replaced %d saved modules' tensors, copied %d into %d shard(s) in %s",
                 merged, replaced, copied, len(shards), out)
     return MergeStats(merged, replaced, copied, len(shards), writer.total_bytes)

@@ -1,8 +1,10 @@
-"""Output directories of the export tools: created fresh, and given the base model's non-weight files."""
+"""Output directories of the export tools: created fresh, given the base model's non-weight files and the run config."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any, Optional
 
 #: Weight files (and their indexes) of a model directory: the export writes its own, never copies these.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -28,3 +30,14 @@ def copy_model_files(base: Path | str, output: Path) -> list[str]:
             shutil.copy2(item, output / item.name)
             copied.append(item.name)
     return copied
+
+
+#: The training run's config, written next to every export of a training checkpoint: generation and evaluation read
+#: the prompt format the model was trained with from it (``data.format``, ``data.prompt_separator``).
+RUN_CONFIG_FILE = "miss_ds_run_config.json"
+
+
+def write_run_config(output: Path, run_config: Optional[dict[str, Any]]) -> None:
+    """Record the run config of the exported adapter's training run in ``output`` (nothing for a bare adapter)."""
+    if run_config is not None:
+        (output / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=1))

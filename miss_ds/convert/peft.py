@@ -16,10 +16,10 @@ from peft import MissConfig as PeftMissConfig
 from safetensors.torch import load_file, save_file
 
 from ..config import MissConfig
-from ..hf_checkpoint import PT_METADATA, HFCheckpoint
+from ..hf_checkpoint import PT_METADATA
 from ..layers import D_NAME
-from .output import new_output_dir
-from .source import check_fits_base, is_d_key, read_adapter, read_base_config
+from .output import new_output_dir, write_run_config
+from .source import Adapter, is_d_key, known_base, read_adapter
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -32,19 +32,17 @@ _INIT_WEIGHTS = {"miss": True, "mini": "mini", "bat": "bat"}
 def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optional[Path | str] = None) -> Path:
     """Write the adapter of ``checkpoint`` as a PEFT MiSS adapter directory ``output``.
 
-    With ``base`` (a local model directory) the adapter is checked against it first, and ``base`` is recorded
-    as ``base_model_name_or_path``; without it, the base name the adapter was trained with is recorded.
+    The base (``base``, else the one the adapter records when it is here: ``source.known_base``) is checked
+    against the adapter and recorded, absolute, as ``base_model_name_or_path`` (what ``AutoPeftModelForCausalLM``
+    loads; ``base_name``). The training run's config is written alongside when known.
     """
     adapter = read_adapter(checkpoint)
-    if base is not None:
-        with HFCheckpoint(base) as weights:
-            check_fits_base(adapter, read_base_config(base), weights)
     cfg = adapter.config
     peft_config = PeftMissConfig(
         r=cfg.r, mini_r=cfg.mini_r, miss_dropout=cfg.dropout, init_weights=_INIT_WEIGHTS[cfg.mode],
         target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules, bias="none",
         modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM",
-        base_model_name_or_path=str(base) if base is not None else adapter.meta["base_model"].get("name_or_path"))
+        base_model_name_or_path=base_name(adapter, known_base(adapter, base)))
     stray = [key for key in adapter.tensors if not _held(key, cfg)]
     if stray:
         raise ValueError(f"{adapter.directory} holds {stray[:3]}, neither MiSS blocks nor parameters of "
@@ -53,7 +51,16 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     peft_config.save_pretrained(str(out))
     tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
     save_file(tensors, str(out / PEFT_WEIGHTS), metadata=PT_METADATA)
+    write_run_config(out, adapter.run_config)
     return out
+
+
+def base_name(adapter: Adapter, known: Optional[Path]) -> Optional[str]:
+    """``base_model_name_or_path`` of a PEFT export: the absolute path of the adapter's base when it is here
+    (``known``, from ``known_base``), else the name the adapter records (None when it records none)."""
+    if known is not None:
+        return str(known.resolve())
+    return adapter.meta.get("base_model", {}).get("name_or_path") or None
 
 
 def read_peft_adapter(path: Path | str) -> tuple[MissConfig, dict[str, torch.Tensor]]:

@@ -10,7 +10,6 @@ such a run would. Only the adapter is rewritten (training checkpoints resume on 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
 import torch
@@ -20,12 +19,14 @@ from transformers import AutoConfig, PretrainedConfig
 from .. import adapter_io, ds_compat
 from ..config import MissConfig
 from ..families import check_tp
+from ..fingerprint import Fingerprint
+from ..hf_checkpoint import HFCheckpoint
 from ..layers import DLayout, MissLayer, MissLinear
 from ..loading import build_model_on_meta
 from ..parallel.autotp import planned_split
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
 from .output import new_output_dir
-from .source import module_of, read_adapter, read_base_config
+from .source import check_fits_base, module_of, read_adapter, read_base_config
 
 
 def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
@@ -33,14 +34,16 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
     """Write the adapter of ``checkpoint`` to ``output`` split for ``tp_size`` ranks.
 
     The partition needs the base model's config: from ``base`` (a model directory, checked against the
-    adapter) or else rebuilt from the base summary stored in the adapter; and the run's ``tp_grain_size``.
+    adapter, its fingerprint included) or else rebuilt from the base summary stored in the adapter; and the run's
+    ``tp_grain_size``. The new adapter keeps the base summary and fingerprint.
     """
     if tp_size < 1:
         raise ValueError(f"--tp must be a positive integer, got {tp_size}")
     adapter = read_adapter(checkpoint)
     if base is not None:
         config = read_base_config(base)
-        adapter_io.check_base(adapter.meta, SimpleNamespace(config=config), str(adapter.directory))
+        with HFCheckpoint(base) as weights:
+            check_fits_base(adapter, config, weights)
     else:
         config = config_from_summary(adapter.meta["base_model"], adapter.directory)
     view = tp_view(config, adapter.config, [module_of(key) for key in adapter.d], tp_size, tp_grain_size)
@@ -53,7 +56,9 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
             raise ValueError(f"'{key}' has shape {list(tensor.shape)} but the base config makes it "
                              f"{layouts[key]['full_shape']}: pass the real base model with --base")
     out = new_output_dir(output)
-    adapter_io.write_adapter_config(out, adapter.config, view, tp_size)
+    recorded = adapter.meta.get("base_fingerprint")
+    adapter_io.write_adapter_config(out, adapter.config, view, tp_size,
+                                    None if recorded is None else Fingerprint.from_json(recorded))
     for rank in range(tp_size):
         parts = {key: _part(tensor, layouts[key], rank) for key, tensor in adapter.tensors.items()}
         adapter_io.write_adapter_shard(out, parts, rank, tp_size)

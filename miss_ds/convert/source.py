@@ -1,25 +1,26 @@
 """The inputs of every export: a miss_ds adapter (given directly or inside a training checkpoint) and its base.
 
 A training checkpoint or the adapter directory inside it is accepted (``TrainCheckpoint.adapter_dir`` knows the
-layout). ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written.
+layout). ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written: by its
+config, its tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from .. import adapter_io
+from .. import adapter_io, fingerprint
 from .. import functional as MF
 from ..config import MissConfig
 from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint
 from ..inject import D_NAME
-from ..train.checkpoint import TrainCheckpoint
+from ..train.checkpoint import STATE_FILE, TrainCheckpoint
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Adapter:
     config: MissConfig
     tensors: dict[str, torch.Tensor]
     """Every full D (``<module>.miss_block``) and every ``modules_to_save`` parameter, by parameter name."""
+    run_config: Optional[dict[str, Any]] = None
+    """The run config of the training checkpoint holding the adapter (its trainer_state.json); None for a bare
+    adapter directory."""
 
     @property
     def d(self) -> dict[str, torch.Tensor]:
@@ -46,7 +50,23 @@ def read_adapter(path: Path | str) -> Adapter:
     """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape."""
     directory = TrainCheckpoint.adapter_dir(path)
     meta, tensors = adapter_io.read_full_adapter(directory)
-    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors)
+    state = directory.parent / STATE_FILE
+    run_config = TrainCheckpoint.read_state(directory.parent).get("config") if state.is_file() else None
+    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors, run_config)
+
+
+def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[Path]:
+    """The base model directory of ``adapter``, checked against it (``check_fits_base``): ``base`` when given, else
+    the one the adapter records (the run's ``model.path``, or the random base the run saved) when it is here.
+    None when neither is known."""
+    if base is None:
+        recorded = adapter.meta.get("base_model", {}).get("name_or_path") or ""
+        if not (recorded and (Path(recorded) / "config.json").is_file()):
+            return None
+        base = recorded
+    with HFCheckpoint(base) as weights:
+        check_fits_base(adapter, read_base_config(base), weights)
+    return Path(base)
 
 
 def read_base_config(base: Path | str) -> PretrainedConfig:
@@ -59,7 +79,7 @@ def read_base_config(base: Path | str) -> PretrainedConfig:
 
 def check_fits_base(adapter: Adapter, base_config: PretrainedConfig, weights: HFCheckpoint) -> None:
     """Refuse a base the adapter does not belong to: config summary, a base tensor for every adapter tensor,
-    shapes that fit (D against its weight, a saved module's parameter against the base's)."""
+    shapes that fit (D against its weight, a saved module's parameter against the base's), and its fingerprint."""
     adapter_io.check_base(adapter.meta, SimpleNamespace(config=base_config), str(adapter.directory))
     family = family_of(base_config)
     for key, tensor in adapter.tensors.items():
@@ -72,6 +92,8 @@ def check_fits_base(adapter: Adapter, base_config: PretrainedConfig, weights: HF
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(f"'{key}' has shape {list(tensor.shape)} but base tensor '{base_key}' "
                              f"{list(base_shape)} needs {list(want)}: wrong base model?")
+    fingerprint.check(adapter.meta.get("base_fingerprint"), lambda positions: fingerprint.read_checkpoint(
+        weights, positions), str(adapter.directory), str(weights.directory))
 
 
 def is_d_key(key: str) -> bool:

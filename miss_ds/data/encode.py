@@ -5,6 +5,10 @@ them inside the loss) and hold `IGNORE_INDEX` wherever no loss should be taken.
 Every encoded example starts with bos (when the tokenizer has one) and ends with
 eos. Its first label is always `IGNORE_INDEX`: no token of the example predicts it,
 and in a packed sequence the previous example's last token must not learn to.
+
+`prompt_ids` is the one rule for what a model is given to answer: exactly the tokens
+its training examples put before the loss starts. Training (`encode_batch`) and
+generation and evaluation (`miss_ds.infer`) both build prompts with it.
 """
 
 import os
@@ -37,8 +41,8 @@ def encode_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase
     if cfg.format == "chat":
         encoded = [_encode_chat(messages, tokenizer) for messages in batch[cfg.messages_field]]
     elif cfg.format == "instruction":
-        prompts = [prompt + cfg.prompt_separator for prompt in batch[cfg.prompt_field]]
-        encoded = _encode_instructions(prompts, batch[cfg.response_field], tokenizer)
+        contexts = _instruction_contexts(batch[cfg.prompt_field], tokenizer, cfg)
+        encoded = _encode_instructions(contexts, batch[cfg.response_field], tokenizer)
     else:
         encoded = _encode_texts(batch[cfg.text_field], tokenizer)
     return {
@@ -46,6 +50,33 @@ def encode_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase
         "labels": [[IGNORE_INDEX] + labels[1:] for _, labels in encoded],
         "length": [len(ids) for ids, _ in encoded],
     }
+
+
+def prompt_ids(prompt: str | list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[int]:
+    """The token ids a model trained on `cfg`'s format is given to answer `prompt`.
+
+    "instruction": bos + prompt + `prompt_separator`; "chat": the conversation (a
+    string is one user message; a list must not end with an assistant turn) through
+    the chat template up to its generation prompt, cut as training cuts it; "text":
+    bos + the text, to be continued.
+    """
+    if cfg.format == "chat":
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if messages and messages[-1]["role"] == "assistant":
+            raise ValueError("a chat prompt must end with the turn to answer, not with an assistant message")
+        pieces = [text for text, _ in _chat_segments(messages, tokenizer, add_generation_prompt=True)]
+        return [token for ids in _token_ids(pieces, tokenizer) for token in ids]
+    if not isinstance(prompt, str):
+        raise TypeError(f'data.format "{cfg.format}" takes a prompt string, not {type(prompt).__name__}')
+    if cfg.format == "instruction":
+        return _instruction_contexts([prompt], tokenizer, cfg)[0]
+    return _bos(tokenizer) + _token_ids([prompt], tokenizer)[0]
+
+
+def _instruction_contexts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[list[int]]:
+    """bos + prompt + separator, tokenised apart from the response so the prompt/response boundary is exact."""
+    bos = _bos(tokenizer)
+    return [bos + ids for ids in _token_ids([prompt + cfg.prompt_separator for prompt in prompts], tokenizer)]
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -62,14 +93,12 @@ def _encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[
     return [(bos + ids + eos, [IGNORE_INDEX] * len(bos) + ids + eos) for ids in _token_ids(texts, tokenizer)]
 
 
-def _encode_instructions(prompts: list[str], responses: list[str], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
-    """Prompt and response tokenised apart, so the prompt/response boundary is exact; loss on the response and eos."""
-    bos, eos = _bos(tokenizer), [tokenizer.eos_token_id]
-    encoded = []
-    for prompt, response in zip(_token_ids(prompts, tokenizer), _token_ids(responses, tokenizer), strict=True):
-        context = bos + prompt
-        encoded.append((context + response + eos, [IGNORE_INDEX] * len(context) + response + eos))
-    return encoded
+def _encode_instructions(contexts: list[list[int]], responses: list[str], tokenizer: PreTrainedTokenizerBase
+                         ) -> list[Encoded]:
+    """Each prompt's context (`_instruction_contexts`) then its response and eos; loss on the response and eos."""
+    eos = [tokenizer.eos_token_id]
+    return [(context + response + eos, [IGNORE_INDEX] * len(context) + response + eos)
+            for context, response in zip(contexts, _token_ids(responses, tokenizer), strict=True)]
 
 
 def _encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Encoded:
@@ -86,7 +115,8 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
     return ids, labels
 
 
-def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+                   add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_turn) pieces.
 
     An assistant turn is the text the template adds when message i is appended to
@@ -96,9 +126,10 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenize
     at its very end (Phi-3's adds eos when no generation prompt follows), which
     then belongs to the last turn alone. Works with any template that renders each
     conversation as an extension of its prefixes up to such closing text (all
-    common ones do).
+    common ones do). With `add_generation_prompt` the last piece ends with the
+    generation prompt (`prompt_ids`).
     """
-    whole = _render(messages, tokenizer, add_generation_prompt=False)
+    whole = _render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
     segments: list[tuple[str, bool]] = []
     done = 0
     for index, message in enumerate(messages):

@@ -27,7 +27,7 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.distributed as dist
 
-from .. import adapter_io, ds_compat
+from .. import adapter_io, ds_compat, fingerprint
 from ..config import MissConfig
 from ..distributed import ParallelLayout
 from .atomic import MANIFEST, CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
@@ -51,7 +51,8 @@ class TrainCheckpoint:
     state and the ``data`` iterator (``state_dict``/``load_state_dict``), and each rank's RNG (restored when the
     rank count is the same; it only drives dropout). ``run_config`` (a plain dict) is stored for the record and for
     the checks of a resume on another layout. Adam's state is created at once (``ds_compat.ensure_optimizer_state``)
-    so that a checkpoint of step 0 has it too.
+    so that a checkpoint of step 0 has it too. The base's fingerprint is taken once (collective over TP), stored
+    with every adapter and checked on resume.
     """
 
     def __init__(self, root: Path, keep_last: int, layout: ParallelLayout, *, engine: Any, scheduler: Any,
@@ -59,6 +60,7 @@ class TrainCheckpoint:
         self.layout, self.engine, self.scheduler, self.miss = layout, engine, scheduler, miss
         self.train, self.data, self.run_config = train, data, run_config
         self.manager = CheckpointManager(root, keep_last, layout.rank, layout.world, dist.barrier, layout.tp)
+        self.base_fingerprint = fingerprint.of_model(engine.module)
         ds_compat.ensure_optimizer_state(engine)
 
     # ----------------------------------------------------------------- save
@@ -81,7 +83,8 @@ class TrainCheckpoint:
             if self.layout.dp_rank == 0:
                 adapter_io.write_adapter_shard(target, values, self.layout.tp_rank, self.layout.tp)
             if self.layout.is_main:
-                adapter_io.write_adapter_config(target, self.miss, self.engine.module, self.layout.tp)
+                adapter_io.write_adapter_config(target, self.miss, self.engine.module, self.layout.tp,
+                                                self.base_fingerprint)
         rng = directory / RNG_DIR
         rng.mkdir(exist_ok=True)
         torch.save(rng_state(), rng / f"rank{self.layout.rank:05d}.pt")
@@ -102,9 +105,12 @@ class TrainCheckpoint:
             return None
         state = self.read_state(path)
         # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
-        adapter_io.check_base(adapter_io.read_adapter_config(path / ADAPTER_DIR), self.engine.module, str(path))
+        meta = adapter_io.read_adapter_config(path / ADAPTER_DIR)
+        adapter_io.check_base(meta, self.engine.module, str(path))
         check_base_layout(state, self.layout.tp, self.run_config, path)
         model = self.engine.module
+        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
+                          str(path), "this run's base")
         masters = adapter_io.local_parts(model, adapter_io.read_full_adapter(path / ADAPTER_DIR)[1], str(path))
         moments = {m: adapter_io.local_parts(model, adapter_io.read_full_adapter(path / OPTIMIZER_DIR / m)[1],
                                              str(path)) for m in ds_compat.ADAM_MOMENTS}

@@ -27,6 +27,7 @@ from ..functional import MissShapeError
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
+from ..random_base import save_random_base
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
 from .checkpoint import TrainCheckpoint
@@ -65,6 +66,8 @@ class Trainer:
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
         self.checkpoint_bytes_read = agree("loading the model", lambda: materialize_model(model, cfg, self.device))
+        if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
+            agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())
                                  if cfg.model.gradient_checkpointing else None)
         t = cfg.train
@@ -209,6 +212,7 @@ class Trainer:
         reporter.close_bar()
         eval_loss = self.evaluate()
         self.checkpoint.save()
+        self._show_samples()
         self._finish(reporter, eval_loss)
         return 0
 
@@ -238,6 +242,24 @@ class Trainer:
         loss = (total[0] / total[1].clamp_min(1)).item()
         self.metrics.log(self.state.step, {"loss": loss}, split="eval")
         return loss
+
+    @torch.no_grad()
+    def _show_samples(self) -> None:
+        """Print the first ``eval.samples`` rows of ``data.eval_path`` with the model's greedy answers (all ranks
+        generate: a TP model needs its whole group)."""
+        count, data = self.cfg.eval.samples, self.cfg.data
+        if not count or data.synthetic or not data.eval_path:
+            return
+        from ..infer.examples import read_examples
+        from ..infer.generate import answer, format_samples
+
+        examples = read_examples(data.eval_path, data, count)
+        self.engine.eval()
+        answers = answer(self.engine.module, self.tokenizer, examples, data, max_new_tokens=data.seq_len)
+        self.engine.train()
+        if self.layout.is_main:
+            print(f"the model's answers to {len(examples)} rows of {data.eval_path}:\n"
+                  + format_samples(examples, answers), flush=True)
 
     def _preempted(self) -> bool:
         """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they save together)."""

@@ -1,0 +1,89 @@
+"""Evaluate a trained model on a data file: loss, perplexity and exact match, on one rank or several.
+
+    miss-ds-eval --checkpoint runs/tiny-cpu/checkpoints/step_00000150 --answer-regex "The answer is (-?[0-9]+)"
+    miss-ds-eval --base merged/ --data data/arith/eval.jsonl --output report.json
+    deepspeed --num_gpus 8 --module miss_ds.cli.evaluate --checkpoint CKPT --tp 2     # 4 data-parallel x TP=2
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module miss_ds.cli.evaluate --checkpoint CKPT
+
+The model and its prompt format are named as for miss-ds-generate (--checkpoint / --adapter / --base / --config).
+--data defaults to the run's data.eval_path. Loss is the token-weighted cross-entropy of the labels training uses
+(answers only for "instruction" and "chat" data); exact match compares the greedy answer (to eos) with the reference
+answer; --answer-regex also compares what it extracts from both (its first group) and counts the answers it finds.
+Rows are split over data-parallel ranks; --tp splits a base plus miss_ds checkpoint over TP ranks as training does.
+The report (JSON) is printed by rank 0 and written to --output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from .generate import add_source_args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="miss-ds-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--data", help="data file in the run's format (default: the run's data.eval_path)")
+    p.add_argument("--answer-regex", help="extract the answer to compare, e.g. 'The answer is (-?[0-9]+)'")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.seq_len, else 128")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass of the loss")
+    p.add_argument("--generate-batch-size", type=int, default=128, help="prompts generated for together")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (a base plus miss_ds checkpoint)")
+    p.add_argument("--output", help="write the report (JSON) here")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from deepspeed.accelerator import get_accelerator
+
+    from ..distributed import ParallelLayout, agree, init_distributed
+    from ..infer.evaluate import evaluate
+    from ..infer.source import load_model, resolve
+
+    source = resolve(args.checkpoint, args.adapter, args.base, args.config)
+    tokenizer = source.tokenizer()
+    cfg = source.data_config(tokenizer)
+    data = args.data or cfg.eval_path
+    if not data:
+        raise ValueError("the run has no data.eval_path: pass --data FILE")
+    info = init_distributed()
+    layout = ParallelLayout(info.rank, info.world_size, args.tp)
+    device, dtype = get_accelerator().current_device_name(), source.dtype(args.dtype)
+    model = agree("loading the model", lambda: load_model(source, device, dtype, args.tp))
+    max_new = args.max_new_tokens or (source.run_config.data.seq_len if source.run_config else 128)
+    report = evaluate(model, tokenizer, cfg, data, layout, micro_batch_size=args.batch_size, max_new_tokens=max_new,
+                      answer_regex=args.answer_regex, limit=args.limit, generate_batch_size=args.generate_batch_size)
+    if layout.is_main:
+        text = json.dumps(report, indent=1)
+        print(text, flush=True)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+    return 0
+
+
+def run() -> NoReturn:
+    """The process: ``main``, then ``exit_process`` (the ranks of a multi-rank job end together; a failed one
+    leaves at once)."""
+    from ..distributed import PeerFailed, exit_process
+
+    try:
+        code = main()
+    except PeerFailed:  # another rank failed and printed why
+        code = 1
+    except SystemExit as exc:  # argparse: --help (0), bad arguments (2)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    except BaseException:  # noqa: BLE001 - printed here, then the process leaves
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,69 @@
+"""Generate with a trained model, prompted exactly as it was trained (greedy decoding, one process).
+
+    miss-ds-generate --checkpoint runs/tiny-cpu/checkpoints/step_00000150 --prompt "Eva had 18 pencils. ..."
+    miss-ds-generate --checkpoint CKPT --prompts data/arith/eval.jsonl --limit 5
+    miss-ds-generate --base merged/ --prompts prompts.txt                  # a merged export
+    miss-ds-generate --adapter lora/ [--base BASE] --prompt "..."          # a PEFT MiSS or LoRA export
+
+--checkpoint is a miss_ds training checkpoint or adapter dir; its base is the one it records (the run's model.path,
+or the random base the run saved in <output_dir>/base) unless --base names it, and is checked against it. The prompt
+format is the one the run trained with (bos + prompt + data.prompt_separator for "instruction", the chat template's
+generation prompt for "chat"), read from the checkpoint, from the run config an export carries, or from --config.
+--prompts is a data file in the run's format (its references are shown too) or a .txt file, one prompt per line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="miss-ds-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a data file in the run's format, or a .txt file of one prompt per line")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of --prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    args = p.parse_args(argv)
+    if not args.prompt and not args.prompts:
+        p.error("give --prompt TEXT or --prompts FILE")
+    return args
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The arguments naming the model (shared with miss-ds-eval; see miss_ds.infer.source)."""
+    p.add_argument("--checkpoint", help="miss_ds training checkpoint or adapter dir")
+    p.add_argument("--adapter", help="PEFT adapter dir (a MiSS or LoRA export)")
+    p.add_argument("--base", help="Hugging Face model dir: the base (default: the one the adapter records), "
+                                  "or a whole model (a merged export)")
+    p.add_argument("--config", help="run config YAML: the prompt format and data, when nothing records them")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's model.dtype, else float32")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..infer.examples import Example, read_examples
+    from ..infer.generate import answer, format_samples
+    from ..infer.source import load_model, resolve
+
+    args = parse_args(argv)
+    source = resolve(args.checkpoint, args.adapter, args.base, args.config)
+    tokenizer = source.tokenizer()
+    cfg = source.data_config(tokenizer)
+    examples = [Example(text) for text in args.prompt]
+    if args.prompts:
+        examples += read_examples(args.prompts, cfg, args.limit)
+    model = load_model(source, args.device, source.dtype(args.dtype))
+    print(format_samples(examples, answer(model, tokenizer, examples, cfg, args.max_new_tokens)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Examples to prompt a model with: rows of a data file in the run's format, or bare prompts.
+
+An example is what ``data.encode.prompt_ids`` takes (the instruction prompt, the conversation before its last
+assistant turn, or the text) and, where the format has one, the reference answer the model was trained to produce
+(the response, or that last assistant turn).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..data.config import DataConfig
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str | list[dict[str, str]]
+    reference: Optional[str] = None
+
+    def prompt_text(self) -> str:
+        """The prompt as one line of text (a conversation: its last message)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[-1]["content"]
+
+
+def example_of(row: dict, cfg: DataConfig) -> Example:
+    """The example of one checked row of ``cfg.format``."""
+    if cfg.format == "instruction":
+        return Example(row[cfg.prompt_field], row[cfg.response_field])
+    if cfg.format == "chat":
+        messages = row[cfg.messages_field]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return Example(messages[:last], messages[last]["content"])
+    return Example(row[cfg.text_field])
+
+
+def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None) -> list[Example]:
+    """The first ``limit`` (all: None) usable rows of a data file (any source ``data.train_path`` takes) as examples;
+    a ``.txt`` file is one bare prompt per line."""
+    if Path(path).suffix == ".txt":
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return [Example(line) for line in lines[:limit]]
+    from ..data.rows import split_off_bad_rows
+    from ..data.sources import read_rows
+
+    rows, _ = split_off_bad_rows(read_rows(str(path), cfg.eval_split, cfg), cfg)
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return [example_of(row, cfg) for row in rows]

@@ -1,0 +1,125 @@
+"""What generation and evaluation load, and how the model was trained to be prompted.
+
+One of:
+
+- a base plus a miss_ds adapter (``checkpoint``: a training checkpoint or adapter dir). The base defaults to the one
+  the adapter records (the run's ``model.path``, or the random base the run saved) and is checked against it
+  (config, shapes, fingerprint: ``convert.source.check_fits_base``). Built as the trainer builds it (on meta, split
+  for TP, MiSS layers, this rank's slices read), so it runs on any TP size;
+- a base plus a PEFT adapter (``adapter``: a MiSS or LoRA export, or any PEFT adapter), one process;
+- a model directory alone (``base``: a merged export, or any Hugging Face model), one process.
+
+The run config (the prompt format, the data files, the dtype) comes from ``config`` (a run YAML) when given, else
+from the training checkpoint or the run config an export carries (``convert.output.RUN_CONFIG_FILE``). Without one,
+prompts go through the tokenizer's chat template when it has one, else as plain text (warned).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..convert.output import RUN_CONFIG_FILE
+from ..convert.source import Adapter, known_base, read_adapter
+from ..data.config import DataConfig
+from ..run_config import RunConfig, config_from_dict, load_config
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer_config.json"
+
+
+@dataclass
+class Source:
+    base: Path
+    """A Hugging Face model directory: the base of ``adapter``/``peft_adapter``, or the whole model."""
+    adapter: Optional[Adapter] = None
+    peft_adapter: Optional[Path] = None
+    run_config: Optional[RunConfig] = None
+
+    def tokenizer(self) -> Any:
+        """The base's tokenizer, else the one the run trained with."""
+        from transformers import AutoTokenizer
+
+        for candidate in (self.base, self.peft_adapter, self.run_config and self.run_config.tokenizer):
+            if candidate is not None and (Path(candidate) / TOKENIZER_FILE).is_file():
+                return AutoTokenizer.from_pretrained(str(candidate))
+        raise FileNotFoundError(f"no tokenizer in {self.base}, nor a run config naming one that is here")
+
+    def data_config(self, tokenizer: Any) -> DataConfig:
+        """The data config the model was trained with: its prompt format and data files."""
+        if self.run_config is not None:
+            return self.run_config.data
+        fmt = "chat" if getattr(tokenizer, "chat_template", None) else "text"
+        logger.warning("no run config recorded with %s: prompting in the '%s' format (pass --config RUN.yaml for the "
+                       "format the model was trained with)", self.peft_adapter or self.base, fmt)
+        return DataConfig(format=fmt)
+
+    def dtype(self, override: Optional[str]) -> torch.dtype:
+        """``override``, else the dtype the run trained in, else float32."""
+        from ..modeling import DTYPES
+
+        return DTYPES[override or (self.run_config.model.dtype if self.run_config else "float32")]
+
+
+def resolve(checkpoint: Optional[str] = None, adapter: Optional[str] = None, base: Optional[str] = None,
+            config: Optional[str] = None) -> Source:
+    """The source the commands' ``--checkpoint`` / ``--adapter`` / ``--base`` / ``--config`` name."""
+    if checkpoint and adapter:
+        raise ValueError("--checkpoint (a miss_ds adapter) and --adapter (a PEFT adapter) exclude each other")
+    run_config = load_config(config, check_files=False) if config else None
+    if checkpoint:
+        miss_adapter = read_adapter(checkpoint)
+        known = known_base(miss_adapter, base)
+        if known is None:
+            raise ValueError(f"{miss_adapter.directory} records no base model that is here: pass --base")
+        if run_config is None and miss_adapter.run_config is not None:
+            run_config = config_from_dict(miss_adapter.run_config, str(miss_adapter.directory.parent))
+        return Source(known, adapter=miss_adapter, run_config=run_config)
+    if adapter:
+        adapter_dir = Path(adapter)
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not (base or recorded):
+            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass --base")
+        return Source(Path(base or recorded), peft_adapter=adapter_dir,
+                      run_config=run_config or _recorded_run_config(adapter_dir))
+    if not base:
+        raise ValueError("name the model: --checkpoint (with --base), --adapter (with --base), or --base alone")
+    return Source(Path(base), run_config=run_config or _recorded_run_config(Path(base)))
+
+
+def _recorded_run_config(directory: Path) -> Optional[RunConfig]:
+    path = directory / RUN_CONFIG_FILE
+    return config_from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
+
+
+def load_model(source: Source, device: torch.device | str, dtype: torch.dtype, tp: int = 1) -> nn.Module:
+    """The model of ``source`` in eval mode on ``device``, its weights in ``dtype``: this rank's part of it for
+    ``tp`` > 1 (miss_ds adapters only; every rank of the job calls it)."""
+    if source.adapter is None:
+        if tp > 1:
+            raise ValueError("--tp splits a base plus a miss_ds checkpoint; run merged or PEFT models with --tp 1")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(source.base), dtype=dtype).to(device)
+        if source.peft_adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(source.peft_adapter))
+        return model.eval()
+    from transformers import AutoConfig
+
+    from ..engine import prepare_model
+    from ..loading import build_model_on_meta, load_sharded_weights
+
+    miss = source.adapter.config
+    model = build_model_on_meta(AutoConfig.from_pretrained(str(source.base)), dtype)
+    grain = source.run_config.parallel.tp_grain_size if source.run_config else 1
+    prepare_model(model, miss, tp, grain)
+    load_sharded_weights(model, source.base, device, dtype, miss_config=miss, adapter=source.adapter.tensors)
+    return model.eval()
