@@ -19,7 +19,7 @@ from .. import functional as MF
 from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint, ShardedWriter
 from .output import copy_model_files, new_output_dir, write_run_config
-from .source import Adapter, full_geometry, known_base, module_of, read_adapter, weight_key_of
+from .source import Adapter, full_geometry, known_base, module_of, read_adapter, read_base_config, weight_key_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def merge_to_hf(checkpoint: Path | str, base: Optional[Path | str], output: Path
     with HFCheckpoint(base) as weights:
         out = new_output_dir(output)
         writer = ShardedWriter(out, convert_file_size_to_int(max_shard_size))
-        family = family_of(base_config)  # checkpoints may name tensors otherwise than the module tree
+        family = family_of(read_base_config(base))  # checkpoints may name tensors otherwise than the module tree
         d_of_weight = {family.file_key(weight_key_of(key)): key for key in adapter.d}
         saved = {family.file_key(key): value for key, value in adapter.saved.items()}
         merged = replaced = copied = 0
