@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from . import fingerprint
-from .adapter_io import check_base, load_full_adapter_into, read_full_adapter
+from .adapter_io import load_full_adapter_into
 from .config import MissConfig
 from .engine import prepare_model
 from .families import Family, family_of
@@ -272,8 +271,8 @@ def model_on_meta(cfg: RunConfig, model_config: PretrainedConfig, tp: int) -> tu
 
 
 def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> int:
-    """Give a model from ``model_on_meta`` this rank's weights: its shards of ``model.path`` (or random ones) and the
-    adapter of ``init_adapter``. Returns the bytes read from the checkpoint."""
+    """Give a model from ``model_on_meta`` this rank's weights: its shards of ``model.path``, or random ones. Returns
+    the bytes read from the checkpoint."""
     dtype = DTYPES[cfg.model.dtype]
     bytes_read = 0
     if not cfg.model.random_weights:
@@ -281,25 +280,4 @@ def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device) ->
         logger.info("read %.2f GiB of %s", bytes_read / 2**30, cfg.model.path)
     else:
         materialize_random(model, device, dtype, cfg.seed, miss_config=cfg.miss)
-    if cfg.init_adapter:
-        load_init_adapter(model, cfg.init_adapter)
     return bytes_read
-
-
-def load_init_adapter(model: nn.Module, path: str) -> None:
-    """Set D (and modules_to_save) from an existing adapter: a PEFT MiSS adapter or a miss_ds adapter/checkpoint."""
-    source = Path(path)
-    if (source / "adapter_model.safetensors").is_file():
-        from .convert.peft import read_peft_adapter
-
-        _, full = read_peft_adapter(source)
-    else:
-        from .train.checkpoint import TrainCheckpoint
-
-        adapter_dir = TrainCheckpoint.adapter_dir(source)
-        meta, full = read_full_adapter(adapter_dir)
-        check_base(meta, model, str(adapter_dir))
-        # Starting from an adapter of another base can be meant (a new version of the base): warned, not refused.
-        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
-                          str(adapter_dir), "this run's base", strict=False)
-    load_full_adapter_into(model, full, str(source))

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from miss_ds.train import atomic as checkpoint
-from miss_ds.train.atomic import (CheckpointError, CheckpointManager, DiskFullError, read_manifest, rng_state,
+from miss_ds import atomic as checkpoint
+from miss_ds.atomic import (CheckpointError, CheckpointManager, DiskFullError, read_manifest, rng_state,
                                 set_rng_state, verify)
 
 HAS_DEV_FULL = os.path.exists("/dev/full")
@@ -114,7 +114,7 @@ def test_truncated_file_is_skipped_by_latest_and_named_by_verify(two_checkpoints
     bad = manager.step_path(2)
     with open(bad / "model.bin", "r+b") as f:
         f.truncate(100)
-    with caplog.at_level(logging.WARNING, logger="miss_ds.train.atomic"):
+    with caplog.at_level(logging.WARNING, logger="miss_ds.atomic"):
         assert manager.latest() == manager.step_path(1)
     assert "step_00000002" in caplog.text and "model.bin" in caplog.text
     with pytest.raises(CheckpointError, match=r"'model.bin' has 100 bytes.*1024"):
@@ -232,7 +232,7 @@ def test_other_errors_propagate_unchanged_and_leave_nothing(tmp_path):
 _CRASHING_CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from miss_ds.train import atomic as checkpoint
+    from miss_ds import atomic as checkpoint
 
     root, phase = sys.argv[1], sys.argv[2]
 

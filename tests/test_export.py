@@ -359,7 +359,7 @@ def test_missing_files_are_named(runs, tmp_path):
 
 
 def test_checkpoint_with_a_manifest_is_verified_first(runs, tmp_path):
-    from miss_ds.train.atomic import CheckpointError, CheckpointManager
+    from miss_ds.atomic import CheckpointError, CheckpointManager
 
     src = runs / "tp2" / "miss" / STEP / "adapter"
     step = CheckpointManager(tmp_path / "ckpts").save(5, lambda d: shutil.copytree(src, d / "adapter"))

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from miss_ds.adapter_io import read_full_adapter
-from miss_ds.train.atomic import verify
+from miss_ds.atomic import verify
 from miss_ds.ds_compat import cpu_shm_segment
 from miss_ds.train.metrics import read_metrics
 from tests.launch_utils import ROOT, free_port, result_of

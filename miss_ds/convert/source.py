@@ -1,6 +1,6 @@
 """The inputs of every export: a miss_ds adapter (given directly or inside a training checkpoint) and its base.
 
-A training checkpoint or the adapter directory inside it is accepted (``TrainCheckpoint.adapter_dir`` knows the
+A training checkpoint or the adapter directory inside it is accepted (``checkpoint_files.adapter_dir`` knows the
 layout). ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written: by its
 config, its tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`).
 """
@@ -18,9 +18,9 @@ from .. import adapter_io, fingerprint
 from .. import functional as MF
 from ..config import MissConfig
 from ..families import family_of
+from ..checkpoint_files import adapter_dir, run_config_of
 from ..hf_checkpoint import HFCheckpoint
 from ..inject import D_NAME
-from ..train.checkpoint import STATE_FILE, TrainCheckpoint
 
 
 @dataclass
@@ -48,11 +48,9 @@ class Adapter:
 
 def read_adapter(path: Path | str) -> Adapter:
     """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape."""
-    directory = TrainCheckpoint.adapter_dir(path)
+    directory = adapter_dir(path)
     meta, tensors = adapter_io.read_full_adapter(directory)
-    state = directory.parent / STATE_FILE
-    run_config = TrainCheckpoint.read_state(directory.parent).get("config") if state.is_file() else None
-    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors, run_config)
+    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors, run_config_of(directory))
 
 
 def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[Path]:
@@ -117,3 +115,4 @@ def full_geometry(config: MissConfig, module: str, weight_shape: tuple[int, ...]
     out_features, in_features = weight_shape
     MF.check_layer(module, config.mode, config.r, config.mini_r, in_features, out_features)
     return MF.MissGeometry(config.mode, config.r, config.mini_r, in_features, out_features)
+

@@ -82,7 +82,7 @@ def shard_model(model: nn.Module, group: Optional[ProcessGroup], grain: int = 1)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         count += 1
     if tp > 1:
-        localize(model, family, group, meta)
+        localize(model, family, group, meta, sharding_of)
     ds_compat.mark_tp_split(model)
     return count
 

@@ -17,7 +17,7 @@ A module holding split parameters other than a linear's says where its shards si
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -103,10 +103,10 @@ def _experts_inputs(group: ProcessGroup):
     return hook
 
 
-def localize(model: nn.Module, family: Family, group: ProcessGroup, tp_meta: Any) -> None:
-    """Apply the fixes of the module docstring that ``family`` needs to a model whose projections are split."""
-    from .autotp import sharding_of
-
+def localize(model: nn.Module, family: Family, group: ProcessGroup, tp_meta: Any,
+             sharding_of: Callable[[nn.Module], Optional[Sharding]]) -> None:
+    """Apply the fixes of the module docstring that ``family`` needs to a model whose projections are split
+    (``sharding_of``: how the TP engine split a projection)."""
     config = model.config
     for name, module in list(model.named_modules()):
         if family.heads_from_config and hasattr(module, "qkv_proj") and hasattr(module, "head_dim"):

@@ -1,21 +1,9 @@
-"""A training checkpoint's on-disk layout, gathered from and restored into the trainer's components.
-
-One complete checkpoint (made atomic by :mod:`miss_ds.train.atomic`)::
-
-    step_00000100/
-      adapter/               the adapter: D's fp32 masters per TP rank, modules_to_save (see miss_ds.adapter_io)
-      optimizer/exp_avg/     Adam's first and second moments of the same tensors, in the adapter's layout
-      optimizer/exp_avg_sq/
-      rng/rank00000.pt       each rank's RNG states
-      trainer_state.json     the trainer's progress ("train"), the data position ("data"), the LR schedule
-                             ("scheduler"), Adam's step count, the layout that wrote it (tp_size, world_size) and the
-                             run config
-      manifest.json          every file's size and sha256
+"""A training checkpoint, gathered from and restored into the trainer's components (the layout of its directory:
+``miss_ds.checkpoint_files``).
 
 Everything is stored at full (TP-independent) shapes, so a checkpoint resumes on any layout: more or fewer
 data-parallel ranks, another TP size, both. D is small, so gathering its moments at save and re-splitting them at
-load costs little. This module is the only one that knows these names: the trainer saves and resumes through
-:class:`TrainCheckpoint`, the conversion tools find the adapter through :meth:`TrainCheckpoint.adapter_dir`.
+load costs little.
 """
 from __future__ import annotations
 
@@ -30,13 +18,11 @@ import torch.distributed as dist
 from .. import adapter_io, ds_compat, fingerprint
 from ..config import MissConfig
 from ..distributed import ParallelLayout
-from .atomic import MANIFEST, CheckpointError, CheckpointManager, rng_state, set_rng_state, verify
+from ..atomic import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ..checkpoint_files import ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE, read_state, rng_file
 from .state import TrainState
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE = "adapter", "optimizer", "rng", "trainer_state.json"
-
 
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
@@ -85,9 +71,8 @@ class TrainCheckpoint:
             if self.layout.is_main:
                 adapter_io.write_adapter_config(target, self.miss, self.engine.module, self.layout.tp,
                                                 self.base_fingerprint)
-        rng = directory / RNG_DIR
-        rng.mkdir(exist_ok=True)
-        torch.save(rng_state(), rng / f"rank{self.layout.rank:05d}.pt")
+        (directory / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(), rng_file(directory, self.layout.rank))
         if self.layout.is_main:
             state = {"train": self.train.state_dict(), "data": self.data.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "adam_step": ds_compat.adam_step(self.engine),
@@ -103,7 +88,7 @@ class TrainCheckpoint:
             if resume not in (None, "auto"):
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
             return None
-        state = self.read_state(path)
+        state = read_state(path)
         # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
         meta = adapter_io.read_adapter_config(path / ADAPTER_DIR)
         adapter_io.check_base(meta, self.engine.module, str(path))
@@ -123,7 +108,7 @@ class TrainCheckpoint:
         for group, lr in zip(self.engine.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr  # the schedule's state alone does not move the optimizer's rate
         if state["world_size"] == self.layout.world:
-            set_rng_state(torch.load(path / RNG_DIR / f"rank{self.layout.rank:05d}.pt", weights_only=False))
+            set_rng_state(torch.load(rng_file(path, self.layout.rank), weights_only=False))
         self.data.load_state_dict(state["data"])
         self.train.load_state_dict(state["train"])
         if self.layout.is_main:
@@ -154,27 +139,6 @@ class TrainCheckpoint:
         return None if answer[0] is None else Path(answer[0])
 
     # ----------------------------------------------------------------- reading the layout
-    @staticmethod
-    def read_state(path: Path) -> dict[str, Any]:
-        """The ``trainer_state.json`` of checkpoint ``path``."""
-        return json.loads((Path(path) / STATE_FILE).read_text())
-
-    @staticmethod
-    def adapter_dir(path: Path | str) -> Path:
-        """The adapter directory of ``path``: ``path/adapter`` for a training checkpoint, else ``path`` itself.
-
-        A checkpoint with a manifest has its file sizes verified first, so a truncated save is named, not misread.
-        """
-        path = Path(path)
-        inner = path / ADAPTER_DIR
-        if (inner / adapter_io.ADAPTER_CONFIG).is_file():
-            if (path / MANIFEST).is_file():
-                verify(path, full=False)
-            return inner
-        if (path / adapter_io.ADAPTER_CONFIG).is_file():
-            return path
-        raise FileNotFoundError(f"{path} is neither a miss_ds adapter directory ({adapter_io.ADAPTER_CONFIG}) nor a "
-                                f"training checkpoint with {ADAPTER_DIR}/{adapter_io.ADAPTER_CONFIG}")
 
 
 def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:

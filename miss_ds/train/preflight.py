@@ -18,8 +18,9 @@ from typing import Any, Optional
 from ..data.batch import check_resumable
 from ..families import UnsupportedModel, check_tp
 from ..run_config import ConfigError, RunConfig, to_dict
-from .atomic import CheckpointManager
-from .checkpoint import STATE_FILE, check_base_layout
+from ..atomic import CheckpointManager
+from ..checkpoint_files import STATE_FILE
+from .checkpoint import check_base_layout
 
 logger = logging.getLogger(__name__)
 

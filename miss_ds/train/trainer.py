@@ -66,6 +66,10 @@ class Trainer:
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
         self.checkpoint_bytes_read = agree("loading the model", lambda: materialize_model(model, cfg, self.device))
+        if cfg.init_adapter:
+            from ..convert.init_adapter import load_init_adapter  # imports PEFT: only when it is needed
+
+            agree("loading init_adapter", lambda: load_init_adapter(model, cfg.init_adapter))
         if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
             agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())

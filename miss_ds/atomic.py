@@ -61,7 +61,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint "
-                              "(an interrupted save, or not written by miss_ds.train.atomic)")
+                              "(an interrupted save, or not written by miss_ds.atomic)")
     try:
         manifest = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

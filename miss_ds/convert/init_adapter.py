@@ -1,0 +1,27 @@
+"""Start a run from an existing adapter (``init_adapter``): a PEFT MiSS adapter, or a miss_ds adapter or training
+checkpoint, checked against the run's base."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .. import adapter_io, fingerprint
+from .peft import PEFT_WEIGHTS, read_peft_adapter
+from .source import adapter_dir
+
+
+def load_init_adapter(model: nn.Module, path: Path | str) -> None:
+    """Set D (and modules_to_save) of a built model from an existing adapter (``init_adapter``): a PEFT MiSS adapter
+    or a miss_ds adapter or training checkpoint, checked against the model's base."""
+    source = Path(path)
+    if (source / PEFT_WEIGHTS).is_file():
+        _, full = read_peft_adapter(source)
+    else:
+        directory = adapter_dir(source)
+        meta, full = adapter_io.read_full_adapter(directory)
+        adapter_io.check_base(meta, model, str(directory))
+        # Starting from an adapter of another base can be meant (a new version of the base): warned, not refused.
+        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
+                          str(directory), "this run's base", strict=False)
+    adapter_io.load_full_adapter_into(model, full, str(source))
