@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Callable, NoReturn, Optional, TypeVar
+from typing import Any, Callable, NoReturn, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -262,6 +262,18 @@ def _unlink_shm_buffer(info: RankInfo) -> None:
     cpu_shm_segment(info.master_addr, info.master_port, info.rank).unlink(missing_ok=True)
 
 
+def any_rank(flag: Any, device: Any) -> bool:
+    """Whether ``flag`` (a bool, or a one-element tensor) holds on any rank: one all-reduce on ``device`` and one host
+    sync, so that the ranks take the same decision about something only some of them saw (a non-finite value, a
+    preemption signal)."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(device)
+    dist.all_reduce(value)
+    return value.item() > 0
+
+
 class PeerFailed(RuntimeError):
     """Another rank failed; it printed its own error, this rank only stops."""
 
@@ -313,10 +325,11 @@ def exit_process(code: int) -> NoReturn:
     """
     import torch.distributed as dist
 
-    if code in (0, PREEMPTED_EXIT_CODE) and dist.is_available() and dist.is_initialized():
+    finished = code in (0, PREEMPTED_EXIT_CODE)
+    if finished and dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if code in (0, PREEMPTED_EXIT_CODE) and "mpi4py.MPI" in sys.modules:  # mpirun counts a rank that skips MPI_Finalize as failed
+    if finished and "mpi4py.MPI" in sys.modules:  # mpirun counts a rank that skips MPI_Finalize as failed
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():

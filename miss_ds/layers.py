@@ -78,8 +78,7 @@ class Split:
 
     def join(self, shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
         """The full tensor from every rank's shard (the inverse of :meth:`take`)."""
-        pieces = [shard.split([part[rank] for part in self.parts], dim) for rank, shard in enumerate(shards)]
-        return torch.cat([pieces[rank][p] for p in range(len(self.parts)) for rank in range(self.ranks)], dim)
+        return assemble([(shard, Span(dim, self.ranges(rank), self.full)) for rank, shard in enumerate(shards)])
 
 
 @dataclass(frozen=True)

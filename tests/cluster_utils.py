@@ -66,6 +66,35 @@ def start_cluster(slurm_dir: Path = SLURM_DIR, timeout: float = 600) -> dict[str
     return {**os.environ, "SLURM_CONF": str(slurm_dir / "slurm.conf")}
 
 
+def clear_queue(env: Mapping[str, str], timeout: float = 120) -> None:
+    """Cancel every job of the cluster and wait until the queue is empty.
+
+    The tests need the node to themselves: jobs left by an interrupted earlier run would hold its CPUs and
+    keep every new job PENDING.
+    """
+    def queued() -> list[str]:
+        return subprocess.run(["squeue", "-h", "-o", "%i"], env=env, check=True, capture_output=True,
+                              text=True).stdout.split()
+
+    leftover = queued()
+    if leftover:
+        subprocess.run(["scancel", *leftover], env=env, check=True, capture_output=True)
+    deadline = time.monotonic() + timeout
+    while left := queued():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"jobs {left} still queued {timeout} s after scancel:\n{queue_report(env)}")
+        time.sleep(0.2)
+
+
+def queue_report(env: Mapping[str, str]) -> str:
+    """The queue with each job's reason and the node's state, for error messages."""
+    def show(*cmd: str) -> str:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        return (proc.stdout + proc.stderr).strip()
+
+    return show("squeue", "-o", "%i %T %r %M") + "\n" + show("sinfo", "-N", "-o", "%N %T %C %E")
+
+
 def stop_cluster(slurm_dir: Path = SLURM_DIR) -> None:
     subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(slurm_dir)], check=True, capture_output=True)
 
@@ -128,7 +157,8 @@ def wait_for_job(job_id: int, env: Mapping[str, str], timeout: float = 180) -> J
         if job.state in TERMINAL_STATES:
             return job
         if time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s\n{job.log_text()}")
+            raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s\n{queue_report(env)}\n"
+                               f"{job.log_text()}")
         time.sleep(0.5)
 
 

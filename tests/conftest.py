@@ -17,28 +17,30 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cluster: needs root and a local Slurm / OpenMPI (tools/local_cluster.sh)")
 
 
-def tiny_llama_config(**overrides):
-    """A tiny Llama whose MLP shards are ragged for r=8 (intermediate 100: TP=2 shards of 50, TP=4 of 25)."""
-    from transformers import LlamaConfig
+#: The tiny decoder shape of the unit tests: MLP shards are ragged for r=8 (intermediate 100: TP=2 shards of 50,
+#: TP=4 of 25).
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
 
-    kw = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
-    kw.update(overrides)
-    cfg = LlamaConfig(**kw)
+
+def _tiny_config(config_class, overrides: dict):
+    cfg = config_class(**{**TINY_SHAPE, **overrides})
     cfg._attn_implementation = "eager"
     return cfg
+
+
+def tiny_llama_config(**overrides):
+    """A tiny Llama of ``TINY_SHAPE``."""
+    from transformers import LlamaConfig
+
+    return _tiny_config(LlamaConfig, overrides)
 
 
 def tiny_qwen2_config(**overrides):
     """A tiny Qwen2 (biased q/k/v projections), shaped like ``tiny_llama_config``."""
     from transformers import Qwen2Config
 
-    kw = dict(hidden_size=64, intermediate_size=100, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
-    kw.update(overrides)
-    cfg = Qwen2Config(**kw)
-    cfg._attn_implementation = "eager"
-    return cfg
+    return _tiny_config(Qwen2Config, overrides)
 
 
 @pytest.fixture

@@ -163,6 +163,7 @@ def cluster_env():
         if not cu.cluster_installed():
             pytest.skip(f"could not install Slurm/OpenMPI: {err}")
         raise
+    cu.clear_queue(env)
     yield env
     if not was_running:
         cu.stop_cluster()

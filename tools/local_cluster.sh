@@ -69,6 +69,9 @@ write_config() {
   local gpus=${MISS_DS_SLURM_GPUS:-$cpus}
   # Leave 1 GiB of the machine's memory out of what the node offers.
   local mem_mb=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024))
+  # A fresh start forgets the saved jobs: their processes died with the daemons (a restarted machine, a killed
+  # test run), yet slurmctld would recover them as RUNNING and let them hold the node, so new jobs pend forever.
+  rm -rf "$dir/state" "$dir/spool"
   mkdir -p "$dir/state" "$dir/spool" "$dir/log"
   cat >"$conf" <<EOF
 # Written by tools/local_cluster.sh: one host, root, no cgroups, no accounting.
@@ -129,6 +132,7 @@ start() {
   start_munge
   export SLURM_CONF=$conf
   if ! alive "$dir/slurmctld.pid" || ! alive "$dir/slurmd.pid"; then
+    stop_slurm  # the one of the pair still up would keep the state write_config clears
     write_config
     start_daemon slurmctld 6817
     start_daemon slurmd 6818
@@ -138,9 +142,10 @@ start() {
   echo "export SLURM_CONF=$conf"
 }
 
-stop() {
+# Stop the daemons whose pid files are given, and wait until they are gone.
+stop_daemons() {
   local pidfile pids=()
-  for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$munge_dir/munged.pid"; do
+  for pidfile in "$@"; do
     alive "$pidfile" || continue
     pids+=("$(cat "$pidfile")")
     kill "${pids[-1]}"
@@ -151,6 +156,10 @@ stop() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   done
 }
+
+stop_slurm() { stop_daemons "$dir/slurmd.pid" "$dir/slurmctld.pid"; }
+
+stop() { stop_daemons "$dir/slurmd.pid" "$dir/slurmctld.pid" "$munge_dir/munged.pid"; }
 
 status() {
   local ok=0 pidfile

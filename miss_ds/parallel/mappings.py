@@ -54,21 +54,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _SumOverTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        x = x.clone(memory_format=torch.contiguous_format)
-        _all_reduce(x, group)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        _all_reduce(grad, ctx.group)
-        return grad, None
-
-
 def copy_to_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Identity forward; the gradient is summed over the TP group."""
     return x if tp_world_size(group) == 1 else _CopyToTP.apply(x, group)
@@ -81,4 +66,7 @@ def reduce_from_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tens
 
 def sum_over_tp(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Sum over the TP group, its gradient summed too (the sum feeds rank-local computations)."""
-    return x if tp_world_size(group) == 1 else _SumOverTP.apply(x, group)
+    if tp_world_size(group) == 1:
+        return x
+    # A copy, since the reduction sums in place: the forward of reduce_from_tp, the backward of copy_to_tp.
+    return copy_to_tp(reduce_from_tp(x.clone(memory_format=torch.contiguous_format), group), group)

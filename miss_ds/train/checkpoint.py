@@ -24,6 +24,7 @@ from .state import TrainState
 
 logger = logging.getLogger(__name__)
 
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -88,18 +89,16 @@ class TrainCheckpoint:
             if resume not in (None, "auto"):
                 raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
             return None
-        state = read_state(path)
+        state, model = read_state(path), self.engine.module
         # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
-        meta = adapter_io.read_adapter_config(path / ADAPTER_DIR)
-        adapter_io.check_base(meta, self.engine.module, str(path))
+        meta, adapter = adapter_io.read_full_adapter(path / ADAPTER_DIR)
+        adapter_io.check_base(meta, model, str(path))
         check_base_layout(state, self.layout.tp, self.run_config, path)
-        model = self.engine.module
         fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
                           str(path), "this run's base")
-        masters = adapter_io.local_parts(model, adapter_io.read_full_adapter(path / ADAPTER_DIR)[1], str(path))
+        masters = adapter_io.local_parts(model, adapter, str(path))
         moments = {m: adapter_io.local_parts(model, adapter_io.read_full_adapter(path / OPTIMIZER_DIR / m)[1],
                                              str(path)) for m in ds_compat.ADAM_MOMENTS}
-        ds_compat.ensure_optimizer_state(self.engine)
         for name, param in adapter_io.adapter_parameters(model, self.miss).items():
             ds_compat.set_master(self.engine, param, masters[name])
             ds_compat.set_moments(self.engine, param, {m: moments[m][name] for m in ds_compat.ADAM_MOMENTS})
@@ -137,8 +136,6 @@ class TrainCheckpoint:
         if answer[1] is not None:
             raise CheckpointError(answer[1])
         return None if answer[0] is None else Path(answer[0])
-
-    # ----------------------------------------------------------------- reading the layout
 
 
 def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:

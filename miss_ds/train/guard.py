@@ -5,9 +5,9 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .. import ds_compat
+from ..distributed import any_rank
 from .state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ class NonFiniteGuard:
     def all_finite(self, *tensors: torch.Tensor) -> bool:
         """Whether every given tensor is finite on every rank (one all-reduce, one host sync)."""
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
-        bad = (~finite).float().reshape(1).to(self.device)
-        dist.all_reduce(bad)
-        return bad.item() == 0
+        return not any_rank(~finite, self.device)
 
     def step(self) -> bool:
         """``engine.step()``; returns whether this rank's optimizer skipped an update for non-finite gradients."""

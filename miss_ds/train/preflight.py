@@ -8,7 +8,6 @@ holding another run unless the user says so), and a resumed checkpoint's adapter
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,7 +18,7 @@ from ..data.batch import check_resumable
 from ..families import UnsupportedModel, check_tp
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..atomic import CheckpointManager
-from ..checkpoint_files import STATE_FILE
+from ..checkpoint_files import STATE_FILE, read_state
 from .checkpoint import check_base_layout
 
 logger = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int, dp: int
     path = CheckpointManager(Path(cfg.output_dir) / "checkpoints").resolve(resume, full=False)
     if path is None or not (path / STATE_FILE).is_file():
         return
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
     try:
         check_base_layout(state, tp, to_dict(cfg), path)
         check_resumable(state["data"], cfg.train.micro_batch_size * dp)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import IGNORE_INDEX, count_tokens
-from ..distributed import ParallelLayout
+from ..distributed import ParallelLayout, any_rank
 from .guard import NonFiniteGuard
 
 Batch = dict[str, torch.Tensor]
@@ -66,7 +66,7 @@ class StepRunner:
             if not self.guard.all_finite(loss):
                 bad_loss, loss = True, loss * float("nan")  # makes every gradient of the window non-finite
             self.engine.backward(loss * self.layout.dp, scale_wrt_gas=False)
-            if self._any_rank(self.guard.step()):
+            if any_rank(self.guard.step(), self.device):
                 self.guard.bad("loss" if bad_loss else "gradients")
                 return None
             losses.append(loss.detach().float())
@@ -85,8 +85,3 @@ class StepRunner:
         value = value.to(self.device).clone()
         dist.all_reduce(value)
         return value / self.layout.tp
-
-    def _any_rank(self, flag: bool) -> bool:
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value)
-        return value.item() > 0

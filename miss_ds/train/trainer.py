@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from .. import engine as miss_engine, memory_plan
 from ..data import SyntheticBatches
-from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, init_distributed
+from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, any_rank, init_distributed
 from ..functional import MissShapeError
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
@@ -267,9 +267,7 @@ class Trainer:
 
     def _preempted(self) -> bool:
         """Whether any rank got SIGTERM/SIGUSR1 (all ranks agree, so they save together)."""
-        flag = torch.tensor([1.0 if self.preemption.requested else 0.0], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return any_rank(self.preemption.requested, self.device)
 
     def _finish(self, reporter: Reporter, eval_loss: Optional[float]) -> None:
         t = self.cfg.train
