@@ -32,8 +32,6 @@ setup(
         "miss-ds-eval=miss_ds.cli.evaluate:run",
         "miss-ds-plan-memory=miss_ds.cli.plan_memory:main",
     ]},
-    # triton: the kernels' tests run under its CPU interpreter (GPU installs of torch bring it anyway).
     # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
-    extras_require={"test": ["pytest>=8", "megatron-core>=0.12,<0.17",
-                             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
+    extras_require={"test": ["pytest>=8", "megatron-core>=0.12,<0.17"]},
 )

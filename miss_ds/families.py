@@ -83,6 +83,9 @@ class Family:
     output by them): under TP it is given a view of the config with its rank's counts."""
     attention_note: str = ""
     """Why transformers refuses an attention implementation for this family (said when one is asked for)."""
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
+    """Projections (last name components) of one parent module that read the same input tensor (q, k and v; gate
+    and up): their MiSS products are computed together (:mod:`miss_ds.shared_input`)."""
 
     def tp_style(self, module_name: str) -> Optional[Style]:
         """How the plan splits module ``module_name`` (by its last name component); None: replicated."""
@@ -109,7 +112,8 @@ class Family:
                 for e in range(getattr(config, self.experts.count))]
 
 
-LLAMA_LIKE = dict(targets=ATTENTION + GATED_MLP, tp_plan=LLAMA_PLAN)
+QKV_INPUT = ("q_proj", "k_proj", "v_proj")
+LLAMA_LIKE = dict(targets=ATTENTION + GATED_MLP, tp_plan=LLAMA_PLAN, shared_inputs=(QKV_INPUT, ("gate_proj", "up_proj")))
 MOE_EXPERTS = Experts(files={"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
                       intermediate="moe_intermediate_size", count="num_experts")
 
@@ -130,6 +134,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            tp_plan={"query_key_value": "column", "dense": "row", "dense_h_to_4h": "column", "dense_4h_to_h": "row"},
            renames={"lm_head": "embed_out"}),
     Family("mixtral", "Mixtral", targets=ATTENTION, tp_plan=ATTENTION_PLAN, renames={"mlp": "block_sparse_moe"},
+           shared_inputs=(QKV_INPUT,),
            experts=Experts(files={"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                            intermediate="intermediate_size", count="num_local_experts")),
     Family("qwen2_moe", "Qwen2-MoE", **LLAMA_LIKE, experts=MOE_EXPERTS),

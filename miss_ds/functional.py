@@ -9,13 +9,13 @@ position c mod r.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from . import kernels
 
 
 class MissShapeError(ValueError):
@@ -73,18 +73,27 @@ def init_d(geometry: MissGeometry, zeros: bool, dtype: torch.dtype, device: torc
     return d
 
 
+@functools.lru_cache(maxsize=256)
+def chunk_matrix(r: int, n: int, in_offset: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """E (r, n): E[j, c] = 1 iff (in_offset + c) mod r == j. ``x @ E^T`` is MiSS's aggregation of x (its chunk sums,
+    zero-padded), ``g @ E`` spreads g back over the chunks, and D^T E is the update to W (an exact rank-r LoRA).
+
+    Both products run as cuBLAS GEMMs (K = n or K = r): at memory bandwidth, with no padded copy of x for a ragged
+    or offset shard. Cached: a layer asks for the same matrix at every call (r x n values, read-only).
+    """
+    return (torch.arange(in_offset, in_offset + n, device=device) % r == torch.arange(r, device=device)[:, None]
+            ).to(dtype)
+
+
 def aggregate(x: torch.Tensor, r: int, in_offset: int = 0) -> torch.Tensor:
     """Sum x over its chunks of r features: (..., n) -> (..., r), position j collecting features c = j mod r.
 
     ``in_offset`` is the global index of x's first feature (a row-parallel shard), so the local sums of all
-    shards add up to the aggregation of the full input. The sum accumulates in fp32 for low-precision x.
+    shards add up to the aggregation of the full input. A GEMM with the 0/1 chunk matrix: it accumulates in fp32
+    for low-precision x.
     """
-    lead = in_offset % r
-    tail = (-(lead + x.shape[-1])) % r
-    if lead or tail:
-        x = F.pad(x, (lead, tail))
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return x.reshape(*x.shape[:-1], -1, r).sum(dim=-2, dtype=acc).to(x.dtype)
+    return x @ chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device).t()
 
 
 def expand_d(d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
@@ -102,8 +111,7 @@ def delta_weight(w: torch.Tensor, d: torch.Tensor, g: MissGeometry) -> torch.Ten
     """The update MiSS makes to the local weight, in D's dtype: W' = W + delta_weight."""
     if g.mode == "bat":
         return _bat_delta_weight(w.to(d.dtype), d, g.r)
-    cols = (torch.arange(g.in_features, device=d.device) + g.in_offset) % g.r
-    return expand_d(d, g)[cols].T
+    return expand_d(d, g).t() @ chunk_matrix(g.r, g.in_features, g.in_offset, d.dtype, d.device)
 
 
 def merge(w: torch.Tensor, d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
@@ -134,63 +142,85 @@ def _bat_delta_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
     return (torch.einsum("aibj,ajk->aibk", blocks, d) + d[:, :, None, :]).reshape(w.shape)
 
 
-def broadcast_chunks(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
-    """The adjoint of ``aggregate``: (..., r) -> (..., n) with feature c taking g[..., (in_offset + c) mod r]."""
-    lead = in_offset % r
-    reps = -(-(lead + n) // r)
-    return g.repeat(*([1] * (g.dim() - 1)), reps)[..., lead:lead + n]
+class _SharedInputMiss(torch.autograd.Function):
+    """``y_p = x W_p^T + agg(x) @ D_p`` for one input x and the ``miss``/``mini`` projections p that read it (q, k
+    and v; gate and up; or a single layer), as one autograd node.
 
-
-class _AdditiveMissLinear(torch.autograd.Function):
-    """``x W^T + agg(x) @ D`` as one autograd node (``miss``/``mini``), built to move few bytes.
-
-    Forward: on GPU (bf16/fp16) one Triton GEMM with agg(x) @ D as its last K step (:mod:`miss_ds.kernels`);
-    otherwise the small GEMM writes the delta and the frozen GEMM accumulates onto it (beta=1). Only agg(x) is
-    saved (r values a token), not x. Backward: the MiSS input gradient g = dy D^T, spread over the input chunks,
-    is added in the input-gradient GEMM's epilogue (on GPU) or written first for that GEMM to accumulate onto;
-    D's gradient is agg(x)^T dy.
+    What it saves over one node per projection (all memory traffic, the FLOPs are r/in of the base's): agg(x) is
+    computed once; in backward the MiSS input gradient sum_p dy_p D_p^T is spread over the chunks once, by a GEMM
+    with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
+    epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. The delta
+    agg(x) D_p is written first and the frozen GEMM accumulates onto it. Saved: agg(x) (r values a token), not x.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, r: int, in_offset: int, *weights_and_ds: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        ws, ds = weights_and_ds[0::2], weights_and_ds[1::2]
         x2 = x.reshape(-1, x.shape[-1])
-        agg = aggregate(x2, r, in_offset)
-        if kernels.enabled(x2) and w.dtype == x.dtype:
-            out = kernels.miss_forward(x2, w, agg, d.to(x.dtype))
-        else:
+        chunks = chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device)
+        agg = x2 @ chunks.t()
+        outs = []
+        for w, d in zip(ws, ds):
             out = agg @ d.to(x.dtype)
             out.addmm_(x2, w.t())
-        ctx.save_for_backward(agg, w, d)
-        ctx.r, ctx.in_offset = r, in_offset
-        return out.reshape(*x.shape[:-1], w.shape[0])
+            outs.append(out.reshape(*x.shape[:-1], w.shape[0]))
+        ctx.save_for_backward(agg, chunks, *ws, *ds)
+        ctx.x_shape = x.shape
+        ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        agg, w, d = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dd = None
-        if ctx.needs_input_grad[0]:
-            g = dy2 @ d.to(dy.dtype).t()
-            if kernels.enabled(dy2) and w.dtype == dy.dtype:
-                dx = kernels.miss_input_grad(dy2, w, g, ctx.in_offset)
-            else:
-                dx = broadcast_chunks(g, w.shape[1], ctx.r, ctx.in_offset).contiguous()
+    def backward(ctx, *dys: Optional[torch.Tensor]):
+        agg, chunks, *tensors = ctx.saved_tensors
+        count = len(dys)
+        ws, ds = tensors[:count], tensors[count:]
+        grads: list[Optional[torch.Tensor]] = [None] * (3 + 2 * count)
+        need_x = ctx.needs_input_grad[0]
+        g, products = None, []
+        for i, (dy, w, d) in enumerate(zip(dys, ws, ds)):
+            if dy is None:
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            products.append((dy2, w))
+            if need_x:
+                d_t = d.to(dy.dtype).t()
+                g = dy2 @ d_t if g is None else g.addmm_(dy2, d_t)
+            if ctx.needs_input_grad[4 + 2 * i]:
+                grads[4 + 2 * i] = (agg.t() @ dy2).to(d.dtype)
+        if need_x and products:
+            dx = g @ chunks
+            for dy2, w in products:
                 dx.addmm_(dy2, w)
-            dx = dx.reshape(*dy.shape[:-1], w.shape[1])
-        if ctx.needs_input_grad[2]:
-            dd = (agg.t() @ dy2).to(d.dtype)
-        return dx, None, dd, None, None
+            grads[0] = dx.reshape(ctx.x_shape)
+        return tuple(grads)
+
+
+def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[torch.Tensor, torch.Tensor, MissGeometry]]
+                          ) -> tuple[torch.Tensor, ...]:
+    """x W_p'^T for ``miss``/``mini`` shards ``(W_p, D_p, geometry_p)`` that all read x (siblings such as q, k and
+    v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype; its
+    gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset)."""
+    first = projections[0][2]
+    for _, _, g in projections:
+        if g.mode == "bat" or (g.r, g.in_features, g.in_offset) != (first.r, first.in_features, first.in_offset):
+            raise ValueError(f"projections sharing an input need the same r and input shard and mode miss/mini; "
+                             f"got {g} beside {first}")
+    flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
+    return _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
 
 
 def adapted_linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, g: MissGeometry,
                    dropout: torch.nn.Module | None = None) -> torch.Tensor:
     """x W'^T for the local shard, without bias: the base product plus MiSS, computed in x's dtype.
 
-    ``miss``/``mini`` add agg(x) @ D to the frozen product (D is cast to x's dtype, its gradient flows back
-    in D's own dtype); ``bat`` multiplies by the merged weight, since its update depends on W.
+    ``miss``/``mini`` add agg(x) @ D to the frozen product (:func:`shared_input_products` of one projection);
+    with dropout active, agg reads the dropped-out x (PEFT's rule). ``bat`` multiplies by the merged weight,
+    since its update depends on W, merged in x's dtype (cuBLAS accumulates its block products in fp32): an fp32
+    merge would write and read fp32 copies of W, twice its bytes, in forward and again in backward.
     """
     if g.mode == "bat":
-        return F.linear(x, merge(w, d, g).to(x.dtype))
+        return F.linear(x, merge(w.to(x.dtype), d.to(x.dtype), g))
     if dropout is not None and dropout.training and dropout.p > 0:
         return F.linear(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
-    return _AdditiveMissLinear.apply(x, w, expand_d(d, g), g.r, g.in_offset)
+    return shared_input_products(x, [(w, d, g)])[0]

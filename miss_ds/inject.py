@@ -14,6 +14,7 @@ from .ds_compat import full_numel
 from .families import FAMILIES
 from .layers import D_NAME, MissLayer
 from .registry import factory_for
+from .shared_input import link_siblings
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
                              "which MiSS cannot wrap; narrow target_modules to linear layers")
         _set_submodule(model, name, factory(module, config, name))
         wrapped += 1
+    _link_shared_inputs(model)
     _set_trainable(model, config)
     report = TrainableReport(wrapped, *_count(model), experts_not_adapted=_routed_expert_params(model))
     logger.info("%s", report)
@@ -112,6 +114,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, linear in [(name, layer.merged_linear()) for name, layer in miss_layers(model)]:
         _set_submodule(model, name, linear)
     return model
+
+
+def _link_shared_inputs(model: nn.Module) -> None:
+    """Group the MiSS layers that read one input (the family's ``shared_inputs``: q, k, v; gate, up) so that their
+    products are computed together; a model of no known family keeps every layer on its own."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        return
+    for parent in model.modules():
+        for names in FAMILIES[model_type].shared_inputs:
+            layers = [getattr(parent, n) for n in names if isinstance(getattr(parent, n, None), MissLayer)]
+            link_siblings(layers)
 
 
 def _import_parallel_layers() -> None:

@@ -11,7 +11,7 @@ each fused part per rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from torch.distributed import ProcessGroup
 
 from . import functional as MF
 from .config import MissConfig
+
+if TYPE_CHECKING:
+    from .shared_input import SharedInput
 
 #: Parameter name of D in every MiSS layer (PEFT's name, so adapter keys line up with PEFT's).
 D_NAME = "miss_block"
@@ -217,6 +220,9 @@ class MissLayer(nn.Module):
         self.miss_block.tensor_model_parallel = not self.d_layout.replicated
         self.dropout = nn.Dropout(config.dropout) if config.dropout else None
         self.merged = False
+        self.siblings: Optional[SharedInput] = None
+        """The layers that read the same input (q, k, v): their products are computed together
+        (:mod:`miss_ds.shared_input`); set by ``apply_miss`` from the model family."""
 
     def _local_geometry(self) -> MF.MissGeometry:
         """The geometry of this rank's shard (offsets into the full weight)."""
@@ -252,14 +258,28 @@ class MissLayer(nn.Module):
         return self.shard_d(MF.init_d(self.full_geometry, zeros=zeros, dtype=dtype, device=device))
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x W'^T for this layer's weight, without bias."""
-        return self._shard_product(x, self.miss_block)
-
-    def _shard_product(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """x W'^T for this rank's shard with D given as ``d``, without bias or communication."""
+        """x W'^T for this layer's weight, without bias (summed over the TP group for a row-parallel layer)."""
+        if self.siblings is not None:
+            y = self.siblings.product(self, x)
+            if y is not None:
+                return y
         if self.merged:
-            return F.linear(x, self.weight)
-        return MF.adapted_linear(x, self.weight, d, self.geometry, self.dropout)
+            return self.tp_output(F.linear(self.tp_input(x), self.weight))
+        y = MF.adapted_linear(self.tp_input(x), self.weight, self.forward_d(), self.geometry, self.dropout)
+        return self.tp_output(y)
+
+    # The tensor-parallel layers' communication, as three hooks (identities on a single device).
+    def tp_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as this rank's shard product reads it."""
+        return x
+
+    def forward_d(self) -> torch.Tensor:
+        """This rank's D as the forward pass uses it."""
+        return self.miss_block
+
+    def tp_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output from this rank's shard product."""
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.product(x)

@@ -8,9 +8,6 @@ import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from miss_ds import MissConfig, adapter_io, apply_miss, fingerprint
 from miss_ds import functional as MF
-from miss_ds.convert.lora import SERVER_WARNING, chunk_matrix, lora_factors, write_lora_adapter
+from miss_ds.convert.lora import SERVER_WARNING, lora_factors, write_lora_adapter
 from miss_ds.convert.merge import merge_to_hf
 from miss_ds.convert.peft import write_peft_adapter
 from miss_ds.convert.reshard import reshard_adapter
@@ -67,7 +67,9 @@ def test_lora_factors_are_miss_delta_weight_in_float64(mode, r, mini_r, in_featu
 
 
 def test_chunk_matrix_sums_the_chunks():
-    assert chunk_matrix(3, 7).tolist() == [[1, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1, 0]]
+    assert MF.chunk_matrix(3, 7).tolist() == [[1, 0, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1, 0]]
+    # A shard starting at global feature 4: its first feature is position 4 mod 3 = 1.
+    assert MF.chunk_matrix(3, 4, in_offset=4).tolist() == [[0, 0, 1, 0], [1, 0, 0, 1], [0, 1, 0, 0]]
 
 
 # ----------------------------------------------------------------------------------------------- LoRA export

@@ -16,8 +16,10 @@ before any variant starts.
 
 ``model``: in one process, training steps of a stack of Llama-7B-shape decoder layers (bf16, seq 4096, micro-batch
 2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
-r16, and miss_ds in each mode (``miss`` also with its fused kernels off), each as a ratio to the floor, with
-tokens/s, MFU and peak memory against the floor plus the variant's optimizer state.
+r16, and miss_ds in each mode (``miss`` also with every layer computed alone, ``miss-alone``: without the shared
+q/k/v and gate/up nodes of miss_ds.shared_input), each as a ratio to the floor, with tokens/s, MFU, peak memory
+against the floor plus the variant's optimizer state, and the first step's loss (``miss`` and ``miss-alone`` compute
+the same function).
 
     python tools/bench.py model --layers 8
 
@@ -29,8 +31,8 @@ the README (8 Llama-7B-shape layers, bf16, seq 4096, micro-batch 2, random weigh
 
     python tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out runs/pack
 
-``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode
-(``miss`` fused and not), PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
+``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode,
+PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
 ``--profile`` adds each variant's top GPU kernels.
 """
 from __future__ import annotations
@@ -133,7 +135,7 @@ def cmd_step(args: argparse.Namespace) -> None:
     print(table(results, args.ref), flush=True)
 
 
-MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-unfused", "mini", "bat")
+MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", "mini", "bat")
 
 
 def _llama(args: argparse.Namespace):
@@ -154,10 +156,9 @@ def _llama(args: argparse.Namespace):
 
 def _adapted(name: str, model, r: int):
     """``model`` with variant ``name``'s adapter (the floor trains the final norm only, so that backward runs)."""
-    from miss_ds import MissConfig, apply_miss, kernels
+    from miss_ds import MissConfig, apply_miss, miss_layers
     from miss_ds.modeling import enable_recompute
 
-    kernels.use(name != "miss-unfused")
     if name == "frozen":
         model.model.norm.weight.requires_grad_(True)
     elif name.startswith("peft"):
@@ -170,6 +171,9 @@ def _adapted(name: str, model, r: int):
     else:
         mode = name.split("-")[0]
         apply_miss(model, MissConfig(r=r, mode=mode, mini_r=r))  # fp32 D, cast to bf16 in the forward
+        if name.endswith("-alone"):
+            for _, layer in miss_layers(model):
+                layer.siblings = None
     enable_recompute(model, None)
     model.enable_input_require_grads()
     return model
@@ -191,11 +195,13 @@ def cmd_model(args: argparse.Namespace) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, losses = [], []
         for _ in range(args.warmup + args.repeat):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -207,19 +213,20 @@ def cmd_model(args: argparse.Namespace) -> None:
                         "mfu": tokens / step * frozen_finetune_flops_per_token(config, args.seq)
                         / peak_flops(ids.device, torch.bfloat16),
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "optimizer_state_gib": state / 2**30,
-                        "trainable_m": sum(p.numel() for p in params) / 1e6})
+                        "trainable_m": sum(p.numel() for p in params) / 1e6, "first_loss": losses[0].item()})
         print(json.dumps(results[-1]), flush=True)
         del model, optimizer, params
         gc.collect()
         torch.cuda.empty_cache()
     floor = next(r for r in results if r["variant"] == "frozen")
     print(f"| {args.layers} layers {args.hidden}/{args.intermediate}, seq {args.seq}, mbs {args.mbs}, r={args.r}, "
-          f"{torch.cuda.get_device_name()} | s/step | x floor | tokens/s | MFU | peak GiB | x (floor + opt state) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{torch.cuda.get_device_name()} | s/step | x floor | tokens/s | MFU | peak GiB | x (floor + opt state) "
+          f"| first loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         budget = floor["peak_gib"] + r["optimizer_state_gib"]
         print(f"| {r['variant']} | {r['step_s']:.4f} | {r['step_s'] / floor['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['mfu']:.3f} | {r['peak_gib']:.2f} | {r['peak_gib'] / budget:.3f} |")
+              f"{r['mfu']:.3f} | {r['peak_gib']:.2f} | {r['peak_gib'] / budget:.3f} | {r['first_loss']:.4f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
@@ -315,7 +322,7 @@ def cmd_layer(args: argparse.Namespace) -> None:
     import torch
     from torch import nn
 
-    from miss_ds import MissConfig, MissLinear, kernels
+    from miss_ds import MissConfig, MissLinear
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -325,17 +332,16 @@ def cmd_layer(args: argparse.Namespace) -> None:
     def frozen() -> nn.Module:
         return nn.Linear(args.in_features, args.out_features, bias=False, device=device, dtype=dtype).requires_grad_(False)
 
-    variants = {"frozen": (frozen(), True)}
+    variants = {"frozen": frozen()}
     for mode in ("miss", "mini", "bat"):
         cfg = MissConfig(r=args.r, mode=mode, mini_r=args.r, target_modules=["x"])
-        variants[f"miss_ds-{mode}"] = (MissLinear(frozen(), cfg), True)
-    variants["miss_ds-miss-unfused"] = (variants["miss_ds-miss"][0], False)
+        variants[f"miss_ds-{mode}"] = MissLinear(frozen(), cfg)
     try:
         import peft
 
         for label, pcfg in (("peft-miss", peft.MissConfig(r=args.r, target_modules=["0"])),
                             ("peft-lora-r16", peft.LoraConfig(r=16, target_modules=["0"]))):
-            variants[label] = (peft.get_peft_model(nn.Sequential(frozen()), pcfg), True)
+            variants[label] = peft.get_peft_model(nn.Sequential(frozen()), pcfg)
     except ImportError:
         pass
 
@@ -368,12 +374,10 @@ def cmd_layer(args: argparse.Namespace) -> None:
         return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
 
     rows, tables = [], {}
-    for name, (module, fused) in variants.items():
-        kernels.use(fused)
+    for name, module in variants.items():
         rows.append((name, timed(module)))
         if args.profile and cuda:
             tables[name] = profile(module)
-    kernels.use(True)
     base = rows[0][1]
     print(f"| layer {args.tokens}x{args.in_features}->{args.out_features}, r={args.r}, {dtype} on {device} | ms | x frozen |")
     print("|---|---|---|")

@@ -71,9 +71,10 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
                  w_bytes: int, d_bytes: int) -> Traffic:
     """Bytes per step per GPU of miss_ds (mode ``miss``) under TP x DP, ZeRO ``zero`` over the DP group.
 
-    TP, per layer: forward all-reduces the o and down outputs; backward all-reduces the input gradient of the five
-    column layers, o's output again in a recomputed layer (non-reentrant checkpointing stops before down's), and
-    the replicated row D's gradients (o, down). DP: D only. ZeRO-1/2 all-reduce its gradient and all-gather the
+    TP, per layer: forward all-reduces the o and down outputs; backward all-reduces the input gradient of the two
+    column-layer inputs (q, k and v read one tensor, gate and up another: miss_ds.shared_input sums each group's
+    input gradient before the one all-reduce), o's output again in a recomputed layer (non-reentrant checkpointing
+    stops before down's), and the replicated row D's gradients (o, down). DP: D only. ZeRO-1/2 all-reduce its gradient and all-gather the
     updated D (miss_ds refuses ZeRO-3: run_config.ZERO3_REFUSAL).
     """
     t: Traffic = {}
@@ -83,7 +84,7 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
         _add(t, "forward", "tp", "all_reduce", 2 * m.layers * act)
         row_outs = [o for name, (_, o) in m.projections().items() if m.style(name) == "row"]
         row_d_grads = m.layers * r * sum(row_outs) * d_bytes
-        _add(t, "backward", "tp", "all_reduce", (5 * m.layers + recompute) * act + row_d_grads)
+        _add(t, "backward", "tp", "all_reduce", (2 * m.layers + recompute) * act + row_d_grads)
     if dp > 1:
         _add(t, "backward", "dp", "all_reduce", d)
         _add(t, "step", "dp", "all_gather_into_tensor", d)

@@ -38,16 +38,11 @@ SERVER_WARNING = ("the adapter holds modules_to_save {names}: PEFT loads them, b
                   "modules_to_save and SGLang does not load them; serve the merged export (--merge) there instead")
 
 
-def chunk_matrix(r: int, in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """E (r, in): E[j, c] = 1 iff c mod r == j, so E x is MiSS's aggregation of x over its chunks of r features."""
-    return (torch.arange(in_features) % r == torch.arange(r)[:, None]).to(dtype)
-
-
 def lora_factors(d: torch.Tensor, geometry: MF.MissGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's (A, B) for one full D: B A == ``functional.delta_weight`` (``miss`` and ``mini``)."""
     if geometry.mode == "bat":
         raise ValueError("mode='bat' has no LoRA form: its update depends on the base weight")
-    a = chunk_matrix(geometry.r, geometry.in_features, d.dtype)
+    a = MF.chunk_matrix(geometry.r, geometry.in_features, dtype=d.dtype, device=d.device).clone()
     return a, MF.expand_d(d, geometry).T.contiguous()
 
 

@@ -22,12 +22,14 @@ from ..layers import DLayout, MissLayer
 from .mappings import copy_to_tp, reduce_from_tp
 
 
-def _d_for_forward(layer: MissLayer) -> torch.Tensor:
-    """D as used in forward: a replicated D gets its partial gradients summed over the TP group."""
-    return copy_to_tp(layer.miss_block, layer.sharding.group) if layer.d_layout.replicated else layer.miss_block
+class _ParallelMiss(MissLayer):
+    """What both TP layers share: a replicated D gets its partial gradients summed over the TP group."""
+
+    def forward_d(self) -> torch.Tensor:
+        return copy_to_tp(self.miss_block, self.sharding.group) if self.d_layout.replicated else self.miss_block
 
 
-class ColumnParallelMissLinear(MissLayer):
+class ColumnParallelMissLinear(_ParallelMiss):
     """MiSS over a weight split along out; the input is whole on every rank, the output stays split."""
 
     style = "column"
@@ -46,12 +48,12 @@ class ColumnParallelMissLinear(MissLayer):
             return DLayout(dim=0, split=split.scaled(g.r))
         return DLayout()
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapted product of this rank's columns, without bias."""
-        return self._shard_product(copy_to_tp(x, self.sharding.group), _d_for_forward(self))
+    def tp_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank reads the whole input: its gradient is summed over the TP group."""
+        return copy_to_tp(x, self.sharding.group)
 
 
-class RowParallelMissLinear(MissLayer):
+class RowParallelMissLinear(_ParallelMiss):
     """MiSS over a weight split along in; the input arrives split, the output is summed over the TP group."""
 
     style = "row"
@@ -61,6 +63,6 @@ class RowParallelMissLinear(MissLayer):
         return MF.MissGeometry(g.mode, g.r, g.mini_r, s.sizes[s.rank], g.out_features, in_offset=s.offset,
                                out_offset=0)
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapted product summed over the TP group (one all-reduce), without bias."""
-        return reduce_from_tp(self._shard_product(x, _d_for_forward(self)), self.sharding.group)
+    def tp_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The partial products summed over the TP group (one all-reduce)."""
+        return reduce_from_tp(y, self.sharding.group)

@@ -1,0 +1,175 @@
+"""Sibling MiSS layers computed together (one aggregation, one input-gradient buffer) against float64 definitions
+and against the same model computed layer by layer."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miss_ds import MissConfig, apply_miss, miss_layers
+from miss_ds import functional as MF
+from miss_ds.modeling import enable_recompute
+from tests.conftest import tiny_llama_config
+
+
+def reference_aggregate(x: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
+    """agg(x) from the definition: zero-pad to the global chunk grid, view as chunks of r, sum the chunks."""
+    lead = in_offset % r
+    padded = F.pad(x, (lead, (-(lead + x.shape[-1])) % r))
+    return padded.reshape(*x.shape[:-1], -1, r).sum(-2)
+
+
+@pytest.mark.parametrize("r,in_features,in_offset", [(8, 37, 0), (5, 23, 7), (4, 16, 0)])
+def test_shared_input_products_match_float64_definition(r, in_features, in_offset):
+    """Three projections (miss, mini with a shard offset, miss) on one input: outputs and the gradients of x and of
+    every D equal plain autograd over the definition, also when one output is unused."""
+    gen = torch.Generator().manual_seed(0)
+    geometries = [MF.MissGeometry("miss", r, 1, in_features, 11, in_offset=in_offset),
+                  MF.MissGeometry("mini", r, 3, in_features, 9, in_offset=in_offset, out_offset=4),
+                  MF.MissGeometry("miss", r, 1, in_features, 6, in_offset=in_offset)]
+    x = torch.randn(2, 5, in_features, dtype=torch.float64, generator=gen)
+    ws = [torch.randn(g.out_features, in_features, dtype=torch.float64, generator=gen) for g in geometries]
+    ds = [torch.randn(g.d_shape, dtype=torch.float64, generator=gen) for g in geometries]
+
+    def run(fn, used):
+        xs = x.clone().requires_grad_(True)
+        dd = [d.clone().requires_grad_(True) for d in ds]
+        outs = fn(xs, dd)
+        loss = sum((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
+                   for i, out in enumerate(outs) if i in used)
+        loss.backward()
+        return [o.detach() for o in outs], xs.grad, [d.grad for d in dd]
+
+    def ours(xs, dd):
+        return MF.shared_input_products(xs, [(w, d, g) for w, d, g in zip(ws, dd, geometries)])
+
+    def definition(xs, dd):
+        agg = reference_aggregate(xs, r, in_offset)
+        return [xs @ w.T + agg @ MF.expand_d(d, g) for w, d, g in zip(ws, dd, geometries)]
+
+    for used in ({0, 1, 2}, {0, 2}):
+        got, want = run(ours, used), run(definition, used)
+        for a, b in zip(got[0], want[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-12)
+        for i, (a, b) in enumerate(zip(got[2], want[2])):
+            if i in used:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            else:  # an unused output gives its D no gradient
+                assert a is None and b is None
+
+
+def _llama(mode: str = "miss") -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # bat needs every width divisible by r: the MLP at 96 instead of 100.
+    model = LlamaForCausalLM(tiny_llama_config(**({"intermediate_size": 96} if mode == "bat" else {}))).double()
+    apply_miss(model, MissConfig(r=8, mode=mode, mini_r=4, init_weights=False))
+    return model
+
+
+def _unlinked(model: torch.nn.Module) -> torch.nn.Module:
+    alone = copy.deepcopy(model)
+    for _, layer in miss_layers(alone):
+        layer.siblings = None
+    return alone
+
+
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["miss", "mini"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_llama_with_siblings_together_equals_layer_by_layer(mode, recompute, monkeypatch):
+    """q/k/v and gate/up computed as two groups per decoder layer: loss and every D gradient equal the layer-by-layer
+    model in float64, with and without recompute, and the groups really run (2 + 2 nodes per layer, not 7)."""
+    model = _llama(mode)
+    groups = {id(layer.siblings): sorted(n.rpartition(".")[2] for n in layer.siblings.names)
+              for _, layer in miss_layers(model) if layer.siblings is not None}
+    assert sorted(groups.values()) == [["gate_proj", "up_proj"]] * 2 + [["k_proj", "q_proj", "v_proj"]] * 2
+    alone = _unlinked(model)
+    if recompute:
+        for m in (model, alone):
+            m.train()
+            enable_recompute(m, None)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    calls = []
+    apply = MF._SharedInputMiss.apply
+    monkeypatch.setattr(MF._SharedInputMiss, "apply", lambda *a: calls.append(len(a)) or apply(*a))
+    loss, grads = _loss_and_grads(model, ids)
+    forwards = 2 if recompute else 1
+    assert sorted(calls) == sorted(([3 + 2 * 1] * 4 + [3 + 2 * 2] * 2 + [3 + 2 * 3] * 2) * forwards)
+    ref_loss, ref_grads = _loss_and_grads(alone, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 14
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert not any(layer.siblings.stopped for _, layer in miss_layers(model) if layer.siblings is not None)
+
+
+def test_siblings_fed_different_inputs_compute_alone_with_a_warning(caplog):
+    model = _llama()
+    attn = model.model.layers[0].self_attn
+    alone = _unlinked(model).model.layers[0].self_attn
+    x, other = torch.randn(2, 3, 64, dtype=torch.float64), torch.randn(2, 3, 64, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="miss_ds.shared_input"):
+        q, k = attn.q_proj(x), attn.k_proj(other)
+    torch.testing.assert_close(q, alone.q_proj(x), rtol=0, atol=0)
+    torch.testing.assert_close(k, alone.k_proj(other), rtol=0, atol=0)
+    assert attn.q_proj.siblings.stopped and "do not read one input tensor" in caplog.text
+    torch.testing.assert_close(attn.v_proj(x), alone.v_proj(x), rtol=0, atol=0)
+
+
+def test_merged_or_dropout_siblings_compute_alone(monkeypatch):
+    """A merged layer, or dropout in training (a mask per layer, as PEFT draws), leaves each sibling on its own."""
+    model = _llama()
+    attn = model.model.layers[0].self_attn
+    calls = []
+    apply = MF._SharedInputMiss.apply
+    monkeypatch.setattr(MF._SharedInputMiss, "apply", lambda *a: calls.append(len(a)) or apply(*a))
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    attn.k_proj.merge()
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert calls == [5, 5]  # q and v alone; k merged runs as a plain linear
+    attn.k_proj.unmerge()
+    calls.clear()
+    attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert calls == [9]
+
+
+def test_siblings_called_in_any_order_get_their_own_outputs():
+    model = _llama()
+    attn = model.model.layers[0].self_attn
+    alone = _unlinked(model).model.layers[0].self_attn
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    for name in ("v_proj", "q_proj", "k_proj"):
+        torch.testing.assert_close(getattr(attn, name)(x), getattr(alone, name)(x), rtol=0, atol=0)
+    assert not attn.q_proj.siblings.stopped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 cuBLAS path: needs a GPU (tools/gpu_bench.sh tests)")
+@pytest.mark.parametrize("mode", ["miss", "mini", "bat"])
+def test_bf16_on_gpu_close_to_float64(mode):
+    """The cuBLAS path in bf16 (fp32 D, cast in forward) against the same layers in float64: outputs, input and D
+    gradients within bf16 rounding."""
+    model = _llama(mode).cuda()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    ds = {name: layer.miss_block.detach().float() for name, layer in miss_layers(model)}
+    model.to(torch.bfloat16)
+    for name, layer in miss_layers(model):
+        layer.miss_block.data = ds[name]
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=2e-2)
+    for name, grad in grads.items():
+        rel = (grad.double() - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert grad.dtype == torch.float32 and rel < 5e-2, (name, rel.item())
