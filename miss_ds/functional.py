@@ -156,17 +156,19 @@ class _SharedInputMiss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, r: int, in_offset: int, *weights_and_ds: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        ws, ds = weights_and_ds[0::2], weights_and_ds[1::2]
+        ws = weights_and_ds[0::2]
+        ds = [d.to(x.dtype) for d in weights_and_ds[1::2]]  # cast once: backward reuses the cast
         x2 = x.reshape(-1, x.shape[-1])
         chunks = chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device)
         agg = x2 @ chunks.t()
         outs = []
         for w, d in zip(ws, ds):
-            out = agg @ d.to(x.dtype)
+            out = agg @ d
             out.addmm_(x2, w.t())
             outs.append(out.reshape(*x.shape[:-1], w.shape[0]))
         ctx.save_for_backward(agg, chunks, *ws, *ds)
         ctx.x_shape = x.shape
+        ctx.d_dtypes = [d.dtype for d in weights_and_ds[1::2]]
         ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
         return tuple(outs)
 
@@ -184,10 +186,9 @@ class _SharedInputMiss(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1])
             products.append((dy2, w))
             if need_x:
-                d_t = d.to(dy.dtype).t()
-                g = dy2 @ d_t if g is None else g.addmm_(dy2, d_t)
+                g = dy2 @ d.t() if g is None else g.addmm_(dy2, d.t())
             if ctx.needs_input_grad[4 + 2 * i]:
-                grads[4 + 2 * i] = (agg.t() @ dy2).to(d.dtype)
+                grads[4 + 2 * i] = (agg.t() @ dy2).to(ctx.d_dtypes[i])
         if need_x and products:
             dx = g @ chunks
             for dy2, w in products:

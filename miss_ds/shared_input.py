@@ -14,16 +14,30 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Any, Iterable, Optional, Protocol
 
 import torch
+from torch import nn
 
 from . import functional as MF
 
-if TYPE_CHECKING:
-    from .layers import MissLayer
-
 logger = logging.getLogger(__name__)
+
+
+class MissLayer(Protocol):
+    """What a group needs of its layers (:class:`miss_ds.layers.MissLayer` has it)."""
+
+    name: str
+    weight: nn.Parameter
+    geometry: MF.MissGeometry
+    sharding: Any
+    merged: bool
+    dropout: Optional[nn.Dropout]
+    siblings: Optional[SharedInput]
+
+    def tp_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_d(self) -> torch.Tensor: ...
 
 
 @dataclass

@@ -179,6 +179,14 @@ def _adapted(name: str, model, r: int):
     return model
 
 
+def _shared_input_state(model) -> dict:
+    """How many sibling groups (miss_ds.shared_input) the model holds and how many stopped computing together."""
+    from miss_ds import miss_layers
+
+    groups = {id(layer.siblings): layer.siblings for _, layer in miss_layers(model) if layer.siblings is not None}
+    return {"shared_input_groups": len(groups), "groups_stopped": sum(g.stopped for g in groups.values())}
+
+
 def cmd_model(args: argparse.Namespace) -> None:
     import gc
 
@@ -213,8 +221,17 @@ def cmd_model(args: argparse.Namespace) -> None:
                         "mfu": tokens / step * frozen_finetune_flops_per_token(config, args.seq)
                         / peak_flops(ids.device, torch.bfloat16),
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "optimizer_state_gib": state / 2**30,
-                        "trainable_m": sum(p.numel() for p in params) / 1e6, "first_loss": losses[0].item()})
+                        "trainable_m": sum(p.numel() for p in params) / 1e6, "first_loss": losses[0].item(),
+                        **_shared_input_state(model)})
         print(json.dumps(results[-1]), flush=True)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(input_ids=ids, labels=ids).loss.backward()
+                torch.cuda.synchronize()
+            optimizer.zero_grad(set_to_none=True)
+            print(f"{name}, one step:\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}", flush=True)
         del model, optimizer, params
         gc.collect()
         torch.cuda.empty_cache()
@@ -345,14 +362,15 @@ def cmd_layer(args: argparse.Namespace) -> None:
     except ImportError:
         pass
 
-    def timed(module: nn.Module) -> float:
+    def timed(work) -> float:
+        """Median seconds of ``work()`` (CUDA events on GPU)."""
         times = []
         for i in range(args.warmup + args.repeat):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            module(x).backward(grad)
+            work()
             if cuda:
                 end.record()
                 torch.cuda.synchronize()
@@ -375,7 +393,7 @@ def cmd_layer(args: argparse.Namespace) -> None:
 
     rows, tables = [], {}
     for name, module in variants.items():
-        rows.append((name, timed(module)))
+        rows.append((name, timed(lambda: module(x).backward(grad))))
         if args.profile and cuda:
             tables[name] = profile(module)
     base = rows[0][1]
@@ -385,6 +403,35 @@ def cmd_layer(args: argparse.Namespace) -> None:
         print(f"| {name} | {t * 1e3:.3f} | {t / base:.3f} |", flush=True)
     for name, table in tables.items():
         print(f"\n{name} (3 forward+backward):\n{table}")
+    if args.in_features % args.r == 0:
+        # The choices of miss_ds's additive path against their alternatives, each timed alone: the chunk passes as
+        # GEMMs with the 0/1 chunk matrix or as plain PyTorch would (a reduction over a reshaped view; a repeat);
+        # which product the other accumulates onto in forward; the input gradient of three siblings (q, k, v)
+        # accumulated in one buffer or added up as autograd adds separate nodes' gradients.
+        from miss_ds import functional as MF
+
+        xs, g = x.detach(), torch.randn(args.tokens, args.r, device=device, dtype=dtype)
+        chunks = MF.chunk_matrix(args.r, args.in_features, 0, dtype, x.device)
+        ww, dd = variants["frozen"].weight, torch.randn(args.r, args.out_features, device=device, dtype=dtype)
+
+        def _accumulated(dx):
+            for _ in range(3):
+                dx.addmm_(grad, ww)
+            return dx
+        parts = {"aggregate: x @ E^T (miss_ds)": lambda: xs @ chunks.t(),
+                 "aggregate: view + fp32 sum": lambda: xs.view(args.tokens, -1, args.r).sum(-2, dtype=torch.float32)
+                 .to(dtype),
+                 "spread: g @ E (miss_ds)": lambda: g @ chunks,
+                 "spread: repeat": lambda: g.repeat(1, args.in_features // args.r),
+                 "forward: agg @ D, x W^T accumulates onto it (miss_ds)": lambda: (xs @ chunks.t() @ dd).addmm_(xs, ww.t()),
+                 "forward: x W^T, agg @ D accumulates onto it": lambda: (xs @ ww.t()).addmm_(xs @ chunks.t(), dd),
+                 "forward: x W^T alone": lambda: xs @ ww.t(),
+                 "input grad of 3 siblings: g @ E, 3 GEMMs accumulate onto it (miss_ds)": lambda: _accumulated(g @ chunks),
+                 "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
+                     grad @ ww + grad @ ww + grad @ ww + g @ chunks)}
+        print(f"\n| chunk pass, {args.tokens}x{args.in_features}, r={args.r} | us |\n|---|---|")
+        for name, work in parts.items():
+            print(f"| {name} | {timed(work) * 1e6:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -411,6 +458,7 @@ def main() -> None:
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--repeat", type=int, default=5)
     m.add_argument("--out", default=None, help="write the results as JSON here")
+    m.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels over one step")
     m.set_defaults(func=cmd_model)
     k = sub.add_parser("pack", help="packed against unpacked training on long-tailed row lengths")
     k.add_argument("--preset", choices=sorted(PACK_PRESETS), default="tiny")

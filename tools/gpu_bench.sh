@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single-GPU checks and benchmarks of docs/performance.md (device kind nvidia-h200), from the repository root,
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
-#   bash tools/gpu_bench.sh tests layer7b layer70b model step70b pack  # stages to run, in order; logs in $OUT/logs.tgz
+#   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
 set -uo pipefail
 OUT=${OUT:-runs/perf}; LOGS=/tmp/perf-logs; mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,9 +16,13 @@ for stage in "$@"; do case $stage in
       | tee "$LOGS/tests.txt" ;;
   layer7b) python3 tools/bench.py layer --tokens 8192 --in-features 4096 --out-features 11008 --r 64 --profile \
       2>&1 | tee "$LOGS/layer7b.txt" ;;
+  layer4k) python3 tools/bench.py layer --tokens 8192 --in-features 4096 --out-features 4096 --r 64 --profile \
+      2>&1 | tee "$LOGS/layer4k.txt" ;;
   layer70b) python3 tools/bench.py layer --tokens 8192 --in-features 8192 --out-features 14336 --r 64 \
       2>&1 | tee "$LOGS/layer70b.txt" ;;
   model) python3 tools/bench.py model --layers 8 --out "$LOGS/model.json" 2>&1 | grep -v Warning | tee "$LOGS/model.txt" ;;
+  modelprof) python3 tools/bench.py model --layers 8 --variants frozen,miss --profile 2>&1 | grep -v Warning \
+      | tee "$LOGS/modelprof.txt" ;;
   step70b) python3 tools/bench.py step --gpus 1 --ref floor --out "$LOGS/step70b" --work /tmp/step-work \
       --variant "floor=probe:.probes/baseline70b.py --mode tpbase --layers 16 --mbs 2" \
       --variant "miss=train:$SLICE" --variant "mini=train:$SLICE miss.mode=mini miss.mini_r=64" \
@@ -26,5 +30,5 @@ for stage in "$@"; do case $stage in
       --variant "peft_zero3=probe:.probes/baseline70b.py --mode zero3 --layers 16 --mbs 2" 2>&1 | grep -v Warning | tee "$LOGS/step70b.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
-  *) echo "unknown stage '$stage' (tests layer7b layer70b model step70b pack)" >&2; exit 2 ;;
+  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done

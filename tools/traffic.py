@@ -265,12 +265,16 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device(get_accelerator().current_device_name())
     sets = [*args.set, "deepspeed.comms_logger.enabled=true", "deepspeed.comms_logger.verbose=false",
             "deepspeed.comms_logger.prof_all=true", "logging.progress=false", "logging.tensorboard=false",
-            "data.synthetic=true", "model.random_init=true", f"output_dir={tempfile.mkdtemp(prefix='traffic-')}"]
+            "data.synthetic=true", "model.random_init=true"]
+    runs = tempfile.mkdtemp(prefix="traffic-")
     layouts, tally = [], None
     for name in args.layouts.split(","):
         kind, _, zero = name.partition("-z")
         tp = 1 if kind == "peft" else args.tp
-        cfg = load_config(args.config, [*sets, f"parallel.tp_size={tp}", f"parallel.zero_stage={zero}"])
+        # One output_dir per layout: the trainer refuses a directory that holds a run. PEFT's ZeRO-3 is its own
+        # DeepSpeed config (PEFT_ZERO3); miss_ds's run config refuses stage 3, so it keeps its default there.
+        stage = [] if kind == "peft" else [f"parallel.zero_stage={zero}"]
+        cfg = load_config(args.config, [*sets, f"parallel.tp_size={tp}", *stage, f"output_dir={runs}/{name}"])
         tally = tally or CommsTally()
         tally.layout(tp)
         config = hf_config(cfg.model)
