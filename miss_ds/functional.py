@@ -5,17 +5,23 @@ global index of the shard's first input / output feature, so the tensor-parallel
 same code as the single-device layer (TP=1 is the special case of zero offsets).
 
 Notation: W is (out, in), x is (..., in), y = x W^T + delta. Global input feature c belongs to chunk
-position c mod r.
+position c mod r. The frozen W ("base") is a tensor, or, with ``model.base_precision: fp8``, an
+:class:`miss_ds.fp8.FP8Weight`: then the products that read it run on FP8 GEMMs, and D and its math stay as they are.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from . import fp8
+
+#: A frozen weight as a MiSS product reads it: a tensor, or its FP8 copy.
+Base = Union[torch.Tensor, fp8.FP8Weight]
 
 
 class MissShapeError(ValueError):
@@ -151,24 +157,37 @@ class _SharedInputMiss(torch.autograd.Function):
     with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
     epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. The delta
     agg(x) D_p is written first and the frozen GEMM accumulates onto it. Saved: agg(x) (r values a token), not x.
+
+    FP8 bases (:class:`miss_ds.fp8.FP8Weight`: all of the node's projections or none) run the two products that
+    read W on FP8 GEMMs: x is quantised per token once for all the projections; ``torch._scaled_mm`` cannot
+    accumulate onto an output, so it writes x W_p^T and the delta agg(x) D_p is added onto that; in backward each
+    dy_p is quantised per token and its product dy_p W_p is added onto dx. agg(x), D's gradient agg^T dy_p and the
+    MiSS input gradient stay in x's dtype (bf16), read from the unquantised x and dy.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, r: int, in_offset: int, *weights_and_ds: torch.Tensor
+    def forward(ctx, x: torch.Tensor, r: int, in_offset: int, *bases_and_ds: Base | torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
-        ws = weights_and_ds[0::2]
-        ds = [d.to(x.dtype) for d in weights_and_ds[1::2]]  # cast once: backward reuses the cast
+        bases = bases_and_ds[0::2]
+        ds = [d.to(x.dtype) for d in bases_and_ds[1::2]]  # cast once: backward reuses the cast
         x2 = x.reshape(-1, x.shape[-1])
         chunks = chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device)
         agg = x2 @ chunks.t()
+        on_fp8 = isinstance(bases[0], fp8.FP8Weight)
+        xq = fp8.quantize_rows(x2) if on_fp8 else None  # one quantisation of x for every projection
         outs = []
-        for w, d in zip(ws, ds):
-            out = agg @ d
-            out.addmm_(x2, w.t())
-            outs.append(out.reshape(*x.shape[:-1], w.shape[0]))
-        ctx.save_for_backward(agg, chunks, *ws, *ds)
+        for base, d in zip(bases, ds):
+            if on_fp8:
+                out = fp8.linear_fp8(*xq, base)
+                out.addmm_(agg, d)
+            else:
+                out = agg @ d
+                out.addmm_(x2, base.t())
+            outs.append(out.reshape(*x.shape[:-1], out.shape[-1]))
+        ctx.fp8_bases = bases if on_fp8 else None  # frozen, never written: kept as they are
+        ctx.save_for_backward(agg, chunks, *ds, *(() if on_fp8 else bases))
         ctx.x_shape = x.shape
-        ctx.d_dtypes = [d.dtype for d in weights_and_ds[1::2]]
+        ctx.d_dtypes = [d.dtype for d in bases_and_ds[1::2]]
         ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
         return tuple(outs)
 
@@ -176,52 +195,72 @@ class _SharedInputMiss(torch.autograd.Function):
     def backward(ctx, *dys: Optional[torch.Tensor]):
         agg, chunks, *tensors = ctx.saved_tensors
         count = len(dys)
-        ws, ds = tensors[:count], tensors[count:]
+        ds = tensors[:count]
+        bases = ctx.fp8_bases if ctx.fp8_bases is not None else tensors[count:]
         grads: list[Optional[torch.Tensor]] = [None] * (3 + 2 * count)
         need_x = ctx.needs_input_grad[0]
         g, products = None, []
-        for i, (dy, w, d) in enumerate(zip(dys, ws, ds)):
+        for i, (dy, base, d) in enumerate(zip(dys, bases, ds)):
             if dy is None:
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
-            products.append((dy2, w))
+            products.append((dy2, base))
             if need_x:
                 g = dy2 @ d.t() if g is None else g.addmm_(dy2, d.t())
             if ctx.needs_input_grad[4 + 2 * i]:
                 grads[4 + 2 * i] = (agg.t() @ dy2).to(ctx.d_dtypes[i])
         if need_x and products:
             dx = g @ chunks
-            for dy2, w in products:
-                dx.addmm_(dy2, w)
+            for dy2, base in products:
+                if ctx.fp8_bases is None:
+                    dx.addmm_(dy2, base)
+                else:
+                    dx.add_(fp8.input_grad_fp8(*fp8.quantize_rows(dy2), base))
             grads[0] = dx.reshape(ctx.x_shape)
         return tuple(grads)
 
 
-def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[torch.Tensor, torch.Tensor, MissGeometry]]
+def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[Base, torch.Tensor, MissGeometry]]
                           ) -> tuple[torch.Tensor, ...]:
     """x W_p'^T for ``miss``/``mini`` shards ``(W_p, D_p, geometry_p)`` that all read x (siblings such as q, k and
     v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype; its
-    gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset)."""
+    gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset); the
+    bases must all be tensors or all FP8 (then x must be bf16)."""
     first = projections[0][2]
     for _, _, g in projections:
         if g.mode == "bat" or (g.r, g.in_features, g.in_offset) != (first.r, first.in_features, first.in_offset):
             raise ValueError(f"projections sharing an input need the same r and input shard and mode miss/mini; "
                              f"got {g} beside {first}")
+    on_fp8 = {isinstance(w, fp8.FP8Weight) for w, _, _ in projections}
+    if len(on_fp8) > 1:
+        raise ValueError("projections computed together need their frozen weights all in FP8 or none: compute "
+                         "the others one by one")
+    if on_fp8 == {True} and x.dtype != torch.bfloat16:
+        raise ValueError(f"an FP8 base needs bf16 activations (model.dtype: bfloat16); got {x.dtype}")
     flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
     return _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
 
 
-def adapted_linear(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, g: MissGeometry,
+def frozen_product(x: torch.Tensor, w: Base) -> torch.Tensor:
+    """x W^T for a frozen weight alone: ``F.linear``, or the FP8 GEMMs for an FP8 one."""
+    return fp8.frozen_linear_fp8(x, w) if isinstance(w, fp8.FP8Weight) else F.linear(x, w)
+
+
+def adapted_linear(x: torch.Tensor, w: Base, d: torch.Tensor, g: MissGeometry,
                    dropout: torch.nn.Module | None = None) -> torch.Tensor:
     """x W'^T for the local shard, without bias: the base product plus MiSS, computed in x's dtype.
 
     ``miss``/``mini`` add agg(x) @ D to the frozen product (:func:`shared_input_products` of one projection);
     with dropout active, agg reads the dropped-out x (PEFT's rule). ``bat`` multiplies by the merged weight,
     since its update depends on W, merged in x's dtype (cuBLAS accumulates its block products in fp32): an fp32
-    merge would write and read fp32 copies of W, twice its bytes, in forward and again in backward.
+    merge would write and read fp32 copies of W, twice its bytes, in forward and again in backward. So ``bat``
+    has no frozen product to run in FP8, and refuses an FP8 base.
     """
     if g.mode == "bat":
+        if isinstance(w, fp8.FP8Weight):
+            raise ValueError("miss.mode='bat' multiplies by the merged weight, which changes every step: it cannot "
+                             "read an FP8 base (use model.base_precision: bf16)")
         return F.linear(x, merge(w.to(x.dtype), d.to(x.dtype), g))
     if dropout is not None and dropout.training and dropout.p > 0:
-        return F.linear(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
+        return frozen_product(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
     return shared_input_products(x, [(w, d, g)])[0]
