@@ -6,7 +6,8 @@ every shape check and silently gives a wrong model. The fingerprint is ``SAMPLES
 modules' weights, at positions fixed by the modules' names and full shapes, with their values (rounded to bf16).
 
 It reads the same from a live model of any TP layout (each rank reads the positions inside its own shard and one
-all-reduce over the TP group completes them) and from a safetensors checkpoint on disk (only the rows holding the
+all-reduce over the TP group completes them; a layer whose base is in FP8 answers from the original values it kept
+at these positions, ``quantize.quantize_base``) and from a safetensors checkpoint on disk (only the rows holding the
 positions are read). A check reads the base at the recorded positions: equal values are the same base; values
 within one bf16 step of the recorded ones are the same base in another precision (accepted with a warning: a copy
 converted through fp16 rounds twice); anything else is another base, named with the first differing weight.
@@ -70,16 +71,34 @@ def _rounded(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(torch.tensor(values, dtype=torch.float64).to(torch.bfloat16).double().tolist())
 
 
-def of_model(model: nn.Module) -> Fingerprint:
-    """The fingerprint of a live model's base (MiSS layers' frozen weights); every TP rank must call it."""
+def model_positions(model: nn.Module) -> tuple[Position, ...]:
+    """The positions the fingerprint of ``model`` samples (fixed by its MiSS layers' names and full shapes)."""
     from .inject import miss_layers
 
     shapes = {f"{name}.weight": (layer.full_geometry.out_features, layer.full_geometry.in_features)
               for name, layer in miss_layers(model)}
     if not shapes:
         raise ValueError("the model has no MiSS layers: there is no adapted base weight to fingerprint")
-    positions = sample_positions(shapes)
+    return sample_positions(shapes)
+
+
+def of_model(model: nn.Module) -> Fingerprint:
+    """The fingerprint of a live model's base (MiSS layers' frozen weights); every TP rank must call it."""
+    positions = model_positions(model)
     return Fingerprint(positions, read_model(model, positions))
+
+
+def local_index(layer: Any, row: int, col: int) -> Optional[tuple[int, int]]:
+    """Where the full weight's (row, col) sits in ``layer``'s shard (a MiSS layer); None when another rank holds
+    it."""
+    index = [row, col]
+    span = layer.sharding.span("weight")
+    if span is not None:
+        local = span.local(index[span.dim])
+        if local is None:
+            return None
+        index[span.dim] = local
+    return index[0], index[1]
 
 
 @torch.no_grad()
@@ -89,7 +108,7 @@ def read_model(model: nn.Module, positions: Sequence[Position]) -> tuple[float, 
     from .inject import miss_layers
 
     layers = dict(miss_layers(model))
-    device = next(iter(layers.values())).weight.device
+    device = next(iter(layers.values())).miss_block.device
     values = torch.zeros(len(positions), dtype=torch.float64, device=device)
     owners = torch.zeros_like(values)
     group, split = None, False
@@ -99,15 +118,12 @@ def read_model(model: nn.Module, positions: Sequence[Position]) -> tuple[float, 
             raise KeyError(f"the fingerprint samples '{key}', which is not an adapted weight of this model")
         if layer.merged:
             raise RuntimeError(f"'{layer.name}' is merged: its weight is no longer the base's")
-        index = [row, col]
-        span = layer.sharding.span("weight")
-        if span is not None:
+        if layer.sharding.span("weight") is not None:
             group, split = layer.sharding.group, True
-            local = span.local(index[span.dim])
-            if local is None:
-                continue
-            index[span.dim] = local
-        values[k] = layer.weight[index[0], index[1]].double()
+        index = local_index(layer, row, col)
+        if index is None:
+            continue
+        values[k] = layer.base_value(*index).double()  # an FP8 layer kept these values (quantize.quantize_base)
         owners[k] = 1
     if split and dist.is_initialized():
         # Replicated weights are read by every rank (owners = TP size); the division is exact.

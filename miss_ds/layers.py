@@ -6,12 +6,13 @@ weight is split over the tensor-parallel group (:class:`Sharding`), how the loca
 case (one shard, no group); the column- and row-parallel layers (:mod:`miss_ds.parallel.layers`) add only what
 differs: where their shard sits, which D they split, and their communication. Both the weight's split and D's are
 a :class:`Split`: one contiguous range per rank, or, for a fused projection (Phi-3's ``qkv_proj``), one range of
-each fused part per rank.
+each fused part per rank. The frozen weight can be replaced by an FP8 copy of it (:meth:`MissLayer.to_fp8`,
+``model.base_precision: fp8``): the layer then trains against that copy and refuses to merge into it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch.distributed import ProcessGroup
 
 from . import functional as MF
 from .config import MissConfig
+from .fp8 import FP8Weight
 
 if TYPE_CHECKING:
     from .shared_input import SharedInput
@@ -223,6 +225,10 @@ class MissLayer(nn.Module):
         self.siblings: Optional[SharedInput] = None
         """The layers that read the same input (q, k, v): their products are computed together
         (:mod:`miss_ds.shared_input`); set by ``apply_miss`` from the model family."""
+        self.base_fp8: Optional[FP8Weight] = None
+        """The frozen weight in FP8 once :meth:`to_fp8` replaced it (``weight`` is then None). A plain attribute,
+        not a parameter or buffer: module casts (DeepSpeed's bf16 cast of every floating parameter) leave it be."""
+        self._base_samples: dict[tuple[int, int], torch.Tensor] = {}
 
     def _local_geometry(self) -> MF.MissGeometry:
         """The geometry of this rank's shard (offsets into the full weight)."""
@@ -265,8 +271,37 @@ class MissLayer(nn.Module):
                 return y
         if self.merged:
             return self.tp_output(F.linear(self.tp_input(x), self.weight))
-        y = MF.adapted_linear(self.tp_input(x), self.weight, self.forward_d(), self.geometry, self.dropout)
+        y = MF.adapted_linear(self.tp_input(x), self.frozen_base(), self.forward_d(), self.geometry, self.dropout)
         return self.tp_output(y)
+
+    def frozen_base(self) -> MF.Base:
+        """The frozen weight as the products read it: its FP8 copy after :meth:`to_fp8`, else ``weight``."""
+        return self.base_fp8 if self.base_fp8 is not None else self.weight
+
+    @torch.no_grad()
+    def to_fp8(self, keep: Iterable[tuple[int, int]] = ()) -> None:
+        """Replace this rank's frozen weight shard by its FP8 copy (:class:`miss_ds.fp8.FP8Weight`, quantised from
+        the shard's own values) and free the weight. ``keep``: local (row, col) positions whose original values
+        stay readable through :meth:`base_value` (the base fingerprint's samples)."""
+        if self.base_fp8 is not None:
+            return
+        if self.geometry.mode == "bat" or self.merged:
+            raise ValueError(f"'{self.name}' cannot take an FP8 base: "
+                             + ("miss.mode='bat' multiplies by the merged weight, which changes every step"
+                                if self.geometry.mode == "bat" else "it is merged"))
+        self._base_samples = {(row, col): self.weight[row, col].clone() for row, col in keep}
+        self.base_fp8 = FP8Weight.from_weight(self.weight)
+        self.weight = None  # the bf16 shard is freed: the model held the only reference
+
+    def base_value(self, row: int, col: int) -> torch.Tensor:
+        """The original frozen weight at local (row, col), as a 0-d tensor. An FP8 layer knows only the positions
+        it was told to keep (:meth:`to_fp8`)."""
+        if self.base_fp8 is None:
+            return self.weight[row, col]
+        if (row, col) not in self._base_samples:
+            raise RuntimeError(f"'{self.name}' holds its frozen weight in FP8 and kept only the base fingerprint's "
+                               f"sampled values, not [{row}, {col}] of its shard")
+        return self._base_samples[(row, col)]
 
     # The tensor-parallel layers' communication, as three hooks (identities on a single device).
     def tp_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +322,13 @@ class MissLayer(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """This rank's shard of the merged weight W', as a new tensor (the layer is left unchanged)."""
+        """This rank's shard of the merged weight W', as a new tensor (the layer is left unchanged). Refused for an
+        FP8 base: W' must come from the original base, not from its FP8 copy."""
+        if self.base_fp8 is not None:
+            raise ValueError(f"'{self.name}' holds its frozen weight in FP8 (model.base_precision: fp8): merging D "
+                             "into it would fold D into the quantised copy. Merge from the original base files "
+                             "instead: miss-ds-convert --checkpoint CKPT --output DIR --merge reads the bf16 base "
+                             "from disk")
         return self.weight.detach().clone() if self.merged else MF.merge(self.weight, self.miss_block, self.geometry)
 
     @torch.no_grad()
@@ -313,10 +354,10 @@ class MissLayer(nn.Module):
         if self.sharding.style != "none":
             raise TypeError(f"'{self.name}' is a {type(self).__name__}: gather tensor-parallel adapters with "
                             "tools/convert_to_hf.py instead of merging them in place")
-        g = self.full_geometry
+        g, merged = self.full_geometry, self.merged_weight()
         linear = nn.Linear(g.in_features, g.out_features, bias=self.bias is not None, device="meta",
-                           dtype=self.weight.dtype)
-        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+                           dtype=merged.dtype)
+        linear.weight = nn.Parameter(merged, requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return linear
@@ -325,7 +366,9 @@ class MissLayer(nn.Module):
         g, s = self.full_geometry, self.sharding
         mini = f", mini_r={g.mini_r}" if g.mode == "mini" else ""
         shards = "" if s.style == "none" else f", {s.style}-parallel shards {list(s.sizes)}, rank {s.rank}"
-        return f"in={g.in_features}, out={g.out_features}, mode={g.mode}, r={g.r}{mini}{shards}, merged={self.merged}"
+        base = ", base=fp8" if self.base_fp8 is not None else ""
+        return (f"in={g.in_features}, out={g.out_features}, mode={g.mode}, r={g.r}{mini}{shards}{base}, "
+                f"merged={self.merged}")
 
 
 class MissLinear(MissLayer):

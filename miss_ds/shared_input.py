@@ -8,6 +8,8 @@ layers do not share their input after all: the group then stops, with a warning,
 (the result is the same either way; only the speed differs).
 
 Groups are formed by :func:`link_siblings` from the model family's ``shared_inputs`` (:mod:`miss_ds.families`).
+With an FP8 base the group also shares one quantisation of x (:mod:`miss_ds.fp8`); its layers must then be all FP8
+or all not (``quantize.quantize_base`` keeps a group whole); a group that is not computes one by one.
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ class MissLayer(Protocol):
     merged: bool
     dropout: Optional[nn.Dropout]
     siblings: Optional[SharedInput]
+    base_fp8: Optional[Any]
 
     def tp_input(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def frozen_base(self) -> MF.Base: ...
 
     def forward_d(self) -> torch.Tensor: ...
 
@@ -80,15 +85,15 @@ class SharedInput:
         if self.stopped or not self._computable_together():
             return None
         outs = MF.shared_input_products(self.layers[0].tp_input(x),
-                                        [(m.weight, m.forward_d(), m.geometry) for m in self.layers])
+                                        [(m.frozen_base(), m.forward_d(), m.geometry) for m in self.layers])
         self._round = _Round(weakref.ref(x), x._version,
                              {m: out for m, out in zip(self.layers, outs) if m is not layer})
         return outs[self.layers.index(layer)]
 
     def _computable_together(self) -> bool:
-        """Unmerged and without active dropout (PEFT draws a dropout mask per layer)."""
+        """Unmerged, without active dropout (PEFT draws a dropout mask per layer), and all on FP8 or none."""
         return not any(m.merged or (m.dropout is not None and m.dropout.training and m.dropout.p > 0)
-                       for m in self.layers)
+                       for m in self.layers) and len({m.base_fp8 is None for m in self.layers}) == 1
 
     def _stop(self, layer: MissLayer) -> None:
         self.stopped = True
@@ -98,15 +103,16 @@ class SharedInput:
 
 def link_siblings(layers: Iterable[MissLayer]) -> Optional[SharedInput]:
     """Make ``layers`` one :class:`SharedInput` group when they can be computed together; None otherwise (fewer
-    than two, ``bat``, row-parallel, or different input shards or TP groups)."""
+    than two, ``bat``, row-parallel, or different input shards, TP groups or base precisions)."""
     layers = list(layers)
     if len(layers) < 2:
         return None
-    first = layers[0]
-    key = (first.geometry.r, first.geometry.in_features, first.geometry.in_offset, first.sharding.style,
-           first.sharding.group)
-    if any(m.geometry.mode == "bat" or m.sharding.style == "row" or (m.geometry.r, m.geometry.in_features,
-           m.geometry.in_offset, m.sharding.style, m.sharding.group) != key for m in layers):
+
+    def key(m: MissLayer) -> tuple:
+        g = m.geometry
+        return g.r, g.in_features, g.in_offset, m.sharding.style, m.sharding.group, m.base_fp8 is None
+
+    if any(m.geometry.mode == "bat" or m.sharding.style == "row" or key(m) != key(layers[0]) for m in layers):
         return None
     group = SharedInput(layers)
     for m in layers:
