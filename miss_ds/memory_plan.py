@@ -2,7 +2,10 @@
 
 The model (bf16 weights and activations; sizes in bytes; t = TP size, d = DP size, b = micro-batch, s = seq;
 parameter counts and q = heads * head_dim, kv = kv_heads * head_dim from ``miss_ds.model_shape``):
-- frozen base: 2 bytes per local parameter (TP-split projections / t; embeddings, LM head, norms whole);
+- frozen base: 2 bytes per local parameter (TP-split projections / t; embeddings, LM head, norms whole); with an FP8
+  base (``model.base_precision: fp8``) the adapted projections hold two e4m3 layouts, 1 + 1 bytes per element, the
+  same 2 bytes, plus 4 bytes per fp32 scale (``ModelShape.fp8_scales``); the per-token quantised copies of one
+  projection's input or output gradient (1 byte per element, transient) are not counted;
 - D (trainable, MiSS on all seven projections; ``mini``'s r x mini_r D whole on every rank): bf16 parameter and
   gradient (2 + 2), fp32 master and gradient (4 + 4) and two fp32 Adam moments (8): ZeRO-1 splits
   master/moments/fp32 gradient over d, ZeRO-2 also the bf16 gradient (ZeRO-3 is refused: run_config.ZERO3_REFUSAL);
@@ -50,8 +53,14 @@ def layer_activation_bytes(m: ModelShape, tp: int, tokens: int) -> float:
     return 2 * per_token * tokens
 
 
+def weight_bytes(m: ModelShape, tp: int, base_precision: str = "bf16") -> float:
+    """Bytes of the frozen base on one of ``tp`` ranks: 2 per parameter, and with ``fp8`` the projections' scales."""
+    return 2 * m.base_params(tp) + (4 * m.fp8_scales(tp) if base_precision == "fp8" else 0.0)
+
+
 def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch: int, seq: int, recompute: int,
-         r: int = 64, mode: str = "miss", mini_r: int = 1, adapter: bool = True) -> Plan:
+         r: int = 64, mode: str = "miss", mini_r: int = 1, adapter: bool = True, base_precision: str = "bf16"
+         ) -> Plan:
     """Bytes per GPU, by component; ``recompute`` = how many layers recompute (the others store activations)."""
     tokens = micro_batch * seq
     d = m.adapter_params(r, mode, mini_r, tp) if adapter else 0.0
@@ -59,7 +68,7 @@ def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch:
     adapter_bytes = 2 * d + 2 * d / (dp if zero >= 2 else 1) + master
     layer = layer_activation_bytes(m, tp, tokens)
     stored = m.layers - recompute
-    return Plan(weights=2 * m.base_params(tp), adapter=adapter_bytes,
+    return Plan(weights=weight_bytes(m, tp, base_precision), adapter=adapter_bytes,
                 checkpoints=2 * tokens * m.hidden * recompute, stored_layers=layer * stored,
                 working=layer, loss=10 * tokens * m.vocab)
 
@@ -74,8 +83,10 @@ def layers_to_recompute(m: ModelShape, budget_bytes: float, **kw: Any) -> int:
 
 
 def auto_recompute_layers(m: ModelShape, gpu_bytes: float, *, tp: int, dp: int, zero: int, offload: bool,
-                          micro_batch: int, seq: int, r: int, mode: str, mini_r: int) -> int:
+                          micro_batch: int, seq: int, r: int, mode: str, mini_r: int, base_precision: str = "bf16"
+                          ) -> int:
     """``recompute_layers: auto``: the fewest recomputed layers whose plan fits in ``AUTO_MEMORY_FRACTION`` of
     ``gpu_bytes`` (one accelerator's memory)."""
     return layers_to_recompute(m, AUTO_MEMORY_FRACTION * gpu_bytes, tp=tp, dp=dp, zero=zero, offload=offload,
-                               micro_batch=micro_batch, seq=seq, r=r, mode=mode, mini_r=mini_r)
+                               micro_batch=micro_batch, seq=seq, r=r, mode=mode, mini_r=mini_r,
+                               base_precision=base_precision)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .families import FAMILIES, family_of, head_counts, routed_experts
+from .fp8 import fp8_capable
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,14 @@ class ModelShape:
         tied) and norm weights whole."""
         embeddings = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
         return self.layers * self.layer_linear_params(tp) + embeddings + (2 * self.layers + 1) * self.hidden
+
+    def fp8_scales(self, tp: int = 1) -> float:
+        """fp32 scales an FP8 base (``model.base_precision: fp8``) keeps on one of ``tp`` ranks: one per output row
+        and one per input column of every projection MiSS adapts by default whose shard FP8 GEMMs can run
+        (``fp8.fp8_capable``; a shared-input group kept whole in bf16 for one member's sake is not modelled)."""
+        targets = FAMILIES[self.model_type].targets
+        return self.layers * sum(i + o for name, (i, o) in self.projections(tp).items()
+                                 if name in targets and fp8_capable(i, o))
 
     def adapter_params(self, r: int, mode: str = "miss", mini_r: int = 1, tp: int = 1) -> float:
         """D elements on one of ``tp`` ranks with MiSS on the family's default targets. ``miss``: r x out; ``bat``:

@@ -37,6 +37,18 @@ class ModelConfig:
     random_init: bool = False
     """Build from ``path``'s config (or ``config``) with random weights instead of loading them (benchmarks)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    base_precision: Literal["bf16", "fp8"] = "bf16"
+    """Precision of the frozen base weights MiSS wraps. ``fp8``: each rank quantises its shards to e4m3 once after
+    loading (``quantize.quantize_base``: two layouts, 1 byte per element each, plus fp32 scales per row and column)
+    and runs the two products that read them, the forward GEMM and the input gradient's, on FP8 tensor cores with
+    per-token quantised activations (``miss_ds.fp8``); D and its math stay bf16/fp32, embeddings, norms and the LM
+    head stay bf16. Like QLoRA, D is trained against the FP8 base (the run's own eval loss and samples too) but
+    exported, merged and served on the original bf16 base (``miss-ds-convert``, ``miss-ds-eval`` and
+    ``miss-ds-generate`` read the base files; a merge into the FP8 copy is refused), which the training loss does not
+    see exactly. Needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or
+    newer: Ada, Hopper, Blackwell; refused elsewhere before the model is built), ``dtype: bfloat16`` and
+    ``miss.mode`` ``miss`` or ``mini``. Layers whose shard is not a multiple of 16 in both dimensions stay bf16
+    (one warning lists them). TP=1 and TP=2 runs differ by quantisation: a shard's scales are its own."""
     gradient_checkpointing: bool = True
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
@@ -300,6 +312,14 @@ def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
         fail("init_adapter", f"= {cfg.init_adapter} does not exist")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
         fail("parallel.offload_optimizer", "needs parallel.zero_stage >= 1")
+    if cfg.model.base_precision == "fp8":
+        if cfg.model.dtype != "bfloat16":
+            fail("model.base_precision", f"is 'fp8', which needs model.dtype: bfloat16 (the FP8 GEMMs write bf16), "
+                 f"not {cfg.model.dtype!r}: set model.dtype=bfloat16 or model.base_precision=bf16")
+        if cfg.miss.mode == "bat":
+            fail("model.base_precision", "is 'fp8', which miss.mode='bat' cannot use: bat multiplies by the merged "
+                 "weight W + W D + D, which changes every step, so there is no frozen weight to quantise once. Use "
+                 "miss.mode=miss or mini, or model.base_precision=bf16")
 
 
 def _as_float(value: Any, source: str, key: str) -> float:

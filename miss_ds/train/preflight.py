@@ -2,8 +2,8 @@
 
 What needs only the config file is checked by ``miss_ds.run_config.validate``; what needs the model's shapes (r, mode,
 TP shards) by building the model on the meta device (``loading.model_on_meta``). This module checks what needs the
-job's size or the output directory: the TP size against the attention heads, the sequence length against the model's
-positions, the output directory (writable, and not
+job's size or the output directory: the device against the base precision (FP8 tensor cores), the TP size against
+the attention heads, the sequence length against the model's positions, the output directory (writable, and not
 holding another run unless the user says so), and a resumed checkpoint's adapter settings against the config's.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from ..data.batch import check_resumable
 from ..families import UnsupportedModel, check_tp
@@ -25,8 +27,36 @@ logger = logging.getLogger(__name__)
 
 #: Files, and folders when not empty, whose presence means an output directory holds a run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
+#: FP8 tensor cores: NVIDIA compute capability 8.9 (Ada) and newer (Hopper 9.0, Blackwell 10.0 and 12.0).
+FP8_MIN_CAPABILITY = (8, 9)
 #: MissConfig fields that shape D or decide which tensors the adapter holds: a resume must keep them.
 ADAPTER_FIELDS = ("r", "mode", "mini_r", "target_modules", "exclude_modules", "modules_to_save", "adapter_dtype")
+
+
+def check_base_precision(base_precision: str, device: torch.device) -> None:
+    """``model.base_precision: fp8`` on a device without FP8 tensor cores is refused (ConfigError), before the model
+    is built."""
+    if base_precision != "fp8":
+        return
+    capability = name = None
+    if device.type == "cuda":
+        capability, name = torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    problem = fp8_device_problem(device.type, capability, name)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def fp8_device_problem(device_type: str, capability: Optional[tuple[int, int]], name: Optional[str]) -> Optional[str]:
+    """Why a device (its type, and a CUDA GPU's compute capability and name) cannot run an FP8 base; None if it
+    can."""
+    if device_type == "cuda" and tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    have = (f"this GPU ({name}) has compute capability {capability[0]}.{capability[1]}" if device_type == "cuda"
+            else f"this run's device is {device_type}, not a CUDA GPU")
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"model.base_precision=fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability {need} or "
+            f"newer: L4/L40/RTX 4090, H100/H200, B200); {have}. Set model.base_precision=bf16 (the default), or run "
+            "on such a GPU")
 
 
 def check_model_fits_run(model_config: Any, tp: int, world: int, seq_len: int) -> None:

@@ -1,10 +1,11 @@
 """The training job: build, then a short loop over stateful components. Used by ``launch/train.py``.
 
-Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the TP size and
-the output directory (``preflight``), build the model on the meta device with its TP split and MiSS (every shape
-error surfaces here, before any data is read), build the data (rank 0 first), load this rank's weights, wrap D in a
-DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a
-preemption signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop
+Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device
+against the base precision, the TP size and the output directory (``preflight``), build the model on the meta device
+with its TP split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0
+first), load this rank's weights (and, with ``model.base_precision: fp8``, quantise them once they have been saved
+or checked: ``quantize.quantize_base``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume
+(``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop
 together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
 ``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
@@ -27,6 +28,7 @@ from ..functional import MissShapeError
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
+from ..quantize import quantize_base
 from ..random_base import save_random_base
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
@@ -34,7 +36,7 @@ from .checkpoint import TrainCheckpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .preflight import check_model_fits_run, check_resume_matches, prepare_output_dir
+from .preflight import check_base_precision, check_model_fits_run, check_resume_matches, prepare_output_dir
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
@@ -57,6 +59,7 @@ class Trainer:
         PeerWatchdog(cfg.parallel.peer_timeout_s).start()
         self.out = Path(cfg.output_dir)
         self.device = torch.device(get_accelerator().current_device_name())
+        check_base_precision(cfg.model.base_precision, self.device)
         resume = resume if resume is not None else cfg.checkpoint.resume
         torch.manual_seed(cfg.seed)
         # Every step that can fail on one rank alone ends in ``agree``: all ranks stop together.
@@ -72,6 +75,8 @@ class Trainer:
             agree("loading init_adapter", lambda: load_init_adapter(model, cfg.init_adapter))
         if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
             agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
+        if cfg.model.base_precision == "fp8":  # after the reads of the bf16 base above
+            agree("quantising the base to FP8", lambda: quantize_base(model))
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())
                                  if cfg.model.gradient_checkpointing else None)
         t = cfg.train
@@ -173,7 +178,7 @@ class Trainer:
         count = memory_plan.auto_recompute_layers(
             ModelShape.from_config(self.model_config), gpu_bytes, tp=self.layout.tp, dp=self.layout.dp,
             zero=p.zero_stage, offload=p.offload_optimizer, micro_batch=t.micro_batch_size, seq=self.cfg.data.seq_len,
-            r=miss.r, mode=miss.mode, mini_r=miss.mini_r)
+            r=miss.r, mode=miss.mode, mini_r=miss.mini_r, base_precision=self.cfg.model.base_precision)
         logger.info("recompute_layers=auto: %d of %d layers recompute (plan for %.1f GiB)", count,
                     self.model_config.num_hidden_layers, memory_plan.AUTO_MEMORY_FRACTION * gpu_bytes / 2**30)
         return count
@@ -277,7 +282,8 @@ class Trainer:
                          seq_len=self.cfg.data.seq_len, device=self.device, dtype=DTYPES[self.cfg.model.dtype],
                          extra={"checkpoint_gib_read": round(self.checkpoint_bytes_read / 2**30, 3),
                                 "recompute_layers": self.recompute_layers, "world_size": self.layout.world,
-                                "tp_size": self.layout.tp, "eval_loss": eval_loss,
+                                "tp_size": self.layout.tp, "base_precision": self.cfg.model.base_precision,
+                                "eval_loss": eval_loss,
                                 "skipped_batches": self.state.skipped_batches,
                                 "padding_fraction": self.padding_fraction,
                                 "trainable_params": self.report.trainable})
