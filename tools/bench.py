@@ -22,6 +22,7 @@ against the floor plus the variant's optimizer state, and the first step's loss 
 the same function).
 
     python tools/bench.py model --layers 8
+    python tools/bench.py model --layers 8 --variants frozen,miss,miss-fp8,mini-fp8   # FP8 base (miss_ds.quantize)
 
 ``pack``: packed against unpacked training on rows whose lengths follow a long-tailed (log-normal) spread, as in
 SFT sets: one ``launch/train.py`` run per layout and attention implementation, same model, micro-batch and
@@ -33,7 +34,10 @@ the README (8 Llama-7B-shape layers, bf16, seq 4096, micro-batch 2, random weigh
 
 ``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode,
 PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
-``--profile`` adds each variant's top GPU kernels.
+``--profile`` adds each variant's top GPU kernels; ``--base-precision fp8`` adds the frozen base alone and
+``miss``/``mini`` on an FP8 base (bf16 on CPU too).
+
+``step`` takes an FP8 base as any other override: ``--variant "fp8=train:CONFIG model.base_precision=fp8"``.
 """
 from __future__ import annotations
 
@@ -136,6 +140,8 @@ def cmd_step(args: argparse.Namespace) -> None:
 
 
 MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", "mini", "bat")
+#: Also accepted by ``model --variants``, not run by default: miss_ds on an FP8 base (needs FP8 tensor cores).
+FP8_MODEL_VARIANTS = ("miss-fp8", "mini-fp8")
 
 
 def _llama(args: argparse.Namespace):
@@ -174,6 +180,10 @@ def _adapted(name: str, model, r: int):
         if name.endswith("-alone"):
             for _, layer in miss_layers(model):
                 layer.siblings = None
+        if name.endswith("-fp8"):
+            from miss_ds.quantize import quantize_base
+
+            quantize_base(model)
     enable_recompute(model, None)
     model.enable_input_require_grads()
     return model
@@ -342,7 +352,8 @@ def cmd_layer(args: argparse.Namespace) -> None:
     from miss_ds import MissConfig, MissLinear
 
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    fp8 = args.base_precision == "fp8"
+    device, dtype = ("cuda" if cuda else "cpu"), (torch.bfloat16 if cuda or fp8 else torch.float32)
     x = torch.randn(args.tokens, args.in_features, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(args.tokens, args.out_features, device=device, dtype=dtype)
 
@@ -361,6 +372,21 @@ def cmd_layer(args: argparse.Namespace) -> None:
             variants[label] = peft.get_peft_model(nn.Sequential(frozen()), pcfg)
     except ImportError:
         pass
+    if fp8:
+        from miss_ds.fp8 import FP8Weight, frozen_linear_fp8
+
+        class FrozenFP8(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.base = FP8Weight.from_weight(frozen().weight)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return frozen_linear_fp8(x, self.base)
+
+        variants["frozen-fp8"] = FrozenFP8()
+        for mode in ("miss", "mini"):
+            variants[f"miss_ds-{mode}-fp8"] = MissLinear(frozen(), MissConfig(r=args.r, mode=mode, mini_r=args.r))
+            variants[f"miss_ds-{mode}-fp8"].to_fp8()
 
     def timed(work) -> float:
         """Median seconds of ``work()`` (CUDA events on GPU)."""
@@ -446,7 +472,8 @@ def main() -> None:
     s.add_argument("--timeout", type=int, default=600)
     s.set_defaults(func=cmd_step)
     m = sub.add_parser("model", help="training steps of a Llama stack, one process, every variant (CUDA)")
-    m.add_argument("--variants", default=",".join(MODEL_VARIANTS), help=f"comma list of {', '.join(MODEL_VARIANTS)}")
+    m.add_argument("--variants", default=",".join(MODEL_VARIANTS),
+                   help=f"comma list of {', '.join(MODEL_VARIANTS + FP8_MODEL_VARIANTS)}")
     m.add_argument("--layers", type=int, default=8)
     m.add_argument("--hidden", type=int, default=4096)
     m.add_argument("--intermediate", type=int, default=11008)
@@ -482,6 +509,8 @@ def main() -> None:
     l.add_argument("--warmup", type=int, default=5)
     l.add_argument("--repeat", type=int, default=20)
     l.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels (CUDA)")
+    l.add_argument("--base-precision", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: also time the frozen base alone and miss/mini on an FP8 base")
     l.set_defaults(func=cmd_layer)
     args = p.parse_args()
     args.func(args)
