@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -53,6 +54,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> PretrainedConf
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.config does not make a valid {config_class.__name__}: {exc}") from None
     config.use_cache = False
+    if cfg.path is not None:  # recorded by every adapter as its base (adapter_io.base_summary), found by convert
+        config._name_or_path = str(Path(cfg.path).resolve())
     config._attn_implementation = attention_implementation(config, cfg.attn_implementation)
     return config
 

@@ -50,11 +50,16 @@ class _Round:
     """The outputs computed for one input tensor and not yet handed to their layers."""
 
     input: weakref.ref
-    version: int
+    version: Optional[int]
     pending: dict = field(default_factory=dict)
 
     def holds(self, layer: MissLayer, x: torch.Tensor) -> bool:
-        return self.input() is x and x._version == self.version and layer in self.pending
+        return self.input() is x and _version(x) == self.version and layer in self.pending
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """x's in-place modification count; None for a tensor made under ``torch.inference_mode``, which keeps none."""
+    return None if x.is_inference() else x._version
 
 
 class SharedInput:
@@ -86,7 +91,7 @@ class SharedInput:
             return None
         outs = MF.shared_input_products(self.layers[0].tp_input(x),
                                         [(m.frozen_base(), m.forward_d(), m.geometry) for m in self.layers])
-        self._round = _Round(weakref.ref(x), x._version,
+        self._round = _Round(weakref.ref(x), _version(x),
                              {m: out for m, out in zip(self.layers, outs) if m is not layer})
         return outs[self.layers.index(layer)]
 

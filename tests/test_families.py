@@ -110,6 +110,20 @@ def test_config_is_built_by_its_class_so_derived_fields_follow():
     assert legacy.rope_parameters["partial_rotary_factor"] == 0.5 and legacy.rope_parameters["rope_theta"] == 500
 
 
+def test_a_run_from_a_checkpoint_records_it_as_the_adapters_base(tmp_path, monkeypatch):
+    """convert/generate find the base of a run from ``model.path`` without --base: the adapter records its path,
+    absolute, whatever the run's working directory was."""
+    from transformers import LlamaForCausalLM
+
+    from miss_ds.adapter_io import base_summary
+    from tests.conftest import tiny_llama_config
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model = LlamaForCausalLM(hf_config(ModelConfig(path="base")))
+    assert base_summary(model)["name_or_path"] == str((tmp_path / "base").resolve())
+
+
 def test_unknown_config_field_names_the_nearest():
     with pytest.raises(ConfigError, match=r"'model.config.num_hidden_layer'.*mean 'model.config.num_hidden_layers'"):
         hf_config(ModelConfig(config={"model_type": "llama", "num_hidden_layer": 2}))

@@ -146,6 +146,18 @@ def test_merged_or_dropout_siblings_compute_alone(monkeypatch):
     assert calls == [9]
 
 
+def test_inference_mode_forward_equals_no_grad():
+    """Tensors made under torch.inference_mode keep no version counter: the groups still run, with equal logits."""
+    model = _llama().eval()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not any(layer.siblings.stopped for _, layer in miss_layers(model) if layer.siblings is not None)
+
+
 def test_siblings_called_in_any_order_get_their_own_outputs():
     model = _llama()
     attn = model.model.layers[0].self_attn
