@@ -96,6 +96,19 @@ def aggregate(x: torch.Tensor, r: int, in_offset: int = 0) -> torch.Tensor:
     return x @ chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device).t()
 
 
+def spread(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
+    """The adjoint of :func:`aggregate`: (..., r) -> (..., n), feature c taking g[..., (in_offset + c) mod r]."""
+    return g @ chunk_matrix(r, n, in_offset, g.dtype, g.device)
+
+
+def can_share_input(geometries: Sequence[MissGeometry]) -> bool:
+    """Whether these shards can run as one shared-input node (:func:`shared_input_products`): ``miss``/``mini``,
+    one r, one input shard (features and global offset)."""
+    first = geometries[0]
+    return all(g.mode != "bat" and (g.r, g.in_features, g.in_offset) == (first.r, first.in_features, first.in_offset)
+               for g in geometries)
+
+
 def expand_d(d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
     """D as an (r, local out) matrix: itself for ``miss``; ``mini``'s (r, mini_r) tiled along out from out_offset."""
     if g.mode == "miss":
@@ -159,22 +172,21 @@ class _SharedInputMiss(torch.autograd.Function):
         ws = weights_and_ds[0::2]
         ds = [d.to(x.dtype) for d in weights_and_ds[1::2]]  # cast once: backward reuses the cast
         x2 = x.reshape(-1, x.shape[-1])
-        chunks = chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device)
-        agg = x2 @ chunks.t()
+        agg = aggregate(x2, r, in_offset)
         outs = []
         for w, d in zip(ws, ds):
             out = agg @ d
             out.addmm_(x2, w.t())
             outs.append(out.reshape(*x.shape[:-1], w.shape[0]))
-        ctx.save_for_backward(agg, chunks, *ws, *ds)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(agg, *ws, *ds)
+        ctx.x_shape, ctx.r, ctx.in_offset = x.shape, r, in_offset
         ctx.d_dtypes = [d.dtype for d in weights_and_ds[1::2]]
         ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: Optional[torch.Tensor]):
-        agg, chunks, *tensors = ctx.saved_tensors
+        agg, *tensors = ctx.saved_tensors
         count = len(dys)
         ws, ds = tensors[:count], tensors[count:]
         grads: list[Optional[torch.Tensor]] = [None] * (3 + 2 * count)
@@ -190,7 +202,7 @@ class _SharedInputMiss(torch.autograd.Function):
             if ctx.needs_input_grad[4 + 2 * i]:
                 grads[4 + 2 * i] = (agg.t() @ dy2).to(ctx.d_dtypes[i])
         if need_x and products:
-            dx = g @ chunks
+            dx = spread(g, ctx.x_shape[-1], ctx.r, ctx.in_offset)
             for dy2, w in products:
                 dx.addmm_(dy2, w)
             grads[0] = dx.reshape(ctx.x_shape)
@@ -202,11 +214,11 @@ def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[torch.Ten
     """x W_p'^T for ``miss``/``mini`` shards ``(W_p, D_p, geometry_p)`` that all read x (siblings such as q, k and
     v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype; its
     gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset)."""
-    first = projections[0][2]
-    for _, _, g in projections:
-        if g.mode == "bat" or (g.r, g.in_features, g.in_offset) != (first.r, first.in_features, first.in_offset):
-            raise ValueError(f"projections sharing an input need the same r and input shard and mode miss/mini; "
-                             f"got {g} beside {first}")
+    geometries = [g for _, _, g in projections]
+    if not can_share_input(geometries):
+        raise ValueError(f"projections sharing an input need mode miss/mini and the same r and input shard; got "
+                         f"{geometries}")
+    first = geometries[0]
     flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
     return _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
 

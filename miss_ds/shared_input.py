@@ -105,13 +105,11 @@ def link_siblings(layers: Iterable[MissLayer]) -> Optional[SharedInput]:
     """Make ``layers`` one :class:`SharedInput` group when they can be computed together; None otherwise (fewer
     than two, ``bat``, row-parallel, or different input shards or TP groups)."""
     layers = list(layers)
-    if len(layers) < 2:
+    if len(layers) < 2 or not MF.can_share_input([m.geometry for m in layers]):
         return None
-    first = layers[0]
-    key = (first.geometry.r, first.geometry.in_features, first.geometry.in_offset, first.sharding.style,
-           first.sharding.group)
-    if any(m.geometry.mode == "bat" or m.sharding.style == "row" or (m.geometry.r, m.geometry.in_features,
-           m.geometry.in_offset, m.sharding.style, m.sharding.group) != key for m in layers):
+    first = layers[0].sharding
+    if any(m.sharding.style == "row" or (m.sharding.style, m.sharding.group) != (first.style, first.group)
+           for m in layers):
         return None
     group = SharedInput(layers)
     for m in layers:
