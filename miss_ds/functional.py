@@ -102,6 +102,19 @@ def aggregate(x: torch.Tensor, r: int, in_offset: int = 0) -> torch.Tensor:
     return x @ chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device).t()
 
 
+def spread(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
+    """The adjoint of :func:`aggregate`: (..., r) -> (..., n), feature c taking g[..., (in_offset + c) mod r]."""
+    return g @ chunk_matrix(r, n, in_offset, g.dtype, g.device)
+
+
+def can_share_input(geometries: Sequence[MissGeometry]) -> bool:
+    """Whether these shards can run as one shared-input node (:func:`shared_input_products`): ``miss``/``mini``,
+    one r, one input shard (features and global offset)."""
+    first = geometries[0]
+    return all(g.mode != "bat" and (g.r, g.in_features, g.in_offset) == (first.r, first.in_features, first.in_offset)
+               for g in geometries)
+
+
 def expand_d(d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
     """D as an (r, local out) matrix: itself for ``miss``; ``mini``'s (r, mini_r) tiled along out from out_offset."""
     if g.mode == "miss":
@@ -171,8 +184,7 @@ class _SharedInputMiss(torch.autograd.Function):
         bases = bases_and_ds[0::2]
         ds = [d.to(x.dtype) for d in bases_and_ds[1::2]]  # cast once: backward reuses the cast
         x2 = x.reshape(-1, x.shape[-1])
-        chunks = chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device)
-        agg = x2 @ chunks.t()
+        agg = aggregate(x2, r, in_offset)
         on_fp8 = isinstance(bases[0], fp8.FP8Weight)
         xq = fp8.quantize_rows(x2) if on_fp8 else None  # one quantisation of x for every projection
         outs = []
@@ -185,15 +197,15 @@ class _SharedInputMiss(torch.autograd.Function):
                 out.addmm_(x2, base.t())
             outs.append(out.reshape(*x.shape[:-1], out.shape[-1]))
         ctx.fp8_bases = bases if on_fp8 else None  # frozen, never written: kept as they are
-        ctx.save_for_backward(agg, chunks, *ds, *(() if on_fp8 else bases))
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(agg, *ds, *(() if on_fp8 else bases))
+        ctx.x_shape, ctx.r, ctx.in_offset = x.shape, r, in_offset
         ctx.d_dtypes = [d.dtype for d in bases_and_ds[1::2]]
         ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys: Optional[torch.Tensor]):
-        agg, chunks, *tensors = ctx.saved_tensors
+        agg, *tensors = ctx.saved_tensors
         count = len(dys)
         ds = tensors[:count]
         bases = ctx.fp8_bases if ctx.fp8_bases is not None else tensors[count:]
@@ -210,7 +222,7 @@ class _SharedInputMiss(torch.autograd.Function):
             if ctx.needs_input_grad[4 + 2 * i]:
                 grads[4 + 2 * i] = (agg.t() @ dy2).to(ctx.d_dtypes[i])
         if need_x and products:
-            dx = g @ chunks
+            dx = spread(g, ctx.x_shape[-1], ctx.r, ctx.in_offset)
             for dy2, base in products:
                 if ctx.fp8_bases is None:
                     dx.addmm_(dy2, base)
@@ -226,17 +238,17 @@ def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[Base, tor
     v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype; its
     gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset); the
     bases must all be tensors or all FP8 (then x must be bf16)."""
-    first = projections[0][2]
-    for _, _, g in projections:
-        if g.mode == "bat" or (g.r, g.in_features, g.in_offset) != (first.r, first.in_features, first.in_offset):
-            raise ValueError(f"projections sharing an input need the same r and input shard and mode miss/mini; "
-                             f"got {g} beside {first}")
+    geometries = [g for _, _, g in projections]
+    if not can_share_input(geometries):
+        raise ValueError(f"projections sharing an input need mode miss/mini and the same r and input shard; got "
+                         f"{geometries}")
     on_fp8 = {isinstance(w, fp8.FP8Weight) for w, _, _ in projections}
     if len(on_fp8) > 1:
         raise ValueError("projections computed together need their frozen weights all in FP8 or none: compute "
                          "the others one by one")
     if on_fp8 == {True} and x.dtype != torch.bfloat16:
         raise ValueError(f"an FP8 base needs bf16 activations (model.dtype: bfloat16); got {x.dtype}")
+    first = geometries[0]
     flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
     return _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
 

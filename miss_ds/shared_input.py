@@ -110,14 +110,13 @@ def link_siblings(layers: Iterable[MissLayer]) -> Optional[SharedInput]:
     """Make ``layers`` one :class:`SharedInput` group when they can be computed together; None otherwise (fewer
     than two, ``bat``, row-parallel, or different input shards, TP groups or base precisions)."""
     layers = list(layers)
-    if len(layers) < 2:
+    if len(layers) < 2 or not MF.can_share_input([m.geometry for m in layers]):
         return None
 
     def key(m: MissLayer) -> tuple:
-        g = m.geometry
-        return g.r, g.in_features, g.in_offset, m.sharding.style, m.sharding.group, m.base_fp8 is None
+        return m.sharding.style, m.sharding.group, m.base_fp8 is None
 
-    if any(m.geometry.mode == "bat" or m.sharding.style == "row" or key(m) != key(layers[0]) for m in layers):
+    if any(m.sharding.style == "row" or key(m) != key(layers[0]) for m in layers):
         return None
     group = SharedInput(layers)
     for m in layers:

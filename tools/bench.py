@@ -437,25 +437,26 @@ def cmd_layer(args: argparse.Namespace) -> None:
         from miss_ds import functional as MF
 
         xs, g = x.detach(), torch.randn(args.tokens, args.r, device=device, dtype=dtype)
-        chunks = MF.chunk_matrix(args.r, args.in_features, 0, dtype, x.device)
         ww, dd = variants["frozen"].weight, torch.randn(args.r, args.out_features, device=device, dtype=dtype)
 
         def _accumulated(dx):
             for _ in range(3):
                 dx.addmm_(grad, ww)
             return dx
-        parts = {"aggregate: x @ E^T (miss_ds)": lambda: xs @ chunks.t(),
+        parts = {"aggregate: x @ E^T (miss_ds)": lambda: MF.aggregate(xs, args.r),
                  "aggregate: view + fp32 sum": lambda: xs.view(args.tokens, -1, args.r).sum(-2, dtype=torch.float32)
                  .to(dtype),
-                 "spread: g @ E (miss_ds)": lambda: g @ chunks,
+                 "spread: g @ E (miss_ds)": lambda: MF.spread(g, args.in_features, args.r),
                  "spread: repeat": lambda: g.repeat(1, args.in_features // args.r),
-                 "forward: agg @ D, x W^T accumulates onto it (miss_ds)": lambda: (xs @ chunks.t() @ dd).addmm_(xs, ww.t()),
-                 "forward: x W^T, agg @ D accumulates onto it": lambda: (xs @ ww.t()).addmm_(xs @ chunks.t(), dd),
+                 "forward: agg @ D, x W^T accumulates onto it (miss_ds)": lambda: (
+                     MF.aggregate(xs, args.r) @ dd).addmm_(xs, ww.t()),
+                 "forward: x W^T, agg @ D accumulates onto it": lambda: (xs @ ww.t()).addmm_(MF.aggregate(xs, args.r), dd),
                  "forward: x W^T alone": lambda: xs @ ww.t(),
-                 "input grad of 3 siblings: g @ E, 3 GEMMs accumulate onto it (miss_ds)": lambda: _accumulated(g @ chunks),
+                 "input grad of 3 siblings: g @ E, 3 GEMMs accumulate onto it (miss_ds)": lambda: _accumulated(
+                     MF.spread(g, args.in_features, args.r)),
                  "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
-                     grad @ ww + grad @ ww + grad @ ww + g @ chunks)}
-        print(f"\n| chunk pass, {args.tokens}x{args.in_features}, r={args.r} | us |\n|---|---|")
+                     grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r))}
+        print(f"\n| design choice, {args.tokens}x{args.in_features}->{args.out_features}, r={args.r} | us |\n|---|---|")
         for name, work in parts.items():
             print(f"| {name} | {timed(work) * 1e6:.1f} |", flush=True)
 

@@ -74,8 +74,8 @@ def miss_traffic(m: ModelShape, *, r: int, mbs: int, seq: int, tp: int, dp: int,
     TP, per layer: forward all-reduces the o and down outputs; backward all-reduces the input gradient of the two
     column-layer inputs (q, k and v read one tensor, gate and up another: miss_ds.shared_input sums each group's
     input gradient before the one all-reduce), o's output again in a recomputed layer (non-reentrant checkpointing
-    stops before down's), and the replicated row D's gradients (o, down). DP: D only. ZeRO-1/2 all-reduce its gradient and all-gather the
-    updated D (miss_ds refuses ZeRO-3: run_config.ZERO3_REFUSAL).
+    stops before down's), and the replicated row D's gradients (o, down). DP: D only. ZeRO-1/2 all-reduce its
+    gradient and all-gather the updated D (miss_ds refuses ZeRO-3: run_config.ZERO3_REFUSAL).
     """
     t: Traffic = {}
     act = mbs * seq * m.hidden * w_bytes

@@ -61,12 +61,13 @@ class StepRunner:
         window = [self._to_device(self.next_batch()) for _ in range(self.accum)]
         num_items = self._global_sum(torch.stack([loss_tokens(b) for b in window]).sum().float()).clamp_min(1)
         losses, tokens, bad_loss = [], torch.zeros((), device=self.device), False
-        for batch in window:
+        for i, batch in enumerate(window):
             loss = self.engine(**batch, num_items_in_batch=num_items).loss
             if not self.guard.all_finite(loss):
                 bad_loss, loss = True, loss * float("nan")  # makes every gradient of the window non-finite
             self.engine.backward(loss * self.layout.dp, scale_wrt_gas=False)
-            if any_rank(self.guard.step(), self.device):
+            skipped = self.guard.step()  # only the window's last micro-batch reaches the accumulation boundary
+            if i == len(window) - 1 and any_rank(skipped, self.device):
                 self.guard.bad("loss" if bad_loss else "gradients")
                 return None
             losses.append(loss.detach().float())
