@@ -1,33 +1,41 @@
 """The frozen base in FP8 (e4m3): quantisation and the two products that read the base, as plain tensor functions.
 
-The base never changes, so it is quantised once (:class:`FP8Weight`), in the two layouts its two GEMMs read:
+The base never changes, so it is quantised once (:class:`FP8Weight`): W (out, in) row-major, one fp32 scale per
+output row, 1 byte per element. Both products read that one copy:
 
-- forward, ``y = x W^T``: W (out, in) row-major with one scale per output row;
-- input gradient, ``dx = dy W``: W^T (in, out) contiguous with one scale per input column.
+- forward, ``y = x W^T``: ``torch._scaled_mm(x_q, W_q^T)`` with x's per-token scales and W's per-row scales;
+- input gradient, ``dx = dy W = (dy diag(s_W)) W_q``: W's row scales sit on the reduced dimension, where a
+  row-wise scaled GEMM has no scale, so they are folded into dy before dy is quantised per token, and the GEMM
+  reads the transpose of W_q, made for the call (FP8 tensor cores take both operands reduced-dimension-contiguous:
+  one transient copy of one projection, a memory pass that costs a few percent of its GEMM).
 
-Each is passed to ``torch._scaled_mm`` transposed (a column-major view), the layout cuBLAS's FP8 GEMM takes for
-its second operand. Together they hold 2 bytes per weight element, the bytes of one bf16 copy, plus fp32 scales.
+A second, transposed copy kept for the input gradient would skip that pass at the price of a second byte per
+element: the 80-layer Llama-2-70B shape (68 GB of FP8 projections) would no longer fit on one 141 GB GPU with its
+optimizer state and activations, so one copy it is.
+
 Activations and output gradients change at every call: they are quantised per token (one scale per row) by
-:func:`quantize_rows`. Every scale is ``amax / 448`` (e4m3's largest finite value), so a row's largest element maps
-to 448; amax is clamped at ``AMAX_FLOOR`` so that an all-zero row (the gradient of an ignored token) quantises to
-zeros. The products write bf16; accumulation is the GEMM's (fp32).
+:func:`quantize_rows`, compiled on CUDA into fused kernels (``torch.compile``: one read of the input for the row
+maxima, one for the scaled cast), eager elsewhere. Every scale is ``amax / 448`` (e4m3's largest finite value), so
+a row's largest element maps to 448; amax is clamped at ``AMAX_FLOOR`` so that an all-zero row (the gradient of an
+ignored token) quantises to zeros. The products write bf16; accumulation is the GEMM's (fp32).
 
-No modules, no process groups: a tensor-parallel shard is quantised from its own values, so a column-parallel
-shard's row scales are the full weight's, its column scales its own rows' (and the other way round for a
-row-parallel shard). TP=1 and TP=2 FP8 runs therefore differ by quantisation, not only by summation order.
+No modules, no process groups: a tensor-parallel shard is quantised from its own values. A column-parallel shard's
+row scales are the full weight's, a row-parallel shard's are its own columns' maxima, and dy's per-token scales span
+a column shard's outputs only, so TP=1 and TP=2 FP8 runs differ by quantisation, not only by summation order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 E4M3 = torch.float8_e4m3fn
 #: e4m3's largest finite value: a row's amax is scaled to it.
 E4M3_MAX = torch.finfo(E4M3).max
-#: Smallest amax a scale is computed from: an all-zero row gets a finite scale and quantises to zeros.
-AMAX_FLOOR = 1e-12
+#: Smallest amax a scale is computed from: an all-zero row gets a finite scale and quantises to zeros. Far below
+#: any gradient an fp32 scale meets (output gradients times weight row scales reach 1e-12 deep in a model).
+AMAX_FLOOR = 1e-30
 #: FP8 GEMMs (cuBLAS, ``torch._scaled_mm``) need both dimensions of the weight to be multiples of this.
 FP8_MULTIPLE = 16
 
@@ -38,10 +46,38 @@ def fp8_capable(in_features: float, out_features: float) -> bool:
     return in_features % FP8_MULTIPLE == 0 and out_features % FP8_MULTIPLE == 0
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` (rows, n) as e4m3 values q (rows, n, contiguous) and fp32 scales s (rows, 1), t ~ q * s."""
-    scale = t.abs().amax(dim=-1, keepdim=True).float().clamp_min(AMAX_FLOOR) / E4M3_MAX
-    return (t.float() / scale).to(E4M3).contiguous(), scale
+def _quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = t.float() if col_scale is None else t.float() * col_scale
+    scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / E4M3_MAX
+    return (t / scale).to(E4M3), scale
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _compiled_fn(name: str, fn: Callable) -> Callable:
+    """``fn`` compiled once per process (dynamic shapes: token counts vary between calls)."""
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    return _compiled[name]
+
+
+def quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t * col_scale`` (rows, n; col_scale (1, n) or None) as e4m3 values q (rows, n, contiguous) and fp32
+    scales s (rows, 1): t * col_scale ~ q * s."""
+    quantize = _compiled_fn("quantize_rows", _quantize_rows) if t.is_cuda else _quantize_rows
+    return quantize(t.contiguous(), col_scale)
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous()
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a, b) as a contiguous (b, a) copy; on CUDA a compiled tiled copy (as bytes: e4m3 copies the same)."""
+    if not t.is_cuda:
+        return _transpose(t)
+    return _compiled_fn("transpose", _transpose)(t.view(torch.uint8)).view(t.dtype)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -51,55 +87,53 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class FP8Weight:
-    """A frozen weight W (out, in) in e4m3, in the layouts of its two GEMMs, built once by :meth:`from_weight`."""
+    """A frozen weight W (out, in) in e4m3 with one scale per output row, built once by :meth:`from_weight`."""
 
-    forward: torch.Tensor
-    """(out, in) e4m3: W[o, :] ~ forward[o, :] * row_scale[0, o]."""
-    row_scale: torch.Tensor
+    data: torch.Tensor
+    """(out, in) e4m3: W[o, :] ~ data[o, :] * scale[0, o]."""
+    scale: torch.Tensor
     """(1, out) fp32."""
-    backward: torch.Tensor
-    """(in, out) e4m3, contiguous (W^T): W[:, i] ~ backward[i, :] * col_scale[0, i]."""
-    col_scale: torch.Tensor
-    """(1, in) fp32."""
+    unit: torch.Tensor
+    """(1, in) fp32 ones: the input-gradient GEMM's column scales (W's scales are folded into dy)."""
 
     @classmethod
     @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor) -> FP8Weight:
-        """Quantise ``weight`` (out, in): per output row for the forward GEMM, per input column for the input
-        gradient's (temporaries: one fp32 copy of the weight at a time)."""
-        forward, row_scale = quantize_rows(weight)
-        backward, col_scale = quantize_rows(weight.t())
-        return cls(forward, row_scale.t().contiguous(), backward, col_scale.t().contiguous())
+        """Quantise ``weight`` (out, in) per output row (a transient: one fp32 copy of the weight)."""
+        data, scale = _quantize_rows(weight, None)
+        return cls(data.contiguous(), scale.t().contiguous(),
+                   torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device))
 
     @property
     def shape(self) -> tuple[int, int]:
         """(out, in), the shape of the weight it stands for."""
-        return tuple(self.forward.shape)
+        return tuple(self.data.shape)
 
     @property
     def device(self) -> torch.device:
-        return self.forward.device
+        return self.data.device
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: 1 per element per layout, 4 per scale."""
-        return sum(t.numel() * t.element_size() for t in (self.forward, self.row_scale, self.backward, self.col_scale))
+        """Bytes held: 1 per element, 4 per scale (and per unit column scale)."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.unit))
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weight each GEMM multiplies by, (out, in) fp32: the forward layout's and the input gradient's."""
-        return (dequantize_rows(self.forward, self.row_scale.t()),
-                dequantize_rows(self.backward, self.col_scale.t()).t())
-
-
-def linear_fp8(xq: torch.Tensor, x_scale: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
-    """x W^T (rows, out) in bf16 from a per-token quantised x (rows, in)."""
-    return torch._scaled_mm(xq, weight.forward.t(), scale_a=x_scale, scale_b=weight.row_scale,
-                            out_dtype=torch.bfloat16)
+    def dequantized(self) -> torch.Tensor:
+        """The weight both GEMMs multiply by, (out, in) fp32."""
+        return dequantize_rows(self.data, self.scale.t())
 
 
-def input_grad_fp8(dq: torch.Tensor, dy_scale: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
-    """dy W (rows, in) in bf16 from a per-token quantised dy (rows, out)."""
-    return torch._scaled_mm(dq, weight.backward.t(), scale_a=dy_scale, scale_b=weight.col_scale,
+def linear_fp8(x2: torch.Tensor, weight: FP8Weight,
+               quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """x W^T (rows, out) in bf16 for x (rows, in); ``quantized``: x's per-token quantisation, if already made."""
+    xq, x_scale = quantized if quantized is not None else quantize_rows(x2)
+    return torch._scaled_mm(xq, weight.data.t(), scale_a=x_scale, scale_b=weight.scale, out_dtype=torch.bfloat16)
+
+
+def input_grad_fp8(dy2: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
+    """dy W (rows, in) in bf16 for dy (rows, out): (dy diag(s_W)) quantised per token, times W_q."""
+    dq, dy_scale = quantize_rows(dy2, weight.scale)
+    return torch._scaled_mm(dq, transposed(weight.data).t(), scale_a=dy_scale, scale_b=weight.unit,
                             out_dtype=torch.bfloat16)
 
 
@@ -110,15 +144,13 @@ class _FrozenLinearFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: FP8Weight) -> torch.Tensor:
         ctx.weight = weight  # frozen, never written: kept as it is
-        x2 = x.reshape(-1, x.shape[-1])
-        return linear_fp8(*quantize_rows(x2), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return linear_fp8(x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = input_grad_fp8(*quantize_rows(dy2), ctx.weight)
+        dx = input_grad_fp8(dy.reshape(-1, dy.shape[-1]), ctx.weight)
         return dx.reshape(*dy.shape[:-1], ctx.weight.shape[1]), None
 
 

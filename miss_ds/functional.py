@@ -174,8 +174,8 @@ class _SharedInputMiss(torch.autograd.Function):
     FP8 bases (:class:`miss_ds.fp8.FP8Weight`: all of the node's projections or none) run the two products that
     read W on FP8 GEMMs: x is quantised per token once for all the projections; ``torch._scaled_mm`` cannot
     accumulate onto an output, so it writes x W_p^T and the delta agg(x) D_p is added onto that; in backward each
-    dy_p is quantised per token and its product dy_p W_p is added onto dx. agg(x), D's gradient agg^T dy_p and the
-    MiSS input gradient stay in x's dtype (bf16), read from the unquantised x and dy.
+    dy_p (times W_p's row scales) is quantised per token and its product dy_p W_p is added onto dx. agg(x), D's
+    gradient agg^T dy_p and the MiSS input gradient stay in x's dtype (bf16), read from the unquantised x and dy.
     """
 
     @staticmethod
@@ -190,7 +190,7 @@ class _SharedInputMiss(torch.autograd.Function):
         outs = []
         for base, d in zip(bases, ds):
             if on_fp8:
-                out = fp8.linear_fp8(*xq, base)
+                out = fp8.linear_fp8(x2, base, xq)
                 out.addmm_(agg, d)
             else:
                 out = agg @ d
@@ -227,7 +227,7 @@ class _SharedInputMiss(torch.autograd.Function):
                 if ctx.fp8_bases is None:
                     dx.addmm_(dy2, base)
                 else:
-                    dx.add_(fp8.input_grad_fp8(*fp8.quantize_rows(dy2), base))
+                    dx.add_(fp8.input_grad_fp8(dy2, base))
             grads[0] = dx.reshape(ctx.x_shape)
         return tuple(grads)
 

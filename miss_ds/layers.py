@@ -291,7 +291,9 @@ class MissLayer(nn.Module):
                                 if self.geometry.mode == "bat" else "it is merged"))
         self._base_samples = {(row, col): self.weight[row, col].clone() for row, col in keep}
         self.base_fp8 = FP8Weight.from_weight(self.weight)
-        self.weight = None  # the bf16 shard is freed: the model held the only reference
+        weight, self.weight = self.weight, None
+        # Free the bf16 shard now: a loader walking the parameters may still hold the Parameter object.
+        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
     def base_value(self, row: int, col: int) -> torch.Tensor:
         """The original frozen weight at local (row, col), as a 0-d tensor. An FP8 layer knows only the positions

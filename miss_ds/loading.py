@@ -22,7 +22,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -62,13 +62,15 @@ def build_model_on_meta(config: PretrainedConfig, dtype: Optional[torch.dtype] =
 @torch.no_grad()
 def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: torch.device | str,
                          dtype: torch.dtype, *, miss_config: Optional[MissConfig] = None,
-                         adapter: Optional[dict[str, torch.Tensor]] = None) -> LoadStats:
+                         adapter: Optional[dict[str, torch.Tensor]] = None,
+                         loaded: Optional[Callable[[str], None]] = None) -> LoadStats:
     """Materialise every meta parameter and buffer of ``model`` on ``device`` from a safetensors checkpoint.
 
     Base parameters are cast to ``dtype``. D keeps the dtype ``apply_miss`` gave it and is initialised as
     ``miss_config.init_weights`` says (zeros without a config; a random D draws from the global RNG like
     ``apply_miss``), then, with ``adapter`` (full tensors by parameter name, as ``adapter_io.read_full_adapter``
     or ``export.peft.read_peft_adapter`` return them), set from it along with any ``modules_to_save`` parameters.
+    ``loaded(name)`` is called as each base parameter is materialised (``quantize.BaseQuantizer.loaded``).
     """
     stats = LoadStats()
     family = family_of(model.config)
@@ -82,6 +84,8 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
             # copy=True: a tensor read from safetensors may share the file's memory map; parameters must own theirs.
             _swap_in(param, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,
                                      copy=True))
+            if loaded is not None:
+                loaded(names[0])
         _materialize_buffers(model, device, ckpt)
     _materialize_d(model, device, zeros=True if miss_config is None else miss_config.init_weights)
     if adapter is not None:
@@ -92,12 +96,14 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
 
 @torch.no_grad()
 def materialize_random(model: nn.Module, device: torch.device | str, dtype: torch.dtype, seed: int, *,
-                       miss_config: Optional[MissConfig] = None) -> None:
+                       miss_config: Optional[MissConfig] = None, loaded: Optional[Callable[[str], None]] = None
+                       ) -> None:
     """Random weights for benchmarks, like HF's init: matrices N(0, initializer_range), norm weights 1, biases 0.
 
     Each parameter draws from its own generator seeded by (seed, name, shard offset): replicated parameters are
     equal on every rank, TP shards differ, and each rank allocates only its own shards. D is initialised from
     the global RNG reseeded with ``seed`` (as ``apply_miss`` draws it), so it is equal on every rank too.
+    ``loaded(name)`` is called as each base parameter is materialised (``quantize.BaseQuantizer.loaded``).
     """
     std = getattr(model.config, "initializer_range", None) or 0.02
     for names, param in base_parameters(model):
@@ -113,6 +119,8 @@ def materialize_random(model: nn.Module, device: torch.device | str, dtype: torc
         else:
             value.fill_(1)
         _swap_in(param, value)
+        if loaded is not None:
+            loaded(names[0])
     _materialize_buffers(model, device, None)
     torch.manual_seed(seed)
     _materialize_d(model, device, zeros=True if miss_config is None else miss_config.init_weights)
@@ -270,14 +278,16 @@ def model_on_meta(cfg: RunConfig, model_config: PretrainedConfig, tp: int) -> tu
     return model, prepare_model(model, cfg.miss, tp, cfg.parallel.tp_grain_size)
 
 
-def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device) -> int:
-    """Give a model from ``model_on_meta`` this rank's weights: its shards of ``model.path``, or random ones. Returns
-    the bytes read from the checkpoint."""
+def materialize_model(model: nn.Module, cfg: RunConfig, device: torch.device,
+                      loaded: Optional[Callable[[str], None]] = None) -> int:
+    """Give a model from ``model_on_meta`` this rank's weights: its shards of ``model.path``, or random ones, calling
+    ``loaded(name)`` as each base parameter is materialised. Returns the bytes read from the checkpoint."""
     dtype = DTYPES[cfg.model.dtype]
     bytes_read = 0
     if not cfg.model.random_weights:
-        bytes_read = load_sharded_weights(model, cfg.model.path, device, dtype, miss_config=cfg.miss).bytes_read
+        bytes_read = load_sharded_weights(model, cfg.model.path, device, dtype, miss_config=cfg.miss,
+                                          loaded=loaded).bytes_read
         logger.info("read %.2f GiB of %s", bytes_read / 2**30, cfg.model.path)
     else:
-        materialize_random(model, device, dtype, cfg.seed, miss_config=cfg.miss)
+        materialize_random(model, device, dtype, cfg.seed, miss_config=cfg.miss, loaded=loaded)
     return bytes_read

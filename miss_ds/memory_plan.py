@@ -3,9 +3,10 @@
 The model (bf16 weights and activations; sizes in bytes; t = TP size, d = DP size, b = micro-batch, s = seq;
 parameter counts and q = heads * head_dim, kv = kv_heads * head_dim from ``miss_ds.model_shape``):
 - frozen base: 2 bytes per local parameter (TP-split projections / t; embeddings, LM head, norms whole); with an FP8
-  base (``model.base_precision: fp8``) the adapted projections hold two e4m3 layouts, 1 + 1 bytes per element, the
-  same 2 bytes, plus 4 bytes per fp32 scale (``ModelShape.fp8_scales``); the per-token quantised copies of one
-  projection's input or output gradient (1 byte per element, transient) are not counted;
+  base (``model.base_precision: fp8``) the adapted projections hold 1 byte per element (``ModelShape.fp8_params``)
+  plus 4 bytes per fp32 scale (``ModelShape.fp8_scales``); the transients of one projection's FP8 products (the
+  per-token quantised input or output gradient and, in backward, the transposed weight, 1 byte per element) are
+  not counted;
 - D (trainable, MiSS on all seven projections; ``mini``'s r x mini_r D whole on every rank): bf16 parameter and
   gradient (2 + 2), fp32 master and gradient (4 + 4) and two fp32 Adam moments (8): ZeRO-1 splits
   master/moments/fp32 gradient over d, ZeRO-2 also the bf16 gradient (ZeRO-3 is refused: run_config.ZERO3_REFUSAL);
@@ -54,8 +55,11 @@ def layer_activation_bytes(m: ModelShape, tp: int, tokens: int) -> float:
 
 
 def weight_bytes(m: ModelShape, tp: int, base_precision: str = "bf16") -> float:
-    """Bytes of the frozen base on one of ``tp`` ranks: 2 per parameter, and with ``fp8`` the projections' scales."""
-    return 2 * m.base_params(tp) + (4 * m.fp8_scales(tp) if base_precision == "fp8" else 0.0)
+    """Bytes of the frozen base on one of ``tp`` ranks: 2 per parameter; with ``fp8`` 1 per FP8 projection element
+    and 4 per scale."""
+    if base_precision != "fp8":
+        return 2 * m.base_params(tp)
+    return 2 * m.base_params(tp) - m.fp8_params(tp) + 4 * m.fp8_scales(tp)
 
 
 def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch: int, seq: int, recompute: int,

@@ -121,13 +121,21 @@ class ModelShape:
         embeddings = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
         return self.layers * self.layer_linear_params(tp) + embeddings + (2 * self.layers + 1) * self.hidden
 
-    def fp8_scales(self, tp: int = 1) -> float:
-        """fp32 scales an FP8 base (``model.base_precision: fp8``) keeps on one of ``tp`` ranks: one per output row
-        and one per input column of every projection MiSS adapts by default whose shard FP8 GEMMs can run
-        (``fp8.fp8_capable``; a shared-input group kept whole in bf16 for one member's sake is not modelled)."""
+    def _fp8_projections(self, tp: int) -> list[tuple[int, int]]:
+        """(in, out) of a layer's projections an FP8 base (``model.base_precision: fp8``) quantises on one of ``tp``
+        ranks: those MiSS adapts by default whose shard FP8 GEMMs can run (``fp8.fp8_capable``; a shared-input
+        group kept whole in bf16 for one member's sake is not modelled)."""
         targets = FAMILIES[self.model_type].targets
-        return self.layers * sum(i + o for name, (i, o) in self.projections(tp).items()
-                                 if name in targets and fp8_capable(i, o))
+        return [(i, o) for name, (i, o) in self.projections(tp).items() if name in targets and fp8_capable(i, o)]
+
+    def fp8_params(self, tp: int = 1) -> float:
+        """Weight elements an FP8 base holds in e4m3 on one of ``tp`` ranks."""
+        return self.layers * sum(i * o for i, o in self._fp8_projections(tp))
+
+    def fp8_scales(self, tp: int = 1) -> float:
+        """fp32 scales an FP8 base keeps on one of ``tp`` ranks: one per output row of each FP8 projection, and
+        its input-gradient GEMM's unit column scales, one per input column (``fp8.FP8Weight``)."""
+        return self.layers * sum(i + o for i, o in self._fp8_projections(tp))
 
     def adapter_params(self, r: int, mode: str = "miss", mini_r: int = 1, tp: int = 1) -> float:
         """D elements on one of ``tp`` ranks with MiSS on the family's default targets. ``miss``: r x out; ``bat``:

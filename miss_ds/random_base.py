@@ -48,7 +48,7 @@ def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout:
     None when the base is over ``MAX_BYTES``."""
     target = Path(output_dir) / BASE_DIR
     params = list(base_parameters(model))
-    total = sum(_full_numel(model, names[0], p) * p.element_size() for names, p in params)
+    total = base_bytes(model)
     if total > MAX_BYTES:
         if layout.is_main:
             logger.warning("the random base (%.1f GiB) is not saved, being over %.1f GiB: this run's adapters can be "
@@ -97,6 +97,12 @@ def _holds(directory: Path, model: nn.Module) -> bool:
         return False
     with HFCheckpoint(directory) as saved:
         return fingerprint.read_checkpoint(saved, drawn.positions) == drawn.values
+
+
+def base_bytes(model: nn.Module) -> int:
+    """Bytes of the full (all TP shards) base of ``model``, meta or materialised; a base over ``MAX_BYTES`` is not
+    saved."""
+    return sum(_full_numel(model, names[0], p) * p.element_size() for names, p in base_parameters(model))
 
 
 def _full_numel(model: nn.Module, name: str, param: torch.Tensor) -> int:

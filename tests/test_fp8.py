@@ -61,9 +61,10 @@ def fp8_llama(intermediate: int = 96, **overrides) -> nn.Module:
 # ------------------------------------------------------------------ quantisation
 def test_quantize_rows_is_within_e4m3_rounding_of_float64():
     """Each row's amax maps to 448; every value is within half an e4m3 step (2^-4 relative for normals, 2^-10 of the
-    scale for subnormals); an all-zero row and a row below the amax floor quantise to zeros with finite scales."""
+    scale for subnormals); an all-zero row quantises to zeros and a row below the amax floor within the floor's
+    subnormal step, both with finite scales."""
     gen = torch.Generator().manual_seed(0)
-    magnitudes = torch.tensor([1e-3, 1.0, 30.0, 1e4, 1e-3, 0.0, 1e-20])
+    magnitudes = torch.tensor([1e-3, 1.0, 30.0, 1e4, 1e-3, 0.0, 1e-35])
     t = torch.randn(7, 64, generator=gen) * magnitudes[:, None]
     t[4, 0] = 100.0  # one outlier: the rest of its row falls into e4m3's subnormal range
     t = t.to(BF16)
@@ -73,7 +74,7 @@ def test_quantize_rows_is_within_e4m3_rounding_of_float64():
     t64, s64 = t.double(), s.double().expand(7, 64)
     deq = q.double() * s64
     assert (q[:5].float().abs().amax(-1) == fp8.E4M3_MAX).all()
-    assert (deq[5:] == 0).all()
+    assert (deq[5] == 0).all() and (deq[6] != 0).any()  # below the floor: the floor's scale, still no zeros
     scaled = (t64 / s64).abs()
     normal = scaled >= 2.0 ** -6
     err = (deq - t64).abs()
@@ -84,21 +85,42 @@ def test_quantize_rows_is_within_e4m3_rounding_of_float64():
     assert 0.01 < rel(deq[1], t64[1]) < 0.05
 
 
-def test_fp8_weight_holds_both_layouts_with_their_scales():
+def test_fp8_weight_is_one_e4m3_copy_with_row_scales():
+    """One layout for both GEMMs: W (out, in) row-major in e4m3, one scale per output row (1 byte per element); the
+    transposed copy the input-gradient GEMM reads is made per call and equals W_q^T."""
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(48, 32, generator=gen) * 0.05).to(BF16)
     f = fp8.FP8Weight.from_weight(w)
-    assert f.shape == (48, 32) and f.forward.shape == (48, 32) and f.backward.shape == (32, 48)
-    assert f.forward.dtype == f.backward.dtype == fp8.E4M3 and f.backward.is_contiguous()
-    assert f.row_scale.shape == (1, 48) and f.col_scale.shape == (1, 32)
-    torch.testing.assert_close(f.row_scale[0], w.float().abs().amax(1) / 448, rtol=1e-6, atol=0)
-    torch.testing.assert_close(f.col_scale[0], w.float().abs().amax(0) / 448, rtol=1e-6, atol=0)
-    forward, backward = f.dequantized()
-    w64 = w.double()
-    assert ((forward.double() - w64).abs() <= 2.0 ** -4 * w64.abs() + 2.0 ** -10 * f.row_scale.double().t()).all()
-    assert ((backward.double() - w64).abs() <= 2.0 ** -4 * w64.abs() + 2.0 ** -10 * f.col_scale.double()).all()
-    assert not torch.equal(forward, backward)  # two quantisations, not one copy
-    assert f.nbytes == 2 * 48 * 32 + 4 * (48 + 32)
+    assert f.shape == (48, 32) and f.data.dtype == fp8.E4M3 and f.data.is_contiguous()
+    assert f.scale.shape == (1, 48) and torch.equal(f.unit, torch.ones(1, 32))
+    torch.testing.assert_close(f.scale[0], w.float().abs().amax(1) / 448, rtol=1e-6, atol=0)
+    w64 = f.dequantized().double() - w.double()
+    assert (w64.abs() <= 2.0 ** -4 * w.double().abs() + 2.0 ** -10 * f.scale.double().t()).all()
+    t = fp8.transposed(f.data)
+    assert t.is_contiguous() and t.dtype == fp8.E4M3 and torch.equal(t.view(torch.uint8), f.data.view(torch.uint8).t())
+    assert f.nbytes == 48 * 32 + 4 * (48 + 32)
+
+
+def test_quantize_rows_folds_column_scales_before_the_row_maxima():
+    """quantize_rows(t, c) quantises t * c per row (the input gradient folds W's row scales into dy), within e4m3
+    rounding of float64, even where t * c is around 1e-12 (deep-layer gradients times weight scales)."""
+    gen = torch.Generator().manual_seed(1)
+    t = (torch.randn(4, 32, generator=gen) * torch.tensor([1.0, 1e-6, 1e-8, 0.0])[:, None]).to(BF16)
+    c = torch.rand(1, 32, generator=gen) * 1e-4
+    q, s = fp8.quantize_rows(t, c)
+    want = t.double() * c.double()
+    deq = fp8.dequantize_rows(q, s).double()
+    assert (deq[3] == 0).all() and (s > 0).all()
+    assert ((deq - want).abs() <= 2.0 ** -4 * want.abs() + 2.0 ** -10 * s.double()).all()
+    assert rel(deq[:3], want[:3]) < 0.05
+
+
+def input_grad_reference(dy: torch.Tensor, base: fp8.FP8Weight) -> torch.Tensor:
+    """dy W in float64 as the FP8 input-gradient GEMM computes it: dy times W's row scales, quantised per token,
+    times W's e4m3 values."""
+    flat = dy.reshape(-1, dy.shape[-1])
+    dq = fp8.dequantize_rows(*fp8.quantize_rows(flat, base.scale)).double()
+    return (dq @ base.data.double()).reshape(*dy.shape[:-1], base.shape[1])
 
 
 def test_fp8_capable_needs_multiples_of_16():
@@ -135,10 +157,10 @@ def test_fp8_node_equals_float64_over_the_dequantised_operands(r, in_features, i
     x64 = x.double().requires_grad_(True)
     d64 = [d.to(BF16).double().requires_grad_(True) for d in ds]  # the node computes with D cast to bf16
     agg = reference_aggregate(x64, r, in_offset)
-    want = [dequantized_rows(x) @ b.dequantized()[0].double().t() + agg @ MF.expand_d(d, g)
+    want = [dequantized_rows(x) @ b.dequantized().double().t() + agg @ MF.expand_d(d, g)
             for b, d, g in zip(bases, d64, geometries)]
     torch.autograd.backward([want[i] for i in used], [dys[i].double() for i in used])
-    want_dx = x64.grad + sum(dequantized_rows(dys[i]) @ bases[i].dequantized()[1].double() for i in used)
+    want_dx = x64.grad + sum(input_grad_reference(dys[i], bases[i]) for i in used)
     for a, b, c in zip(got[0], want, bf16[0]):
         assert a.dtype == BF16
         assert rel(a, b) < TIGHT and rel(a, c) < LOOSE
@@ -162,9 +184,8 @@ def test_fp8_frozen_linear_alone_for_dropout():
     dy = torch.randn(3, 32, generator=gen).to(BF16)
     y = MF.frozen_product(x, base)
     y.backward(dy)
-    forward, backward = base.dequantized()
-    assert rel(y, dequantized_rows(x.detach()) @ forward.double().t()) < TIGHT
-    assert rel(x.grad, dequantized_rows(dy) @ backward.double()) < TIGHT
+    assert rel(y, dequantized_rows(x.detach()) @ base.dequantized().double().t()) < TIGHT
+    assert rel(x.grad, input_grad_reference(dy, base)) < TIGHT and rel(x.grad, dy.double() @ w.double()) < LOOSE
     layer = fp8_llama().model.layers[0].self_attn.o_proj
     layer.dropout = nn.Dropout(0.1)
     layer.train()
@@ -185,7 +206,7 @@ def test_x_is_quantised_once_per_shared_input_group(monkeypatch):
         layer.siblings = None
     calls = []
     quantize = fp8.quantize_rows
-    monkeypatch.setattr(fp8, "quantize_rows", lambda t: calls.append(tuple(t.shape)) or quantize(t))
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t, *scale: calls.append(tuple(t.shape)) or quantize(t, *scale))
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
     assert len(calls) == 4 * 2 and all(shape[0] == 12 for shape in calls)
@@ -310,13 +331,48 @@ def test_tiny_llama_trains_on_fp8_close_to_bf16():
         torch.testing.assert_close(grad, plain[name], rtol=0, atol=0, msg=name)
 
 
+def test_the_base_is_quantised_layer_by_layer_as_it_loads(hf_base):
+    """The loader hands each MiSS weight to the quantiser as it is read from the checkpoint: at every moment at
+    most one FP8-bound layer holds its bf16 shard (the 70B shape loads onto one GPU without a bf16 copy), and the
+    result equals quantising the whole loaded model afterwards, bitwise."""
+    from transformers import AutoConfig
+
+    from miss_ds.loading import load_sharded_weights
+    from miss_ds.quantize import BaseQuantizer
+
+    def built() -> nn.Module:
+        model = build_model_on_meta(AutoConfig.from_pretrained(hf_base), BF16)
+        apply_miss(model, MissConfig(r=16))
+        return model
+
+    streamed, after = built(), built()
+    quantizer, holding = BaseQuantizer(streamed), []
+    parameters = [layer.weight for _, layer in miss_layers(streamed)]  # the loader holds these objects throughout
+
+    def loaded(name: str) -> None:
+        quantizer.loaded(name)
+        holding.append(sum(layer.weight is not None and not layer.weight.is_meta and layer.weight.numel() > 0
+                           for _, layer in miss_layers(streamed)))
+
+    load_sharded_weights(streamed, hf_base, "cpu", BF16, loaded=loaded)
+    assert max(holding) == 0 and len(quantizer.quantized) == 14  # each weight quantised before the next is read
+    assert all(p.numel() == 0 for p in parameters)  # and its bf16 storage freed, though the loader held the object
+    report = quantizer.finish()
+    load_sharded_weights(after, hf_base, "cpu", BF16)
+    assert report.quantized == quantize_base(after).quantized
+    for (name, a), (_, b) in zip(miss_layers(streamed), miss_layers(after)):
+        assert a.weight is None and torch.equal(a.base_fp8.data.view(torch.uint8), b.base_fp8.data.view(torch.uint8))
+        torch.testing.assert_close(a.base_fp8.scale, b.base_fp8.scale, rtol=0, atol=0, msg=name)
+    assert fingerprint.of_model(streamed) == fingerprint.of_model(after)
+
+
 # ------------------------------------------------------------------ tensor parallelism
 def test_tp_shards_quantised_per_rank():
     """Column and row shards, each quantised from its own values (group None: one process plays both ranks). Each
-    equals float64 over its own dequantised operands; against the single-device FP8 layer, what shares its scales is
-    the same (column: the forward, whose row scales are the full weight's; row: the input gradient, whose column
-    scales are), the rest differs by quantisation only (per-shard scales): TP=1 and TP=2 FP8 runs are not bitwise
-    equal."""
+    equals float64 over its own dequantised operands; against the single-device FP8 layer, the column shards'
+    forward is the same (their row scales are the full weight's), the rest differs by quantisation only (a row
+    shard's row scales are its own columns' maxima; dy's per-token scales span a column shard's outputs): TP=1 and
+    TP=2 FP8 runs are not bitwise equal."""
     gen = torch.Generator().manual_seed(0)
     out_f, in_f, r = 64, 96, 8
     config = MissConfig(r=r, init_weights=False)
@@ -348,13 +404,12 @@ def test_tp_shards_quantised_per_rank():
         y.backward(dy[..., 32 * rank:32 * (rank + 1)])
         ys.append(y.detach())
         dx += xs.grad.double()
-        forward, backward = layer.base_fp8.dequantized()
         d_shard = layer.miss_block.to(BF16).double()
-        assert rel(y, dequantized_rows(x) @ forward.double().t() + reference_aggregate(x.double(), r, 0) @ d_shard) \
-            < TIGHT
+        assert rel(y, dequantized_rows(x) @ layer.base_fp8.dequantized().double().t()
+                   + reference_aggregate(x.double(), r, 0) @ d_shard) < TIGHT
         x64 = x.double().requires_grad_(True)
         (reference_aggregate(x64, r, 0) @ d_shard).backward(dy[..., 32 * rank:32 * (rank + 1)].double())
-        want = x64.grad + dequantized_rows(dy[..., 32 * rank:32 * (rank + 1)]) @ backward.double()
+        want = x64.grad + input_grad_reference(dy[..., 32 * rank:32 * (rank + 1)], layer.base_fp8)
         assert rel(xs.grad, want) < TIGHT
     torch.testing.assert_close(torch.cat(ys, -1), y_full, rtol=0, atol=0)
     assert TIGHT / 10 < rel(dx, dx_full) < LOOSE
@@ -369,18 +424,21 @@ def test_tp_shards_quantised_per_rank():
         y.backward(dy)
         y_sum += y.detach().double()
         dxs.append(xs.grad)
-        want += dequantized_rows(x[..., cols]) @ layer.base_fp8.dequantized()[0].double().t() \
+        want += dequantized_rows(x[..., cols]) @ layer.base_fp8.dequantized().double().t() \
             + reference_aggregate(x[..., cols].double(), r, 48 * rank) @ d.to(BF16).double()
+        x64 = x[..., cols].double().requires_grad_(True)
+        (reference_aggregate(x64, r, 48 * rank) @ d.to(BF16).double()).backward(dy.double())
+        assert rel(xs.grad, x64.grad + input_grad_reference(dy, layer.base_fp8)) < TIGHT
     assert rel(y_sum, want) < TIGHT
     assert TIGHT / 10 < rel(y_sum, y_full) < LOOSE
-    torch.testing.assert_close(torch.cat(dxs, -1), dx_full, rtol=0, atol=0)
+    assert TIGHT / 10 < rel(torch.cat(dxs, -1), dx_full) < LOOSE
 
 
 # ------------------------------------------------------------------ memory plan
 @pytest.mark.parametrize("intermediate", [96, 100])
 def test_plan_weight_bytes_equal_the_quantised_model(intermediate):
     """The plan's frozen-weight bytes with an FP8 base equal the tensors of the quantised tiny Llama: parameters
-    left (embeddings, norms, LM head, bf16 fallbacks) plus the FP8 layouts and scales."""
+    left (embeddings, norms, LM head, bf16 fallbacks) plus the FP8 weights and scales."""
     config = tiny_llama_config(intermediate_size=intermediate)
     model = build_model_on_meta(config, BF16)
     apply_miss(model, MissConfig(r=8))
@@ -391,19 +449,21 @@ def test_plan_weight_bytes_equal_the_quantised_model(intermediate):
     quantize_base(model)
     real = sum(p.numel() * p.element_size() for _, p in base_parameters(model)) + sum(
         layer.base_fp8.nbytes for _, layer in miss_layers(model) if layer.base_fp8 is not None)
-    assert real > bf16
+    assert real < bf16
     plan = memory_plan.plan(shape, tp=1, dp=1, zero=1, offload=False, micro_batch=1, seq=16, recompute=0, r=8,
                             base_precision="fp8")
     assert plan.weights == memory_plan.weight_bytes(shape, 1, "fp8") == real
 
 
-def test_auto_recompute_plans_with_the_fp8_scales():
+def test_auto_recompute_plans_with_the_fp8_weights():
+    """A budget one byte short of the bf16 base's plan with no recompute: bf16 must recompute, FP8 (1 byte per
+    projection element) keeps every layer's activations."""
     shape = ModelShape.from_config(tiny_llama_config(intermediate_size=96))
     kw = dict(tp=1, dp=1, zero=1, offload=False, micro_batch=1, seq=16, r=8)
-    fp8_plan = memory_plan.plan(shape, recompute=0, base_precision="fp8", **kw)
-    budget = fp8_plan.total / memory_plan.AUTO_MEMORY_FRACTION - 1  # one byte short of the FP8 plan with no recompute
-    assert memory_plan.auto_recompute_layers(shape, budget, mode="miss", mini_r=1, base_precision="fp8", **kw) > 0
-    assert memory_plan.auto_recompute_layers(shape, budget, mode="miss", mini_r=1, **kw) == 0
+    bf16_plan = memory_plan.plan(shape, recompute=0, **kw)
+    budget = bf16_plan.total / memory_plan.AUTO_MEMORY_FRACTION - 1
+    assert memory_plan.auto_recompute_layers(shape, budget, mode="miss", mini_r=1, **kw) > 0
+    assert memory_plan.auto_recompute_layers(shape, budget, mode="miss", mini_r=1, base_precision="fp8", **kw) == 0
 
 
 # ------------------------------------------------------------------ refusals

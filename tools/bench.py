@@ -141,7 +141,8 @@ def cmd_step(args: argparse.Namespace) -> None:
 
 MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", "mini", "bat")
 #: Also accepted by ``model --variants``, not run by default: miss_ds on an FP8 base (needs FP8 tensor cores).
-FP8_MODEL_VARIANTS = ("miss-fp8", "mini-fp8")
+#: ``miss-fp8-qkv-bf16``: q/k/v (a shared-input group) keep their bf16 weights, the other projections run on FP8.
+FP8_MODEL_VARIANTS = ("miss-fp8", "mini-fp8", "miss-fp8-qkv-bf16")
 
 
 def _llama(args: argparse.Namespace):
@@ -184,6 +185,10 @@ def _adapted(name: str, model, r: int):
             from miss_ds.quantize import quantize_base
 
             quantize_base(model)
+        if name.endswith("-qkv-bf16"):
+            for layer_name, layer in miss_layers(model):
+                if not layer_name.endswith(("q_proj", "k_proj", "v_proj")):
+                    layer.to_fp8()
     enable_recompute(model, None)
     model.enable_input_require_grads()
     return model
@@ -456,9 +461,37 @@ def cmd_layer(args: argparse.Namespace) -> None:
                      MF.spread(g, args.in_features, args.r)),
                  "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
                      grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r))}
+        if fp8 and cuda:
+            parts.update(_fp8_design_choices(xs, grad, ww))
         print(f"\n| design choice, {args.tokens}x{args.in_features}->{args.out_features}, r={args.r} | us |\n|---|---|")
         for name, work in parts.items():
             print(f"| {name} | {timed(work) * 1e6:.1f} |", flush=True)
+
+
+def _fp8_design_choices(x, dy, w) -> dict:
+    """The FP8 base's choices against their alternatives: the per-token quantiser compiled or eager, the transpose
+    the input-gradient GEMM reads compiled or eager, made per call (one FP8 copy) or kept (a second copy), and the
+    bf16 GEMMs they replace."""
+    import torch
+
+    from miss_ds import fp8
+
+    base = fp8.FP8Weight.from_weight(w)
+    kept = fp8.transposed(base.data)
+    dq, ds = fp8.quantize_rows(dy, base.scale)
+    return {"fp8: quantise x per token, compiled (miss_ds)": lambda: fp8.quantize_rows(x),
+            "fp8: quantise x per token, eager": lambda: fp8._quantize_rows(x, None),
+            "fp8: transpose W_q, compiled (miss_ds)": lambda: fp8.transposed(base.data),
+            "fp8: transpose W_q, eager": lambda: base.data.t().contiguous(),
+            "fp8: forward GEMM x_q W_q^T": lambda: fp8.linear_fp8(x, base, fp8.quantize_rows(x)),
+            "bf16: forward GEMM x W^T": lambda: x @ w.t(),
+            "fp8: input grad, transpose per call (miss_ds)": lambda: fp8.input_grad_fp8(dy, base),
+            "fp8: input grad, transposed copy kept": lambda: torch._scaled_mm(
+                fp8.quantize_rows(dy, base.scale)[0], kept.t(), scale_a=ds, scale_b=base.unit,
+                out_dtype=torch.bfloat16),
+            "fp8: input grad GEMM alone": lambda: torch._scaled_mm(dq, kept.t(), scale_a=ds, scale_b=base.unit,
+                                                                    out_dtype=torch.bfloat16),
+            "bf16: input grad GEMM dy W": lambda: dy @ w}
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 # Single-GPU checks and benchmarks of docs/performance.md (device kind nvidia-h200), from the repository root,
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
 #   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
+#   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
 set -uo pipefail
 OUT=${OUT:-runs/perf}; LOGS=/tmp/perf-logs; mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -28,7 +29,26 @@ for stage in "$@"; do case $stage in
       --variant "miss=train:$SLICE" --variant "mini=train:$SLICE miss.mode=mini miss.mini_r=64" \
       --variant "bat=train:$SLICE miss.mode=bat" \
       --variant "peft_zero3=probe:.probes/baseline70b.py --mode zero3 --layers 16 --mbs 2" 2>&1 | grep -v Warning | tee "$LOGS/step70b.txt" ;;
+  fp8tests) python3 -m pytest -q -s -p no:cacheprovider tests/test_fp8_gpu.py > "$LOGS/fp8tests.txt" 2>&1
+      grep -E "FP8 |passed|failed|Error" "$LOGS/fp8tests.txt" ;;
+  fp8layer) for shape in 8192x28672 28672x8192 8192x8192 8192x1024; do
+      python3 tools/bench.py layer --tokens 8192 --in-features ${shape%x*} --out-features ${shape#*x} --r 64 \
+        --base-precision fp8 --warmup 3 --repeat 10 2>&1 | tee "$LOGS/fp8layer-$shape.txt"; done ;;
+  fp8model) python3 tools/bench.py model --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 \
+      --variants frozen,miss,miss-fp8,miss-fp8-qkv-bf16,mini-fp8 --out "$LOGS/fp8model.json" 2>&1 | grep -v Warning \
+      | tee "$LOGS/fp8model.txt" ;;
+  fp8step) python3 tools/bench.py step --gpus 1 --ref floor --out "$LOGS/fp8step" --work /tmp/step-work \
+      --variant "floor=probe:.probes/baseline70b.py --mode tpbase --layers 16 --mbs 2" \
+      --variant "miss=train:$SLICE" --variant "miss_fp8=train:$SLICE model.base_precision=fp8" \
+      --variant "mini_fp8=train:$SLICE model.base_precision=fp8 miss.mode=mini miss.mini_r=64" \
+      --variant "miss_auto=train:$SLICE model.recompute_layers=auto" \
+      --variant "miss_fp8_auto=train:$SLICE model.base_precision=fp8 model.recompute_layers=auto" 2>&1 \
+      | grep -v Warning | tee "$LOGS/fp8step.txt" ;;
+  fp8full) python3 tools/bench.py step --gpus 1 --ref fp8_80 --out "$LOGS/fp8full" --work /tmp/step-work \
+      --variant "fp8_80=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8" \
+      --variant "fp8_80_auto=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8 model.recompute_layers=auto" \
+      2>&1 | grep -v Warning | tee "$LOGS/fp8full.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
-  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack)" >&2; exit 2 ;;
+  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model fp8step fp8full)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done

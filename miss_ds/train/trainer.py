@@ -3,10 +3,10 @@
 Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device
 against the base precision, the TP size and the output directory (``preflight``), build the model on the meta device
 with its TP split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0
-first), load this rank's weights (and, with ``model.base_precision: fp8``, quantise them once they have been saved
-or checked: ``quantize.quantize_base``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume
-(``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop
-together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
+first), load this rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it
+loads: ``quantize.BaseQuantizer``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``),
+then run steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in
+``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
 ``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from ..functional import MissShapeError
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
-from ..quantize import quantize_base
-from ..random_base import save_random_base
+from ..quantize import BaseQuantizer
+from ..random_base import MAX_BYTES, base_bytes, save_random_base
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
 from .checkpoint import TrainCheckpoint
@@ -68,15 +68,20 @@ class Trainer:
         agree("checking the output directory", lambda: self._check_output_dir(resume, overwrite))
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
-        self.checkpoint_bytes_read = agree("loading the model", lambda: materialize_model(model, cfg, self.device))
+        # An FP8 base is quantised layer by layer as it loads, unless its bf16 values must be saved first.
+        quantizer = BaseQuantizer(model) if cfg.model.base_precision == "fp8" else None
+        saves_base = cfg.model.random_weights and base_bytes(model) <= MAX_BYTES
+        loaded = quantizer.loaded if quantizer is not None and not saves_base else None
+        self.checkpoint_bytes_read = agree("loading the model",
+                                           lambda: materialize_model(model, cfg, self.device, loaded))
         if cfg.init_adapter:
             from ..convert.init_adapter import load_init_adapter  # imports PEFT: only when it is needed
 
             agree("loading init_adapter", lambda: load_init_adapter(model, cfg.init_adapter))
         if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
             agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
-        if cfg.model.base_precision == "fp8":  # after the reads of the bf16 base above
-            agree("quantising the base to FP8", lambda: quantize_base(model))
+        if quantizer is not None:
+            agree("quantising the base to FP8", quantizer.finish)
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())
                                  if cfg.model.gradient_checkpointing else None)
         t = cfg.train
