@@ -14,8 +14,8 @@ element: the 80-layer Llama-2-70B shape (68 GB of FP8 projections) would no long
 optimizer state and activations, so one copy it is.
 
 Activations and output gradients change at every call: they are quantised per token (one scale per row) by
-:func:`quantize_rows`, compiled on CUDA into fused kernels (``torch.compile``: one read of the input for the row
-maxima, one for the scaled cast), eager elsewhere. Every scale is ``amax / 448`` (e4m3's largest finite value), so
+:func:`quantize_rows`, on CUDA by a Triton kernel that reads each row once (``miss_ds.fp8_kernels``), eager
+elsewhere. Every scale is ``amax / 448`` (e4m3's largest finite value), so
 a row's largest element maps to 448; amax is clamped at ``AMAX_FLOOR`` so that an all-zero row (the gradient of an
 ignored token) quantises to zeros. The products write bf16; accumulation is the GEMM's (fp32).
 
@@ -26,7 +26,7 @@ a column shard's outputs only, so TP=1 and TP=2 FP8 runs differ by quantisation,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -38,6 +38,9 @@ E4M3_MAX = torch.finfo(E4M3).max
 AMAX_FLOOR = 1e-30
 #: FP8 GEMMs (cuBLAS, ``torch._scaled_mm``) need both dimensions of the weight to be multiples of this.
 FP8_MULTIPLE = 16
+#: Longest row the CUDA quantiser holds in one program's registers; longer rows (rare: a 53248-wide down_proj at
+#: TP=1) take the eager path.
+KERNEL_MAX_ROW = 32768
 
 
 def fp8_capable(in_features: float, out_features: float) -> bool:
@@ -47,37 +50,31 @@ def fp8_capable(in_features: float, out_features: float) -> bool:
 
 
 def _quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition (and the path off CUDA): eager PyTorch."""
     t = t.float() if col_scale is None else t.float() * col_scale
     scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / E4M3_MAX
     return (t / scale).to(E4M3), scale
 
 
-_compiled: dict[str, Callable] = {}
-
-
-def _compiled_fn(name: str, fn: Callable) -> Callable:
-    """``fn`` compiled once per process (dynamic shapes: token counts vary between calls)."""
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
-
-
 def quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``t * col_scale`` (rows, n; col_scale (1, n) or None) as e4m3 values q (rows, n, contiguous) and fp32
-    scales s (rows, 1): t * col_scale ~ q * s."""
-    quantize = _compiled_fn("quantize_rows", _quantize_rows) if t.is_cuda else _quantize_rows
-    return quantize(t.contiguous(), col_scale)
+    scales s (rows, 1): t * col_scale ~ q * s. On CUDA one read of t (``fp8_kernels``)."""
+    t = t.contiguous()
+    if t.is_cuda and t.shape[-1] <= KERNEL_MAX_ROW:
+        from . import fp8_kernels
 
-
-def _transpose(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous()
+        return fp8_kernels.quantize_rows(t, col_scale, E4M3, AMAX_FLOOR, E4M3_MAX)
+    return _quantize_rows(t, col_scale)
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (a, b) as a contiguous (b, a) copy; on CUDA a compiled tiled copy (as bytes: e4m3 copies the same)."""
+    """``t`` (a, b) as a contiguous (b, a) copy; on CUDA in tiles (``fp8_kernels``, as bytes: e4m3 copies the
+    same)."""
     if not t.is_cuda:
-        return _transpose(t)
-    return _compiled_fn("transpose", _transpose)(t.view(torch.uint8)).view(t.dtype)
+        return t.t().contiguous()
+    from . import fp8_kernels
+
+    return fp8_kernels.transposed(t.contiguous().view(torch.uint8)).view(t.dtype)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

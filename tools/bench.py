@@ -469,9 +469,9 @@ def cmd_layer(args: argparse.Namespace) -> None:
 
 
 def _fp8_design_choices(x, dy, w) -> dict:
-    """The FP8 base's choices against their alternatives: the per-token quantiser compiled or eager, the transpose
-    the input-gradient GEMM reads compiled or eager, made per call (one FP8 copy) or kept (a second copy), and the
-    bf16 GEMMs they replace."""
+    """The FP8 base's choices against their alternatives: the per-token quantiser and the transpose the
+    input-gradient GEMM reads as Triton kernels, compiled or eager; the transpose made per call (one FP8 copy) or
+    kept (a second copy); and the bf16 GEMMs they replace."""
     import torch
 
     from miss_ds import fp8
@@ -479,9 +479,15 @@ def _fp8_design_choices(x, dy, w) -> dict:
     base = fp8.FP8Weight.from_weight(w)
     kept = fp8.transposed(base.data)
     dq, ds = fp8.quantize_rows(dy, base.scale)
-    return {"fp8: quantise x per token, compiled (miss_ds)": lambda: fp8.quantize_rows(x),
+    compiled_quantize = torch.compile(fp8._quantize_rows, dynamic=True)
+    compiled_transpose = torch.compile(lambda t: t.t().contiguous(), dynamic=True)
+    as_bytes = base.data.view(torch.uint8)
+    return {"fp8: quantise x per token, Triton (miss_ds)": lambda: fp8.quantize_rows(x),
+            "fp8: quantise x per token, torch.compile": lambda: compiled_quantize(x, None),
             "fp8: quantise x per token, eager": lambda: fp8._quantize_rows(x, None),
-            "fp8: transpose W_q, compiled (miss_ds)": lambda: fp8.transposed(base.data),
+            "fp8: quantise dy times W's row scales, Triton (miss_ds)": lambda: fp8.quantize_rows(dy, base.scale),
+            "fp8: transpose W_q, Triton (miss_ds)": lambda: fp8.transposed(base.data),
+            "fp8: transpose W_q, torch.compile": lambda: compiled_transpose(as_bytes),
             "fp8: transpose W_q, eager": lambda: base.data.t().contiguous(),
             "fp8: forward GEMM x_q W_q^T": lambda: fp8.linear_fp8(x, base, fp8.quantize_rows(x)),
             "bf16: forward GEMM x W^T": lambda: x @ w.t(),

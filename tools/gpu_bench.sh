@@ -40,7 +40,6 @@ for stage in "$@"; do case $stage in
   fp8step) python3 tools/bench.py step --gpus 1 --ref floor --out "$LOGS/fp8step" --work /tmp/step-work \
       --variant "floor=probe:.probes/baseline70b.py --mode tpbase --layers 16 --mbs 2" \
       --variant "miss=train:$SLICE" --variant "miss_fp8=train:$SLICE model.base_precision=fp8" \
-      --variant "mini_fp8=train:$SLICE model.base_precision=fp8 miss.mode=mini miss.mini_r=64" \
       --variant "miss_auto=train:$SLICE model.recompute_layers=auto" \
       --variant "miss_fp8_auto=train:$SLICE model.base_precision=fp8 model.recompute_layers=auto" 2>&1 \
       | grep -v Warning | tee "$LOGS/fp8step.txt" ;;

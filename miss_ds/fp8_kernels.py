@@ -1,0 +1,61 @@
+"""Two memory-bound passes of the FP8 base as Triton kernels (CUDA only; imported by :mod:`miss_ds.fp8` on first
+CUDA use): the per-token quantiser and the weight transpose the input-gradient GEMM reads.
+
+Written by hand because what PyTorch offers reads the data more than once: eager quantisation is six kernels,
+``torch.compile`` (dynamic shapes) a reduction kernel that reads each row twice, and the eager and compiled
+transposes copy at a third of the GPU's bandwidth (``tools/bench.py layer --base-precision fp8`` times all of them
+side by side: docs/scale.md). Here a row is read once, held in registers while its maximum is found, and written
+as e4m3; a transpose moves square tiles.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, col_ptr, q_ptr, scale_ptr, n, x_stride, amax_floor, fp8_max,
+                          HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + row * x_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL:
+        x = x * tl.load(col_ptr + offsets, mask=mask, other=0.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor) / fp8_max
+    tl.store(q_ptr + row * n + offsets, tl.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor], fp8_dtype: torch.dtype, amax_floor: float,
+                  fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t * col_scale`` (rows, n) per row to ``fp8_dtype`` values and fp32 scales (rows, 1): one program a row,
+    the row in registers (``fp8.KERNEL_MAX_ROW`` features at most)."""
+    rows, n = t.shape
+    q = torch.empty(rows, n, dtype=fp8_dtype, device=t.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=t.device)
+    block = triton.next_power_of_2(n)
+    col = col_scale.reshape(-1) if col_scale is not None else t  # unread without HAS_COL
+    _quantize_rows_kernel[(rows,)](t, col, q, scale, n, t.stride(0), amax_floor, fp8_max,
+                                   HAS_COL=col_scale is not None, BLOCK=block,
+                                   num_warps=min(16, max(4, block // 1024)))
+    return q, scale
+
+
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, m, n, TILE: tl.constexpr):
+    rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
+    mask = (rows[:, None] < m) & (cols[None, :] < n)
+    tile = tl.load(src_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask)
+    tl.store(dst_ptr + cols[None, :].to(tl.int64) * m + rows[:, None], tile, mask=mask)
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous (b, a) copy of a contiguous 1-byte tensor (a, b), in 64 x 64 tiles."""
+    m, n = t.shape
+    out = torch.empty(n, m, dtype=t.dtype, device=t.device)
+    _transpose_kernel[(triton.cdiv(m, 64), triton.cdiv(n, 64))](t, out, m, n, TILE=64)
+    return out
