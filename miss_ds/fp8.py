@@ -38,9 +38,6 @@ E4M3_MAX = torch.finfo(E4M3).max
 AMAX_FLOOR = 1e-30
 #: FP8 GEMMs (cuBLAS, ``torch._scaled_mm``) need both dimensions of the weight to be multiples of this.
 FP8_MULTIPLE = 16
-#: Longest row the CUDA quantiser holds in one program's registers; longer rows (rare: a 53248-wide down_proj at
-#: TP=1) take the eager path.
-KERNEL_MAX_ROW = 32768
 
 
 def fp8_capable(in_features: float, out_features: float) -> bool:
@@ -58,9 +55,9 @@ def _quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor]) -> tuple[
 
 def quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``t * col_scale`` (rows, n; col_scale (1, n) or None) as e4m3 values q (rows, n, contiguous) and fp32
-    scales s (rows, 1): t * col_scale ~ q * s. On CUDA one read of t (``fp8_kernels``)."""
+    scales s (rows, 1): t * col_scale ~ q * s. On CUDA a Triton kernel (``fp8_kernels``)."""
     t = t.contiguous()
-    if t.is_cuda and t.shape[-1] <= KERNEL_MAX_ROW:
+    if t.is_cuda:
         from . import fp8_kernels
 
         return fp8_kernels.quantize_rows(t, col_scale, E4M3, AMAX_FLOOR, E4M3_MAX)
