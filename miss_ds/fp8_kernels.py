@@ -21,35 +21,34 @@ CHUNK = 8192
 
 
 @triton.jit
+def _scaled_chunk(x_row, col_ptr, offsets, n, HAS_COL: tl.constexpr):
+    """The row's features at ``offsets`` (zeros past n) in fp32, times the column scales with ``HAS_COL``."""
+    mask = offsets < n
+    x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COL:
+        x = x * tl.load(col_ptr + offsets, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, col_ptr, q_ptr, scale_ptr, n, x_stride, amax_floor, fp8_max,
                           HAS_COL: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row, q_row = x_ptr + row * x_stride, q_ptr + row * n
     if ONE_CHUNK:
         offsets = tl.arange(0, BLOCK)
-        mask = offsets < n
-        x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_COL:
-            x = x * tl.load(col_ptr + offsets, mask=mask, other=0.0)
+        x = _scaled_chunk(x_row, col_ptr, offsets, n, HAS_COL)
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), amax_floor) / fp8_max
-        tl.store(q_row + offsets, tl.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + offsets, tl.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=offsets < n)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            mask = offsets < n
-            x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_ptr + offsets, mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x))
+            amax = tl.maximum(amax, tl.abs(_scaled_chunk(x_row, col_ptr, start + tl.arange(0, BLOCK), n, HAS_COL)))
         scale = tl.maximum(tl.max(amax, axis=0), amax_floor) / fp8_max
         for start in range(0, n, BLOCK):
             offsets = start + tl.arange(0, BLOCK)
-            mask = offsets < n
-            x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
-            if HAS_COL:
-                x = x * tl.load(col_ptr + offsets, mask=mask, other=0.0)
-            tl.store(q_row + offsets, tl.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+            x = _scaled_chunk(x_row, col_ptr, offsets, n, HAS_COL)
+            tl.store(q_row + offsets, tl.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=offsets < n)
     tl.store(scale_ptr + row, scale)
 
 
