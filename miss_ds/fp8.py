@@ -14,10 +14,10 @@ element: the 80-layer Llama-2-70B shape (68 GB of FP8 projections) would no long
 optimizer state and activations, so one copy it is.
 
 Activations and output gradients change at every call: they are quantised per token (one scale per row) by
-:func:`quantize_rows`, on CUDA by a Triton kernel that reads each row once (``miss_ds.fp8_kernels``), eager
-elsewhere. Every scale is ``amax / 448`` (e4m3's largest finite value), so
-a row's largest element maps to 448; amax is clamped at ``AMAX_FLOOR`` so that an all-zero row (the gradient of an
-ignored token) quantises to zeros. The products write bf16; accumulation is the GEMM's (fp32).
+:func:`quantize_rows`, on CUDA by a Triton kernel (``miss_ds.fp8_kernels``), elsewhere by its eager definition
+:func:`quantize_rows_eager`. Every scale is ``amax / 448`` (e4m3's largest finite value), so a row's largest element
+maps to 448; amax is clamped at ``AMAX_FLOOR`` so that an all-zero row (the gradient of an ignored token) quantises
+to zeros. The products write bf16; accumulation is the GEMM's (fp32).
 
 No modules, no process groups: a tensor-parallel shard is quantised from its own values. A column-parallel shard's
 row scales are the full weight's, a row-parallel shard's are its own columns' maxima, and dy's per-token scales span
@@ -46,8 +46,8 @@ def fp8_capable(in_features: float, out_features: float) -> bool:
     return in_features % FP8_MULTIPLE == 0 and out_features % FP8_MULTIPLE == 0
 
 
-def _quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition (and the path off CUDA): eager PyTorch."""
+def quantize_rows_eager(t: torch.Tensor, col_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` in eager PyTorch: its definition and the path off CUDA."""
     t = t.float() if col_scale is None else t.float() * col_scale
     scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / E4M3_MAX
     return (t / scale).to(E4M3), scale
@@ -61,7 +61,7 @@ def quantize_rows(t: torch.Tensor, col_scale: Optional[torch.Tensor] = None) -> 
         from . import fp8_kernels
 
         return fp8_kernels.quantize_rows(t, col_scale, E4M3, AMAX_FLOOR, E4M3_MAX)
-    return _quantize_rows(t, col_scale)
+    return quantize_rows_eager(t, col_scale)
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:
@@ -93,8 +93,8 @@ class FP8Weight:
     @classmethod
     @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor) -> FP8Weight:
-        """Quantise ``weight`` (out, in) per output row (a transient: one fp32 copy of the weight)."""
-        data, scale = _quantize_rows(weight, None)
+        """Quantise ``weight`` (out, in) per output row."""
+        data, scale = quantize_rows(weight)
         return cls(data.contiguous(), scale.t().contiguous(),
                    torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device))
 

@@ -479,12 +479,12 @@ def _fp8_design_choices(x, dy, w) -> dict:
     base = fp8.FP8Weight.from_weight(w)
     kept = fp8.transposed(base.data)
     dq, ds = fp8.quantize_rows(dy, base.scale)
-    compiled_quantize = torch.compile(fp8._quantize_rows, dynamic=True)
+    compiled_quantize = torch.compile(fp8.quantize_rows_eager, dynamic=True)
     compiled_transpose = torch.compile(lambda t: t.t().contiguous(), dynamic=True)
     as_bytes = base.data.view(torch.uint8)
     return {"fp8: quantise x per token, Triton (miss_ds)": lambda: fp8.quantize_rows(x),
             "fp8: quantise x per token, torch.compile": lambda: compiled_quantize(x, None),
-            "fp8: quantise x per token, eager": lambda: fp8._quantize_rows(x, None),
+            "fp8: quantise x per token, eager": lambda: fp8.quantize_rows_eager(x, None),
             "fp8: quantise dy times W's row scales, Triton (miss_ds)": lambda: fp8.quantize_rows(dy, base.scale),
             "fp8: transpose W_q, Triton (miss_ds)": lambda: fp8.transposed(base.data),
             "fp8: transpose W_q, torch.compile": lambda: compiled_transpose(as_bytes),
