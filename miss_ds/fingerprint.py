@@ -7,7 +7,7 @@ modules' weights, at positions fixed by the modules' names and full shapes, with
 
 It reads the same from a live model of any TP layout (each rank reads the positions inside its own shard and one
 all-reduce over the TP group completes them; a layer whose base is in FP8 answers from the original values it kept
-at these positions, ``quantize.quantize_base``) and from a safetensors checkpoint on disk (only the rows holding the
+at these positions, ``quantize.BaseQuantizer``) and from a safetensors checkpoint on disk (only the rows holding the
 positions are read). A check reads the base at the recorded positions: equal values are the same base; values
 within one bf16 step of the recorded ones are the same base in another precision (accepted with a warning: a copy
 converted through fp16 rounds twice); anything else is another base, named with the first differing weight.
@@ -123,7 +123,7 @@ def read_model(model: nn.Module, positions: Sequence[Position]) -> tuple[float, 
         index = local_index(layer, row, col)
         if index is None:
             continue
-        values[k] = layer.base_value(*index).double()  # an FP8 layer kept these values (quantize.quantize_base)
+        values[k] = layer.base_value(*index).double()  # an FP8 layer kept these values (quantize.BaseQuantizer)
         owners[k] = 1
     if split and dist.is_initialized():
         # Replicated weights are read by every rank (owners = TP size); the division is exact.

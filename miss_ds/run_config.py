@@ -39,17 +39,17 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     base_precision: Literal["bf16", "fp8"] = "bf16"
     """Precision of the frozen base weights MiSS wraps. ``fp8``: each rank quantises its shards to e4m3 as it loads
-    them (``quantize.BaseQuantizer``: 1 byte per element plus an fp32 scale per output row, so the 80-layer 70B shape
-    fits on one 141 GB GPU) and runs the two products that read them, the forward GEMM and the input gradient's, on FP8 tensor cores with
-    per-token quantised activations (``miss_ds.fp8``); D and its math stay bf16/fp32, embeddings, norms and the LM
-    head stay bf16. Like QLoRA, D is trained against the FP8 base (the run's own eval loss and samples too) but
-    exported, merged and served on the original bf16 base (``miss-ds-convert``, ``miss-ds-eval`` and
-    ``miss-ds-generate`` read the base files; a merge into the FP8 copy is refused), which the training loss does not
-    see exactly. Needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or
-    newer: Ada, Hopper, Blackwell; refused elsewhere before the model is built), ``dtype: bfloat16`` and
-    ``miss.mode`` ``miss`` or ``mini``. Layers whose shard is not a multiple of 16 in both dimensions stay bf16
-    (one warning lists them). TP=1 and TP=2 runs differ by quantisation: a shard's scales are its own. Measured on
-    one H200: docs/scale.md."""
+    them (``quantize.BaseQuantizer``: 1 byte per element plus an fp32 scale per output row, so the 80-layer 70B
+    shape fits on one 141 GB GPU) and runs the two products that read them, the forward GEMM and the input
+    gradient's, on FP8 tensor cores with per-token quantised activations (``miss_ds.fp8``); D and its math stay
+    bf16/fp32, embeddings, norms and the LM head stay bf16. Like QLoRA, D is trained against the FP8 base (the run's
+    own eval loss and samples too) but exported, merged and served on the original bf16 base (``miss-ds-convert``,
+    ``miss-ds-eval`` and ``miss-ds-generate`` read the base files; a merge into the FP8 copy is refused), which the
+    training loss does not see exactly. Needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer:
+    Ada, Hopper, Blackwell; refused elsewhere before the model is built), ``dtype: bfloat16`` and ``miss.mode``
+    ``miss`` or ``mini``. Layers whose shard is not a multiple of 16 in both dimensions stay bf16 (one warning lists
+    them). TP=1 and TP=2 runs differ by quantisation: a shard's scales are its own. Measured on one H200:
+    docs/scale.md."""
     gradient_checkpointing: bool = True
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None

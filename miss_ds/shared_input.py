@@ -9,7 +9,7 @@ layers do not share their input after all: the group then stops, with a warning,
 
 Groups are formed by :func:`link_siblings` from the model family's ``shared_inputs`` (:mod:`miss_ds.families`).
 With an FP8 base the group also shares one quantisation of x (:mod:`miss_ds.fp8`); its layers must then be all FP8
-or all not (``quantize.quantize_base`` keeps a group whole); a group that is not computes one by one.
+or all not (``quantize.BaseQuantizer`` keeps a group whole); a group that is not computes one by one.
 """
 from __future__ import annotations
 

@@ -85,7 +85,8 @@ def test_each_70b_projection_on_fp8_against_bf16_and_float64(name):
     errors = {p: {"y_vs_bf16": rel(g[0], got["bf16"][0]), "dx_vs_bf16": rel(g[1], got["bf16"][1]),
                   "y_vs_f64": rel(g[0], y64), "dx_vs_f64": rel(g[1], x64.grad),
                   "dD_vs_bf16": rel(g[2], got["bf16"][2])} for p, g in got.items()}
-    print(f"\nFP8 numerics {name} {in_f}->{out_f}: {json.dumps({p: {k: round(v, 5) for k, v in e.items()} for p, e in errors.items()})}")
+    rounded = {p: {k: round(v, 5) for k, v in e.items()} for p, e in errors.items()}
+    print(f"\nFP8 numerics {name} {in_f}->{out_f}: {json.dumps(rounded)}")
     e = errors["fp8"]
     assert e["y_vs_bf16"] < 0.05 and e["dx_vs_bf16"] < 0.05 and e["y_vs_f64"] < 0.05 and e["dx_vs_f64"] < 0.05
     assert errors["bf16"]["y_vs_f64"] < 0.01 and errors["bf16"]["dx_vs_f64"] < 0.01  # the bf16 path's own rounding

@@ -1,13 +1,14 @@
 """The training job: build, then a short loop over stateful components. Used by ``launch/train.py``.
 
-Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device
-against the base precision, the TP size and the output directory (``preflight``), build the model on the meta device
-with its TP split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0
-first), load this rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it
-loads: ``quantize.BaseQuantizer``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``),
-then run steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in
-``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
-``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
+Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device against
+the base precision, the TP size and the output directory (``preflight``), build the model on the meta device with its TP
+split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0 first), load this
+rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
+``quantize.BaseQuantizer``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run
+steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in
+``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer, LR schedule), the data
+iterator, the ``TrainState``, the ``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the
+``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
 
