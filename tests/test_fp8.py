@@ -504,10 +504,10 @@ def test_train_refuses_fp8_on_cpu_before_building_the_model(tmp_path):
 
 
 # ------------------------------------------------------------------ end to end
-def train_fp8(out: Path, precision: str, *overrides: str, ranks: int = 1) -> dict[int, float]:
+def train_fp8(out: Path, precision: str, *overrides: str, ranks: int = 1, resume: bool = False) -> dict[int, float]:
     """launch/train.py (tests/dist/fp8_train.py, which lifts the device check: the CPU runs torch._scaled_mm) for 12
     steps of the default config in bf16 (lr 3e-3: at 1e-2 the LM head spikes the loss at step 7 in bf16 and FP8
-    alike, and the runs part); returns the train losses by step."""
+    alike, and the runs part), with ``--resume auto`` if ``resume``; returns the train losses by step."""
     sets = ["model.dtype=bfloat16", f"model.base_precision={precision}", "train.max_steps=12", "train.lr=3e-3",
             "train.warmup_steps=2",
             "eval.every_steps=0", "eval.max_batches=1", "eval.samples=0", "checkpoint.every_steps=0",
@@ -515,7 +515,8 @@ def train_fp8(out: Path, precision: str, *overrides: str, ranks: int = 1) -> dic
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
                 str(free_port())] if ranks > 1 else [sys.executable]
     proc = subprocess.run([*launcher, "tests/dist/fp8_train.py", "--config", str(CONFIG),
-                           *[a for s in sets for a in ("--set", s)]], cwd=ROOT, capture_output=True, text=True,
+                           *[a for s in sets for a in ("--set", s)], *(["--resume", "auto"] if resume else [])],
+                          cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                                             "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -558,6 +559,28 @@ def test_trainer_runs_the_fp8_base_and_exports_from_the_bf16_base(tmp_path):
     assert abs(summaries[0]["eval_loss"] - summaries[1]["eval_loss"]) < 0.02 * summaries[1]["eval_loss"]
     merged_equals_bf16_base_plus_d(tmp_path / "fp8" / "checkpoints" / "step_00000012", tmp_path / "fp8" / "base",
                                    tmp_path / "merged", None)
+
+
+def test_an_fp8_run_resumes_exactly(tmp_path):
+    """ZeRO-2 on an FP8 base with a checkpoint every 6 steps: a copy of the run without its last checkpoint resumes
+    from step 6 (the saved random base quantised again, D and the optimizer from the checkpoint) and logs steps 7-12
+    again with the uninterrupted run's losses and eval loss, bitwise."""
+    import shutil
+
+    sets = ("parallel.zero_stage=2", "checkpoint.every_steps=6")
+    whole = train_fp8(tmp_path / "whole", "fp8", *sets)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000012")
+    resumed = train_fp8(tmp_path / "resumed", "fp8", *sets, resume=True)
+    assert resumed == whole
+
+    def last(run: str) -> dict:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in reversed(rows) if r["split"] == "train")
+
+    assert last("resumed")["step"] == 12 and last("resumed")["time"] > last("whole")["time"]  # logged again
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("whole", "resumed")]
+    assert summaries[1]["eval_loss"] == summaries[0]["eval_loss"]
 
 
 def test_tp2_fp8_run_quantises_per_rank_close_to_tp1(tmp_path, hf_base):
