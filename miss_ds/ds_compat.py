@@ -204,9 +204,13 @@ def set_master(engine: Any, param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def ensure_optimizer_state(engine: Any) -> None:
-    """Create Adam's state now (torch creates it lazily at the first step) so a saved state can be written into it
-    and a checkpoint taken before the first step has one: a step of the inner optimizer with zero gradients and
-    learning rate 0 (no parameter moves, the moments stay zero), its step count then set back to 0."""
+    """Before the first step: create Adam's state now (torch creates it lazily at the first step) so a saved state
+    can be written into it and a checkpoint taken before the first step has one, by a step of the inner optimizer
+    with zero gradients and learning rate 0 (no parameter moves, the moments stay zero); then set Adam's step count
+    to 0. FP16_UnfusedOptimizer (ZeRO-0 under bf16) has already made that state itself, by a step on zero gradients
+    at the full learning rate, and left the count at 1: Adam's bias correction would then count a step that never
+    was, and the first real update would be 0.74 lr instead of lr (``tests/test_train.py``). (Its one
+    weight decay of the trainable weights at the full learning rate is not undone: D starts at zero.)"""
     inner = _inner(engine)
     if not any(inner.state.get(p) for group in inner.param_groups for p in group["params"]):
         saved = [(group["lr"], [p.grad for p in group["params"]]) for group in inner.param_groups]
@@ -219,7 +223,7 @@ def ensure_optimizer_state(engine: Any) -> None:
             group["lr"] = lr
             for p, grad in zip(group["params"], grads):
                 p.grad = grad
-        set_adam_step(engine, 0)
+    set_adam_step(engine, 0)
     _link_state(engine)
 
 
