@@ -95,7 +95,7 @@ class FP8Weight:
     def from_weight(cls, weight: torch.Tensor) -> FP8Weight:
         """Quantise ``weight`` (out, in) per output row."""
         data, scale = quantize_rows(weight)
-        return cls(data.contiguous(), scale.t().contiguous(),
+        return cls(data, scale.t().contiguous(),
                    torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device))
 
     @property

@@ -49,7 +49,7 @@ def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout:
     target = Path(output_dir) / BASE_DIR
     params = list(base_parameters(model))
     total = base_bytes(model)
-    if total > MAX_BYTES:
+    if not will_save(model):
         if layout.is_main:
             logger.warning("the random base (%.1f GiB) is not saved, being over %.1f GiB: this run's adapters can be "
                            "used only by a run that draws the same base (same seed and parallel.tp_size)",
@@ -99,9 +99,13 @@ def _holds(directory: Path, model: nn.Module) -> bool:
         return fingerprint.read_checkpoint(saved, drawn.positions) == drawn.values
 
 
+def will_save(model: nn.Module) -> bool:
+    """Whether :func:`save_random_base` writes the base of ``model`` (meta or materialised): not over ``MAX_BYTES``."""
+    return base_bytes(model) <= MAX_BYTES
+
+
 def base_bytes(model: nn.Module) -> int:
-    """Bytes of the full (all TP shards) base of ``model``, meta or materialised; a base over ``MAX_BYTES`` is not
-    saved."""
+    """Bytes of the full (all TP shards) base of ``model``, meta or materialised."""
     return sum(_full_numel(model, names[0], p) * p.element_size() for names, p in base_parameters(model))
 
 

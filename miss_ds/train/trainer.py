@@ -30,7 +30,7 @@ from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
 from ..quantize import BaseQuantizer
-from ..random_base import MAX_BYTES, base_bytes, save_random_base
+from ..random_base import save_random_base, will_save
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
 from .checkpoint import TrainCheckpoint
@@ -71,7 +71,7 @@ class Trainer:
         self._build_data()
         # An FP8 base is quantised layer by layer as it loads, unless its bf16 values must be saved first.
         quantizer = BaseQuantizer(model) if cfg.model.base_precision == "fp8" else None
-        saves_base = cfg.model.random_weights and base_bytes(model) <= MAX_BYTES
+        saves_base = cfg.model.random_weights and will_save(model)
         loaded = quantizer.loaded if quantizer is not None and not saves_base else None
         self.checkpoint_bytes_read = agree("loading the model",
                                            lambda: materialize_model(model, cfg, self.device, loaded))
