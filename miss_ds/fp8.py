@@ -104,10 +104,6 @@ class FP8Weight:
         return tuple(self.data.shape)
 
     @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
     def nbytes(self) -> int:
         """Bytes held: 1 per element, 4 per scale (and per unit column scale)."""
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.unit))
