@@ -33,5 +33,6 @@ setup(
         "miss-ds-plan-memory=miss_ds.cli.plan_memory:main",
     ]},
     # megatron-core: its tensor-parallel linears, wrapped by miss_ds.parallel.megatron, run on CPU too.
-    extras_require={"test": ["pytest>=8", "megatron-core>=0.12,<0.17"]},
+    # liger-kernel: model.kernels=liger (miss_ds/fused_kernels.py), fused Triton kernels for CUDA GPUs.
+    extras_require={"test": ["pytest>=8", "megatron-core>=0.12,<0.17"], "liger": ["liger-kernel>=0.8.5,<0.9"]},
 )

@@ -86,6 +86,9 @@ class Family:
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     """Projections (last name components) of one parent module that read the same input tensor (q, k and v; gate
     and up): their MiSS products are computed together (:mod:`miss_ds.shared_input`)."""
+    liger: bool = False
+    """``model.kernels: liger`` is allowed (:mod:`miss_ds.fused_kernels`): Liger Kernel patches this family and
+    ``tests/test_fused_kernels_gpu.py`` finds its losses and gradients equal to transformers' code on a GPU."""
 
     def tp_style(self, module_name: str) -> Optional[Style]:
         """How the plan splits module ``module_name`` (by its last name component); None: replicated."""
@@ -118,27 +121,27 @@ MOE_EXPERTS = Experts(files={"gate_up_proj": ("gate_proj", "up_proj"), "down_pro
                       intermediate="moe_intermediate_size", count="num_experts")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "Llama", **LLAMA_LIKE),
-    Family("mistral", "Mistral", **LLAMA_LIKE),
-    Family("qwen2", "Qwen2", **LLAMA_LIKE),
-    Family("qwen3", "Qwen3", **LLAMA_LIKE),
-    Family("gemma2", "Gemma2", **LLAMA_LIKE, attention_note="sdpa has no logit soft-capping"),
-    Family("gemma3_text", "Gemma3 (text)", **LLAMA_LIKE),
-    Family("olmo2", "OLMo2", **LLAMA_LIKE, full_width_norms={"q_norm": "q_proj", "k_norm": "k_proj"}),
+    Family("llama", "Llama", **LLAMA_LIKE, liger=True),
+    Family("mistral", "Mistral", **LLAMA_LIKE, liger=True),
+    Family("qwen2", "Qwen2", **LLAMA_LIKE, liger=True),
+    Family("qwen3", "Qwen3", **LLAMA_LIKE, liger=True),
+    Family("gemma2", "Gemma2", **LLAMA_LIKE, liger=True, attention_note="sdpa has no logit soft-capping"),
+    Family("gemma3_text", "Gemma3 (text)", **LLAMA_LIKE, liger=True),
+    Family("olmo2", "OLMo2", **LLAMA_LIKE, liger=True, full_width_norms={"q_norm": "q_proj", "k_norm": "k_proj"}),
     Family("phi3", "Phi-3", targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
            tp_plan={"qkv_proj": "column", "o_proj": "row", "gate_up_proj": "column", "down_proj": "row"},
-           fused={"qkv_proj": _qkv_widths, "gate_up_proj": _gate_up_widths}, heads_from_config=True),
+           fused={"qkv_proj": _qkv_widths, "gate_up_proj": _gate_up_widths}, heads_from_config=True, liger=True),
     # query_key_value interleaves q, k, v per head ([q_h; k_h; v_h] for each head h), so a head-aligned
     # contiguous split gives each rank whole heads with their q, k and v: a plain column split.
     Family("gpt_neox", "GPT-NeoX", targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
            tp_plan={"query_key_value": "column", "dense": "row", "dense_h_to_4h": "column", "dense_4h_to_h": "row"},
            renames={"lm_head": "embed_out"}),
     Family("mixtral", "Mixtral", targets=ATTENTION, tp_plan=ATTENTION_PLAN, renames={"mlp": "block_sparse_moe"},
-           shared_inputs=(QKV_INPUT,),
+           shared_inputs=(QKV_INPUT,), liger=True,
            experts=Experts(files={"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
                            intermediate="intermediate_size", count="num_local_experts")),
     Family("qwen2_moe", "Qwen2-MoE", **LLAMA_LIKE, experts=MOE_EXPERTS),
-    Family("qwen3_moe", "Qwen3-MoE", **LLAMA_LIKE, experts=MOE_EXPERTS),
+    Family("qwen3_moe", "Qwen3-MoE", **LLAMA_LIKE, liger=True, experts=MOE_EXPERTS),
 )}
 
 #: Model types refused outright, with the reason.
@@ -189,7 +192,8 @@ def routed_experts(config: Any) -> int:
 #: How each family is supported, one row per family: training at TP=1 and at TP>1 (TP=2 equal to TP=1 step by
 #: step), per-rank loading from a ``save_pretrained`` checkpoint, and export (merged and PEFT, loaded back with
 #: equal logits), and what is particular to it. ``tests/test_families.py`` runs every "yes" cell
-#: (``tests/dist/families.py``) and every refusal; README.md's table is :func:`support_table`.
+#: (``tests/dist/families.py``) and every refusal; README.md's table is :func:`support_table`, with a column for
+#: the fused kernels (``Family.liger``, tested on a GPU by ``tests/test_fused_kernels_gpu.py``).
 SUPPORT_COLUMNS = ("TP=1", "TP>1", "load checkpoint", "export merged / PEFT")
 SUPPORT: dict[str, tuple[tuple[str, str, str, str], str]] = {
     "llama": (("yes",) * 4, "Llama 2/3 (rope scaling); uneven head splits (5 heads; 6 heads / 3 KV)"),
@@ -211,11 +215,12 @@ SUPPORT: dict[str, tuple[tuple[str, str, str, str], str]] = {
 
 def support_table() -> str:
     """The support matrix as a Markdown table (README.md holds exactly this)."""
-    header = ("family (`model_type`)", *SUPPORT_COLUMNS, "MiSS by default on", "notes")
+    header = ("family (`model_type`)", *SUPPORT_COLUMNS, "`model.kernels: liger`", "MiSS by default on", "notes")
     rows = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for model_type, (cells, notes) in SUPPORT.items():
         family = FAMILIES.get(model_type)
         name = family.name if family else "GPT-2"
         targets = ", ".join(f"`{t}`" for t in family.targets) if family else "-"
-        rows.append(f"| {name} (`{model_type}`) | " + " | ".join((*cells, targets, notes)) + " |")
+        liger = "yes" if family and family.liger else "-"
+        rows.append(f"| {name} (`{model_type}`) | " + " | ".join((*cells, liger, targets, notes)) + " |")
     return "\n".join(rows)

@@ -50,6 +50,13 @@ class ModelConfig:
     ``miss`` or ``mini``. Layers whose shard is not a multiple of 16 in both dimensions stay bf16 (one warning lists
     them). TP=1 and TP=2 runs differ by quantisation: a shard's scales are its own. Measured on one H200:
     docs/scale.md."""
+    kernels: Literal["hf", "liger"] = "hf"
+    """The model's own layers (norms, rotary embedding, MLP activation, loss): ``hf``, transformers' PyTorch code;
+    ``liger``, Liger Kernel's fused Triton kernels (``miss_ds.fused_kernels``: RMSNorm, RoPE, SwiGLU/GeGLU, and
+    the cross-entropy fused with the LM head, so training never holds the logits). Same results up to rounding,
+    faster: measured in docs/scale.md. Needs a CUDA GPU, ``pip install -e '.[liger]'``, and a family marked for it
+    in the README's support table (refused otherwise before the model is built). The MiSS layers are the same in
+    both."""
     gradient_checkpointing: bool = True
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None

@@ -1,4 +1,5 @@
-"""Start multi-rank CPU jobs with the deepspeed launcher and read back their RESULT line."""
+"""Start jobs from the tests: multi-rank CPU jobs with the deepspeed launcher (and their RESULT line), and the
+default job on a GPU."""
 from __future__ import annotations
 
 import json
@@ -28,3 +29,18 @@ def result_of(proc: subprocess.CompletedProcess) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise AssertionError(f"no RESULT line (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def train_default_job_on_gpu(out: Path, *sets: str) -> dict:
+    """The README's default job (configs/tiny-cpu.yaml) through launch/train.py on the GPU, with ``--set`` overrides
+    ``sets``: its eval losses, first logged train loss, summary and output."""
+    sets = ("logging.progress=false", "eval.samples=0", f"output_dir={out}", *sets)
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny-cpu.yaml",
+                           *[a for s in sets for a in ("--set", s)]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "DS_ACCELERATOR": "cuda", "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"eval": [r["loss"] for r in rows if r["split"] == "eval"],
+            "first_train": next(r["loss"] for r in rows if r["split"] == "train"),
+            "summary": json.loads((out / "summary.json").read_text()), "output": proc.stdout + proc.stderr}

@@ -23,6 +23,7 @@ the same function).
 
     python tools/bench.py model --layers 8
     python tools/bench.py model --layers 8 --variants frozen,miss,miss-fp8,mini-fp8   # FP8 base (miss_ds.quantize)
+    python tools/bench.py model --layers 8 --variants frozen,miss,frozen-liger,miss-liger   # Liger's fused kernels
 
 ``pack``: packed against unpacked training on rows whose lengths follow a long-tailed (log-normal) spread, as in
 SFT sets: one ``launch/train.py`` run per layout and attention implementation, same model, micro-batch and
@@ -143,6 +144,9 @@ MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", 
 #: Also accepted by ``model --variants``, not run by default: miss_ds on an FP8 base (needs FP8 tensor cores).
 #: ``miss-fp8-qkv-bf16``: q/k/v (a shared-input group) keep their bf16 weights, the other projections run on FP8.
 FP8_MODEL_VARIANTS = ("miss-fp8", "mini-fp8", "miss-fp8-qkv-bf16")
+#: Any variant with this suffix also runs Liger's fused kernels (``model.kernels: liger``; CUDA, liger-kernel).
+#: Liger patches transformers' Llama module for the whole process, so these variants run after the others.
+LIGER_SUFFIX = "-liger"
 
 
 def _llama(args: argparse.Namespace):
@@ -162,9 +166,14 @@ def _llama(args: argparse.Namespace):
 
 
 def _adapted(name: str, model, r: int):
-    """``model`` with variant ``name``'s adapter (the floor trains the final norm only, so that backward runs)."""
+    """``model`` with variant ``name``'s adapter (the floor trains the final norm only, so that backward runs); a
+    name ending in ``-liger`` also runs Liger's fused kernels (miss_ds.fused_kernels)."""
     from miss_ds import MissConfig, apply_miss, miss_layers
+    from miss_ds.fused_kernels import apply_kernels
     from miss_ds.modeling import enable_recompute
+
+    kernels = "liger" if name.endswith(LIGER_SUFFIX) else "hf"
+    name = name.removesuffix(LIGER_SUFFIX)
 
     if name == "frozen":
         model.model.norm.weight.requires_grad_(True)
@@ -191,6 +200,7 @@ def _adapted(name: str, model, r: int):
                     layer.to_fp8()
     enable_recompute(model, None)
     model.enable_input_require_grads()
+    apply_kernels(model, kernels)
     return model
 
 
@@ -212,7 +222,12 @@ def cmd_model(args: argparse.Namespace) -> None:
     tokens = args.mbs * args.seq
     ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     results = []
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    liger = [n.endswith(LIGER_SUFFIX) for n in names]
+    if liger != sorted(liger):
+        raise SystemExit(f"--variants {args.variants}: list the {LIGER_SUFFIX} variants last (Liger patches "
+                         "transformers' Llama code for the whole process: a plain variant after one would run it)")
+    for name in names:
         config, model = _llama(args)
         model = _adapted(name, model, args.r)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -471,7 +486,7 @@ def cmd_layer(args: argparse.Namespace) -> None:
 def _fp8_design_choices(x, dy, w) -> dict:
     """The FP8 base's choices against their alternatives: the per-token quantiser and the transpose the
     input-gradient GEMM reads as Triton kernels, compiled or eager; the transpose made per call (one FP8 copy) or
-    kept (a second copy); and the bf16 GEMMs they replace."""
+    kept (a second copy); the GEMMs with and without Hopper's fast accumulation; and the bf16 GEMMs they replace."""
     import torch
 
     from miss_ds import fp8
@@ -482,6 +497,22 @@ def _fp8_design_choices(x, dy, w) -> dict:
     compiled_quantize = torch.compile(fp8.quantize_rows_eager, dynamic=True)
     compiled_transpose = torch.compile(lambda t: t.t().contiguous(), dynamic=True)
     as_bytes = base.data.view(torch.uint8)
+    xq, xs = fp8.quantize_rows(x)
+
+    def forward_gemm(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(xq, base.data.t(), scale_a=xs, scale_b=base.scale, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast)
+
+    def input_grad_gemm(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(dq, kept.t(), scale_a=ds, scale_b=base.unit, out_dtype=torch.bfloat16,
+                                use_fast_accum=fast)
+
+    # Hopper's fast accumulation skips the FP8 GEMM's periodic promotion to fp32: its error, over the same
+    # quantised operands against float64, is printed beside the plain GEMM's.
+    exact = fp8.dequantize_rows(xq, xs).double() @ fp8.dequantize_rows(base.data, base.scale.t()).double().t()
+    errors = {fast: ((forward_gemm(fast).double() - exact).norm() / exact.norm()).item() for fast in (False, True)}
+    print(f"fp8 forward GEMM against float64 over its quantised operands: plain {errors[False]:.2e}, fast "
+          f"accumulation {errors[True]:.2e}")
     return {"fp8: quantise x per token, Triton (miss_ds)": lambda: fp8.quantize_rows(x),
             "fp8: quantise x per token, torch.compile": lambda: compiled_quantize(x, None),
             "fp8: quantise x per token, eager": lambda: fp8.quantize_rows_eager(x, None),
@@ -490,13 +521,15 @@ def _fp8_design_choices(x, dy, w) -> dict:
             "fp8: transpose W_q, torch.compile": lambda: compiled_transpose(as_bytes),
             "fp8: transpose W_q, eager": lambda: base.data.t().contiguous(),
             "fp8: forward GEMM x_q W_q^T": lambda: fp8.linear_fp8(x, base, fp8.quantize_rows(x)),
+            "fp8: forward GEMM alone": lambda: forward_gemm(False),
+            "fp8: forward GEMM alone, fast accumulation": lambda: forward_gemm(True),
             "bf16: forward GEMM x W^T": lambda: x @ w.t(),
             "fp8: input grad, transpose per call (miss_ds)": lambda: fp8.input_grad_fp8(dy, base),
             "fp8: input grad, transposed copy kept": lambda: torch._scaled_mm(
                 fp8.quantize_rows(dy, base.scale)[0], kept.t(), scale_a=ds, scale_b=base.unit,
                 out_dtype=torch.bfloat16),
-            "fp8: input grad GEMM alone": lambda: torch._scaled_mm(dq, kept.t(), scale_a=ds, scale_b=base.unit,
-                                                                    out_dtype=torch.bfloat16),
+            "fp8: input grad GEMM alone": lambda: input_grad_gemm(False),
+            "fp8: input grad GEMM alone, fast accumulation": lambda: input_grad_gemm(True),
             "bf16: input grad GEMM dy W": lambda: dy @ w}
 
 
@@ -513,7 +546,8 @@ def main() -> None:
     s.set_defaults(func=cmd_step)
     m = sub.add_parser("model", help="training steps of a Llama stack, one process, every variant (CUDA)")
     m.add_argument("--variants", default=",".join(MODEL_VARIANTS),
-                   help=f"comma list of {', '.join(MODEL_VARIANTS + FP8_MODEL_VARIANTS)}")
+                   help=f"comma list of {', '.join(MODEL_VARIANTS + FP8_MODEL_VARIANTS)}, each also with "
+                        f"{LIGER_SUFFIX} (listed last)")
     m.add_argument("--layers", type=int, default=8)
     m.add_argument("--hidden", type=int, default=4096)
     m.add_argument("--intermediate", type=int, default=11008)

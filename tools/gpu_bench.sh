@@ -3,6 +3,7 @@
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
 #   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
 #   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
+#   bash tools/gpu_bench.sh ligertests fastaccum ligermodel ligermodel7b ligerstep ligerfull   # model.kernels=liger
 set -uo pipefail
 OUT=${OUT:-runs/perf}; LOGS=/tmp/perf-logs; mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -47,7 +48,30 @@ for stage in "$@"; do case $stage in
       --variant "fp8_80=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8" \
       --variant "fp8_80_auto=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8 model.recompute_layers=auto" \
       2>&1 | grep -v Warning | tee "$LOGS/fp8full.txt" ;;
+  ligertests) python3 -m pytest -q -s -p no:cacheprovider tests/test_fused_kernels_gpu.py tests/test_fp8_gpu.py \
+      > "$LOGS/ligertests.txt" 2>&1; grep -E "Liger |FP8 |passed|failed|Error" "$LOGS/ligertests.txt" ;;
+  fastaccum) for shape in 8192x28672 28672x8192; do
+      python3 tools/bench.py layer --tokens 8192 --in-features ${shape%x*} --out-features ${shape#*x} --r 64 \
+        --base-precision fp8 --warmup 3 --repeat 10 > "$LOGS/fastaccum-$shape.txt" 2>&1
+      grep -E "^\| fp8: (forward|input grad)|^fp8 forward|Error" "$LOGS/fastaccum-$shape.txt"; done ;;
+  ligermodel) python3 tools/bench.py model --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 \
+      --variants frozen,miss,miss-fp8,frozen-liger,miss-liger,miss-fp8-liger --out "$LOGS/ligermodel.json" 2>&1 \
+      | grep -v Warning | tee "$LOGS/ligermodel.txt" ;;
+  ligermodel7b) python3 tools/bench.py model --layers 8 --variants frozen,miss,mini,frozen-liger,miss-liger,mini-liger \
+      --out "$LOGS/ligermodel7b.json" 2>&1 | grep -v Warning | tee "$LOGS/ligermodel7b.txt" ;;
+  ligerstep) python3 tools/bench.py step --gpus 1 --ref floor --out "$LOGS/ligerstep" --work /tmp/step-work \
+      --variant "floor=probe:.probes/baseline70b.py --mode tpbase --layers 16 --mbs 2" \
+      --variant "miss_fp8=train:$SLICE model.base_precision=fp8" \
+      --variant "miss_fp8_liger=train:$SLICE model.base_precision=fp8 model.kernels=liger" \
+      --variant "miss_auto=train:$SLICE model.recompute_layers=auto" \
+      --variant "miss_liger_auto=train:$SLICE model.kernels=liger model.recompute_layers=auto" \
+      --variant "miss_fp8_liger_auto=train:$SLICE model.base_precision=fp8 model.kernels=liger model.recompute_layers=auto" \
+      2>&1 | grep -v Warning | tee "$LOGS/ligerstep.txt" ;;
+  ligerfull) python3 tools/bench.py step --gpus 1 --ref fp8_80_liger_auto --out "$LOGS/ligerfull" --work /tmp/step-work \
+      --variant "fp8_80_liger_auto=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8 model.kernels=liger model.recompute_layers=auto" \
+      2>&1 | grep -v Warning | tee "$LOGS/ligerfull.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
-  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model fp8step fp8full)" >&2; exit 2 ;;
+  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model" \
+       "fp8step fp8full ligertests fastaccum ligermodel ligermodel7b ligerstep ligerfull)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done

@@ -14,7 +14,7 @@ VENV="${VENV:-$(mktemp -d)/venv}"
 LOG="$(dirname "$VENV")/refresh-lock.log"
 python3 -m venv "$VENV"
 echo "resolving the newest dependencies into $VENV (torch==$TORCH) ..."
-"$VENV/bin/pip" install -q "torch==$TORCH" -e ".[test]"
+"$VENV/bin/pip" install -q "torch==$TORCH" -e ".[test,liger]"  # liger: locked too, installed by GPU users
 echo "running the test suite against them (log: $LOG) ..."
 if ! "$VENV/bin/python" -m pytest -q tests >"$LOG" 2>&1; then
     tail -n 30 "$LOG"

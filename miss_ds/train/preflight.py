@@ -2,7 +2,8 @@
 
 What needs only the config file is checked by ``miss_ds.run_config.validate``; what needs the model's shapes (r, mode,
 TP shards) by building the model on the meta device (``loading.model_on_meta``). This module checks what needs the
-job's size or the output directory: the device against the base precision (FP8 tensor cores), the TP size against
+job's size or the output directory: the device against the base precision (FP8 tensor cores) and the fused kernels
+(a CUDA GPU, a family they are tested on), the TP size against
 the attention heads, the sequence length against the model's positions, the output directory (writable, and not
 holding another run unless the user says so), and a resumed checkpoint's adapter settings against the config's.
 """
@@ -18,6 +19,7 @@ import torch
 
 from ..data.batch import check_resumable
 from ..families import UnsupportedModel, check_tp
+from ..fused_kernels import kernels_problem
 from ..run_config import ConfigError, RunConfig, to_dict
 from ..atomic import CheckpointManager
 from ..checkpoint_files import STATE_FILE, read_state
@@ -57,6 +59,14 @@ def fp8_device_problem(device_type: str, capability: Optional[tuple[int, int]], 
     return (f"model.base_precision=fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability {need} or "
             f"newer: L4/L40/RTX 4090, H100/H200, B200); {have}. Set model.base_precision=bf16 (the default), or run "
             "on such a GPU")
+
+
+def check_kernels(kernels: str, model_config: Any, device: torch.device) -> None:
+    """``model.kernels`` that this model's family or this device cannot run is refused (ConfigError), before the
+    model is built."""
+    problem = kernels_problem(kernels, getattr(model_config, "model_type", None), device.type)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def check_model_fits_run(model_config: Any, tp: int, world: int, seq_len: int) -> None:

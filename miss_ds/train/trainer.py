@@ -1,14 +1,14 @@
 """The training job: build, then a short loop over stateful components. Used by ``launch/train.py``.
 
 Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device against
-the base precision, the TP size and the output directory (``preflight``), build the model on the meta device with its TP
-split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0 first), load this
-rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
-``quantize.BaseQuantizer``), wrap D in a DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run
-steps until ``train.max_steps`` or a preemption signal. Every step that can fail on one rank alone ends in
-``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer, LR schedule), the data
-iterator, the ``TrainState``, the ``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the
-``TrainCheckpoint`` and the ``Reporter``.
+the base precision and the kernels, the TP size and the output directory (``preflight``), build the model on the meta
+device with its TP split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0
+first), load this rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
+``quantize.BaseQuantizer``), put ``model.kernels``' fused kernels in place (``fused_kernels``), wrap D in a DeepSpeed
+engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption
+signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop together. The
+components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the ``StepRunner`` (one
+optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .. import engine as miss_engine, memory_plan
 from ..data import SyntheticBatches
 from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, any_rank, init_distributed
 from ..functional import MissShapeError
+from ..fused_kernels import apply_kernels
 from ..loading import materialize_model, model_on_meta
 from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
@@ -37,7 +38,8 @@ from .checkpoint import TrainCheckpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .preflight import check_base_precision, check_model_fits_run, check_resume_matches, prepare_output_dir
+from .preflight import (check_base_precision, check_kernels, check_model_fits_run, check_resume_matches,
+                        prepare_output_dir)
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
@@ -66,6 +68,7 @@ class Trainer:
         # Every step that can fail on one rank alone ends in ``agree``: all ranks stop together.
         agree("reading the tokenizer and model config", self._read_model_config)
         check_model_fits_run(self.model_config, self.layout.tp, self.layout.world, cfg.data.seq_len)
+        check_kernels(cfg.model.kernels, self.model_config, self.device)
         agree("checking the output directory", lambda: self._check_output_dir(resume, overwrite))
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
@@ -83,6 +86,9 @@ class Trainer:
             agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
         if quantizer is not None:
             agree("quantising the base to FP8", quantizer.finish)
+        kernels = apply_kernels(model, cfg.model.kernels)
+        if kernels and self.layout.is_main:
+            logger.info("%s", kernels)
         self.recompute_layers = (enable_recompute(model, self._recompute_layers())
                                  if cfg.model.gradient_checkpointing else None)
         t = cfg.train
@@ -289,7 +295,7 @@ class Trainer:
                          extra={"checkpoint_gib_read": round(self.checkpoint_bytes_read / 2**30, 3),
                                 "recompute_layers": self.recompute_layers, "world_size": self.layout.world,
                                 "tp_size": self.layout.tp, "base_precision": self.cfg.model.base_precision,
-                                "eval_loss": eval_loss,
+                                "kernels": self.cfg.model.kernels, "eval_loss": eval_loss,
                                 "skipped_batches": self.state.skipped_batches,
                                 "padding_fraction": self.padding_fraction,
                                 "trainable_params": self.report.trainable})
