@@ -115,9 +115,13 @@ class FP8Weight:
 
 def linear_fp8(x2: torch.Tensor, weight: FP8Weight,
                quantized: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """x W^T (rows, out) in bf16 for x (rows, in); ``quantized``: x's per-token quantisation, if already made."""
+    """x W^T (rows, out) in bf16 for x (rows, in); ``quantized``: x's per-token quantisation, if already made.
+    Hopper's fast accumulation (no periodic promotion of the partial sums to fp32), as Transformer Engine's forward
+    GEMMs: 2-7% faster on the 70B shapes, 0.26-0.46% error over the quantised operands against 0.17% without, beside
+    quantisation's 3.6% (``bench.py layer --base-precision fp8``); the input gradient keeps the promotion."""
     xq, x_scale = quantized if quantized is not None else quantize_rows(x2)
-    return torch._scaled_mm(xq, weight.data.t(), scale_a=x_scale, scale_b=weight.scale, out_dtype=torch.bfloat16)
+    return torch._scaled_mm(xq, weight.data.t(), scale_a=x_scale, scale_b=weight.scale, out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
 
 
 def input_grad_fp8(dy2: torch.Tensor, weight: FP8Weight) -> torch.Tensor:

@@ -13,10 +13,15 @@ parameter counts and q = heads * head_dim, kv = kv_heads * head_dim from ``miss_
   optimizer offload moves master and moments to the CPU;
 - activations of a recomputed layer: its input, 2*b*s*h; a stored layer keeps, per token, both RMSNorm inputs
   (2h), the attention's q, k, v, output and pre-rotary q, k ((3q + 3kv)/t), and the MLP's gate, up and SiLU
-  output (3*inter/t; inter the features a token computes: ``ModelShape.mlp_width``), all bf16;
+  output (3*inter/t; inter the features a token computes: ``ModelShape.mlp_width``), all bf16; with Liger's
+  kernels (``model.kernels: liger``) the rotary embedding works in place and SwiGLU keeps only gate and up:
+  (2q + 2kv)/t and 2*inter/t;
 - the working set of the layer in backward (one stored layer again) and the loss: bf16 logits plus fp32 logits
-  and their gradient (2 + 4 + 4 bytes per vocabulary entry per token).
-Calibrated on the Llama-2-70B shape on 2 H200s (docs/scale.md): predictions within a few percent of the peaks.
+  and their gradient (2 + 4 + 4 bytes per vocabulary entry per token); Liger's fused linear cross-entropy holds
+  no logits, only the hidden states' gradient and one chunk of about tokens x hidden logits (8 bytes per token
+  per hidden feature).
+Calibrated on the Llama-2-70B shape on 2 H200s (docs/scale.md): predictions within a few percent of the peaks;
+the Liger terms on one H200 (80 layers, FP8 base, 63 recomputed: 104.1 GiB measured).
 """
 from __future__ import annotations
 
@@ -49,9 +54,16 @@ class Plan:
                 ("backward working set", self.working), ("logits and loss", self.loss), ("total", self.total)]
 
 
-def layer_activation_bytes(m: ModelShape, tp: int, tokens: int) -> float:
-    per_token = 2 * m.hidden + (3 * m.q_dim + 3 * m.kv_dim) / tp + 3 * m.mlp_width / tp
+def layer_activation_bytes(m: ModelShape, tp: int, tokens: int, kernels: str = "hf") -> float:
+    """Bytes a stored layer keeps for backward (the module docstring's terms)."""
+    kept = 2 if kernels == "liger" else 3  # Liger: no pre-rotary q, k; no SiLU output
+    per_token = 2 * m.hidden + kept * (m.q_dim + m.kv_dim) / tp + kept * m.mlp_width / tp
     return 2 * per_token * tokens
+
+
+def loss_bytes(m: ModelShape, tokens: int, kernels: str = "hf") -> float:
+    """Bytes of the logits and the loss (the module docstring's terms)."""
+    return 8 * tokens * m.hidden if kernels == "liger" else 10 * tokens * m.vocab
 
 
 def weight_bytes(m: ModelShape, tp: int, base_precision: str = "bf16") -> float:
@@ -63,18 +75,18 @@ def weight_bytes(m: ModelShape, tp: int, base_precision: str = "bf16") -> float:
 
 
 def plan(m: ModelShape, tp: int, dp: int, zero: int, offload: bool, micro_batch: int, seq: int, recompute: int,
-         r: int = 64, mode: str = "miss", mini_r: int = 1, adapter: bool = True, base_precision: str = "bf16"
-         ) -> Plan:
+         r: int = 64, mode: str = "miss", mini_r: int = 1, adapter: bool = True, base_precision: str = "bf16",
+         kernels: str = "hf") -> Plan:
     """Bytes per GPU, by component; ``recompute`` = how many layers recompute (the others store activations)."""
     tokens = micro_batch * seq
     d = m.adapter_params(r, mode, mini_r, tp) if adapter else 0.0
     master = 0.0 if offload else 16 * d / (dp if zero >= 1 else 1)  # fp32 master, fp32 grad, two moments
     adapter_bytes = 2 * d + 2 * d / (dp if zero >= 2 else 1) + master
-    layer = layer_activation_bytes(m, tp, tokens)
+    layer = layer_activation_bytes(m, tp, tokens, kernels)
     stored = m.layers - recompute
     return Plan(weights=weight_bytes(m, tp, base_precision), adapter=adapter_bytes,
                 checkpoints=2 * tokens * m.hidden * recompute, stored_layers=layer * stored,
-                working=layer, loss=10 * tokens * m.vocab)
+                working=layer, loss=loss_bytes(m, tokens, kernels))
 
 
 def layers_to_recompute(m: ModelShape, budget_bytes: float, **kw: Any) -> int:
@@ -87,10 +99,10 @@ def layers_to_recompute(m: ModelShape, budget_bytes: float, **kw: Any) -> int:
 
 
 def auto_recompute_layers(m: ModelShape, gpu_bytes: float, *, tp: int, dp: int, zero: int, offload: bool,
-                          micro_batch: int, seq: int, r: int, mode: str, mini_r: int, base_precision: str = "bf16"
-                          ) -> int:
+                          micro_batch: int, seq: int, r: int, mode: str, mini_r: int, base_precision: str = "bf16",
+                          kernels: str = "hf") -> int:
     """``recompute_layers: auto``: the fewest recomputed layers whose plan fits in ``AUTO_MEMORY_FRACTION`` of
     ``gpu_bytes`` (one accelerator's memory)."""
     return layers_to_recompute(m, AUTO_MEMORY_FRACTION * gpu_bytes, tp=tp, dp=dp, zero=zero, offload=offload,
                                micro_batch=micro_batch, seq=seq, r=r, mode=mode, mini_r=mini_r,
-                               base_precision=base_precision)
+                               base_precision=base_precision, kernels=kernels)

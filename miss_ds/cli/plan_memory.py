@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     seq = cfg.data.seq_len
     kw = dict(tp=tp, dp=dp, zero=cfg.parallel.zero_stage, offload=cfg.parallel.offload_optimizer,
               micro_batch=t.micro_batch_size, seq=seq, r=cfg.miss.r, mode=cfg.miss.mode, mini_r=cfg.miss.mini_r,
-              base_precision=cfg.model.base_precision)
+              base_precision=cfg.model.base_precision, kernels=cfg.model.kernels)
     wanted = cfg.model.recompute_layers
     if not cfg.model.gradient_checkpointing:
         recompute = 0
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.config}: TP={tp} DP={dp} ZeRO-{cfg.parallel.zero_stage} micro-batch {t.micro_batch_size} x seq {seq}, "
           f"{recompute} of {shape.layers} layers recompute, MiSS {cfg.miss.mode} r={cfg.miss.r}"
           + (f" mini_r={cfg.miss.mini_r}" if cfg.miss.mode == "mini" else "")
-          + (", FP8 base" if cfg.model.base_precision == "fp8" else ""))
+          + (", FP8 base" if cfg.model.base_precision == "fp8" else "")
+          + (", Liger kernels" if cfg.model.kernels == "liger" else ""))
     for name, value in plan.rows():
         print(f"  {name:28s} {value / GIB:8.2f} GiB")
     fits = plan.total <= args.gpu_gib * GIB

@@ -190,7 +190,8 @@ class Trainer:
         count = memory_plan.auto_recompute_layers(
             ModelShape.from_config(self.model_config), gpu_bytes, tp=self.layout.tp, dp=self.layout.dp,
             zero=p.zero_stage, offload=p.offload_optimizer, micro_batch=t.micro_batch_size, seq=self.cfg.data.seq_len,
-            r=miss.r, mode=miss.mode, mini_r=miss.mini_r, base_precision=self.cfg.model.base_precision)
+            r=miss.r, mode=miss.mode, mini_r=miss.mini_r, base_precision=self.cfg.model.base_precision,
+            kernels=self.cfg.model.kernels)
         logger.info("recompute_layers=auto: %d of %d layers recompute (plan for %.1f GiB)", count,
                     self.model_config.num_hidden_layers, memory_plan.AUTO_MEMORY_FRACTION * gpu_bytes / 2**30)
         return count
