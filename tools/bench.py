@@ -509,10 +509,14 @@ def _fp8_design_choices(x, dy, w) -> dict:
 
     # Hopper's fast accumulation skips the FP8 GEMM's periodic promotion to fp32: its error, over the same
     # quantised operands against float64, is printed beside the plain GEMM's.
-    exact = fp8.dequantize_rows(xq, xs).double() @ fp8.dequantize_rows(base.data, base.scale.t()).double().t()
-    errors = {fast: ((forward_gemm(fast).double() - exact).norm() / exact.norm()).item() for fast in (False, True)}
-    print(f"fp8 forward GEMM against float64 over its quantised operands: plain {errors[False]:.2e}, fast "
-          f"accumulation {errors[True]:.2e}")
+    w64 = fp8.dequantize_rows(base.data, base.scale.t()).double()
+    for label, gemm, exact in (("forward", forward_gemm, fp8.dequantize_rows(xq, xs).double() @ w64.t()),
+                               ("input grad", input_grad_gemm, fp8.dequantize_rows(dq, ds).double()
+                                @ fp8.dequantize_rows(base.data, base.unit).double())):
+        errors = {fast: ((gemm(fast).double() - exact).norm() / exact.norm()).item() for fast in (False, True)}
+        print(f"fp8 {label} GEMM against float64 over its quantised operands: plain {errors[False]:.2e}, fast "
+              f"accumulation {errors[True]:.2e}")
+        del exact
     return {"fp8: quantise x per token, Triton (miss_ds)": lambda: fp8.quantize_rows(x),
             "fp8: quantise x per token, torch.compile": lambda: compiled_quantize(x, None),
             "fp8: quantise x per token, eager": lambda: fp8.quantize_rows_eager(x, None),
