@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+from miss_ds import memory_plan
 from miss_ds.families import FAMILIES, support_table
 from miss_ds.fused_kernels import kernels_problem
+from miss_ds.model_shape import ModelShape
 from miss_ds.run_config import ConfigError, load_config
 from tests.launch_utils import ROOT
 
@@ -54,3 +56,24 @@ def test_train_refuses_liger_on_cpu_before_building_the_model(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: model.kernels=liger runs Triton kernels, which need a CUDA GPU" in proc.stderr
     assert "MiSS on" not in proc.stderr and not (tmp_path / "base").exists()  # nothing was built
+
+
+#: Peaks measured on one H200 (docs/scale.md, docs/logs/liger/run2 and run3): the 80-layer Llama-2-70B shape, TP=1,
+#: FP8 base, Liger's kernels, micro-batch 2 x 4096, MiSS r=64, ZeRO-1; recomputed layers -> peak GiB.
+LIGER_FP8_PEAKS_GIB = {63: 104.089, 54: 115.674}
+
+
+def test_memory_plan_with_liger_against_the_measured_peaks():
+    """With Liger's kernels a stored layer keeps one q, k and SiLU output less per token and the loss no logits;
+    the plan is within 3% above the peaks measured on the GPU (transformers' terms would overshoot by 12-14%),
+    so ``auto`` stores more layers."""
+    shape = ModelShape(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=32000)
+    kw = dict(tp=1, dp=1, zero=1, offload=False, micro_batch=2, seq=4096, r=64, mode="miss", mini_r=1,
+              base_precision="fp8")
+    for recompute, peak in LIGER_FP8_PEAKS_GIB.items():
+        liger = memory_plan.plan(shape, recompute=recompute, kernels="liger", **kw).total / 2**30
+        hf = memory_plan.plan(shape, recompute=recompute, **kw).total / 2**30
+        assert peak <= liger <= 1.03 * peak and hf > 1.1 * peak, (recompute, peak, liger, hf)
+    gpu = 140.4 * 2**30  # an H200
+    assert memory_plan.auto_recompute_layers(shape, gpu, kernels="liger", **kw) \
+        < memory_plan.auto_recompute_layers(shape, gpu, **kw)

@@ -3,9 +3,9 @@
 What needs only the config file is checked by ``miss_ds.run_config.validate``; what needs the model's shapes (r, mode,
 TP shards) by building the model on the meta device (``loading.model_on_meta``). This module checks what needs the
 job's size or the output directory: the device against the base precision (FP8 tensor cores) and the fused kernels
-(a CUDA GPU, a family they are tested on), the TP size against
-the attention heads, the sequence length against the model's positions, the output directory (writable, and not
-holding another run unless the user says so), and a resumed checkpoint's adapter settings against the config's.
+(a CUDA GPU, a family they are tested on), the TP size against the attention heads, the sequence length against
+the model's positions, the output directory (writable, and not holding another run unless the user says so), and a
+resumed checkpoint's adapter settings against the config's.
 """
 from __future__ import annotations
 
