@@ -219,14 +219,18 @@ def cmd_model(args: argparse.Namespace) -> None:
 
     from miss_ds.flops import frozen_finetune_flops_per_token, peak_flops
 
-    tokens = args.mbs * args.seq
-    ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
     names = args.variants.split(",")
     liger = [n.endswith(LIGER_SUFFIX) for n in names]
     if liger != sorted(liger):
         raise SystemExit(f"--variants {args.variants}: list the {LIGER_SUFFIX} variants last (Liger patches "
                          "transformers' Llama code for the whole process: a plain variant after one would run it)")
+    floor_name = next((n for n in names if n.removesuffix(LIGER_SUFFIX) == "frozen"), None)
+    if floor_name is None:
+        raise SystemExit(f"--variants {args.variants}: include frozen (or frozen{LIGER_SUFFIX}), the floor the "
+                         "ratios are taken against")
+    tokens = args.mbs * args.seq
+    ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = []
     for name in names:
         config, model = _llama(args)
         model = _adapted(name, model, args.r)
@@ -265,7 +269,7 @@ def cmd_model(args: argparse.Namespace) -> None:
         del model, optimizer, params
         gc.collect()
         torch.cuda.empty_cache()
-    floor = next(r for r in results if r["variant"] == "frozen")
+    floor = next(r for r in results if r["variant"] == floor_name)
     print(f"| {args.layers} layers {args.hidden}/{args.intermediate}, seq {args.seq}, mbs {args.mbs}, r={args.r}, "
           f"{torch.cuda.get_device_name()} | s/step | x floor | tokens/s | MFU | peak GiB | x (floor + opt state) "
           f"| first loss |")
