@@ -467,6 +467,14 @@ def cmd_layer(args: argparse.Namespace) -> None:
             for _ in range(3):
                 dx.addmm_(grad, ww)
             return dx
+
+        w_ext = torch.cat([ww, dd.t()], dim=1)
+        x_ext = torch.empty(args.tokens, args.in_features + args.r, device=device, dtype=dtype)
+
+        def _wide_forward():
+            x_ext[:, :args.in_features].copy_(xs)
+            x_ext[:, args.in_features:] = MF.aggregate(xs, args.r)
+            return x_ext @ w_ext.t()
         parts = {"aggregate: x @ E^T (miss_ds)": lambda: MF.aggregate(xs, args.r),
                  "aggregate: view + fp32 sum": lambda: xs.view(args.tokens, -1, args.r).sum(-2, dtype=torch.float32)
                  .to(dtype),
@@ -479,7 +487,13 @@ def cmd_layer(args: argparse.Namespace) -> None:
                  "input grad of 3 siblings: g @ E, 3 GEMMs accumulate onto it (miss_ds)": lambda: _accumulated(
                      MF.spread(g, args.in_features, args.r)),
                  "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
-                     grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r))}
+                     grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r)),
+                 # D^T kept beside W, [W | D^T] (out, in + r), so that one frozen GEMM also makes MiSS's product:
+                 # the input-gradient GEMM g = dy D^T with no second read of dy, and the forward over
+                 # [x | agg(x)] with no pass over the output (but a copy of x): not used, measured for issue 23.
+                 "backward: dx = dy W and g = dy D^T, two GEMMs (miss_ds)": lambda: (grad @ ww, grad @ dd.t()),
+                 "backward: [dx | g] = dy [W | D^T], one GEMM": lambda: grad @ w_ext,
+                 "forward: [x | agg] [W | D^T]^T, one GEMM over x copied beside agg": lambda: _wide_forward()}
         if fp8 and cuda:
             parts.update(_fp8_design_choices(xs, grad, ww))
         print(f"\n| design choice, {args.tokens}x{args.in_features}->{args.out_features}, r={args.r} | us |\n|---|---|")
