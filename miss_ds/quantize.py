@@ -2,8 +2,9 @@
 
 :class:`BaseQuantizer` is built on the model while it is still on the meta device: it decides which layers go FP8
 and which base-fingerprint positions each must keep in bf16. The loader then hands it each MiSS layer's weight
-shard as soon as that shard is materialised (``loading.materialize_model(..., quantizer=...)``), so a rank holds at
-most one bf16 shard at a time: the 80-layer 70B shape (138 GB in bf16) loads onto one 141 GB GPU as 69 GB of FP8.
+shard as soon as that shard is materialised (``loading.materialize_model(..., loaded=quantizer.loaded)``), so a
+rank holds at most one bf16 shard at a time: the 80-layer 70B shape (138 GB in bf16) loads onto one 141 GB GPU as
+69 GB of FP8.
 :meth:`BaseQuantizer.finish` quantises what is still bf16 (everything, when the run had to read the bf16 base first:
 a random base small enough to be saved, ``random_base.save_random_base``) and reports.
 

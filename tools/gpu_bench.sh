@@ -3,7 +3,7 @@
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
 #   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
 #   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
-#   bash tools/gpu_bench.sh ligertests fastaccum ligermodel ligermodel7b ligerstep ligerfull   # model.kernels=liger
+#   bash tools/gpu_bench.sh ligertests ligermodel ligermodel7b ligerstep ligerfull   # model.kernels=liger
 set -uo pipefail
 OUT=${OUT:-runs/perf}; LOGS=/tmp/perf-logs; mkdir -p "$OUT" "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -50,10 +50,6 @@ for stage in "$@"; do case $stage in
       2>&1 | grep -v Warning | tee "$LOGS/fp8full.txt" ;;
   ligertests) python3 -m pytest -q -s -p no:cacheprovider tests/test_fused_kernels_gpu.py tests/test_fp8_gpu.py \
       > "$LOGS/ligertests.txt" 2>&1; grep -E "Liger |FP8 |passed|failed|Error" "$LOGS/ligertests.txt" ;;
-  fastaccum) for shape in 8192x28672 28672x8192; do
-      python3 tools/bench.py layer --tokens 8192 --in-features ${shape%x*} --out-features ${shape#*x} --r 64 \
-        --base-precision fp8 --warmup 3 --repeat 10 > "$LOGS/fastaccum-$shape.txt" 2>&1
-      grep -E "^\| fp8: (forward|input grad)|^fp8 forward|Error" "$LOGS/fastaccum-$shape.txt"; done ;;
   ligermodel) python3 tools/bench.py model --layers 4 --hidden 8192 --intermediate 28672 --heads 64 --kv-heads 8 \
       --variants frozen,miss,miss-fp8,frozen-liger,miss-liger,miss-fp8-liger --out "$LOGS/ligermodel.json" 2>&1 \
       | grep -v Warning | tee "$LOGS/ligermodel.txt" ;;
@@ -68,10 +64,9 @@ for stage in "$@"; do case $stage in
       --variant "miss_fp8_liger_auto=train:$SLICE model.base_precision=fp8 model.kernels=liger model.recompute_layers=auto" \
       2>&1 | grep -v Warning | tee "$LOGS/ligerstep.txt" ;;
   ligerfull) python3 tools/bench.py step --gpus 1 --ref fp8_80_liger_auto --out "$LOGS/ligerfull" --work /tmp/step-work \
-      --variant "fp8_80_liger_auto=train:configs/llama-70b-tp2.yaml parallel.tp_size=1 model.base_precision=fp8 model.kernels=liger model.recompute_layers=auto" \
-      2>&1 | grep -v Warning | tee "$LOGS/ligerfull.txt" ;;
+      --variant "fp8_80_liger_auto=train:configs/llama-70b-fp8-1gpu.yaml" 2>&1 | grep -v Warning | tee "$LOGS/ligerfull.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
   *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model" \
-       "fp8step fp8full ligertests fastaccum ligermodel ligermodel7b ligerstep ligerfull)" >&2; exit 2 ;;
+       "fp8step fp8full ligertests ligermodel ligermodel7b ligerstep ligerfull)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done
