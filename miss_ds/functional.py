@@ -163,19 +163,27 @@ def _bat_delta_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
 
 class _SharedInputMiss(torch.autograd.Function):
     """``y_p = x W_p^T + agg(x) @ D_p`` for one input x and the ``miss``/``mini`` projections p that read it (q, k
-    and v; gate and up; or a single layer), as one autograd node.
+    and v; gate and up; or a single layer), as one autograd node, whose backward gives x's whole gradient.
 
     What it saves over one node per projection (all memory traffic, the FLOPs are r/in of the base's): agg(x) is
     computed once; in backward the MiSS input gradient sum_p dy_p D_p^T is spread over the chunks once, by a GEMM
     with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
-    epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. The delta
-    agg(x) D_p is written first and the frozen GEMM accumulates onto it. Saved: agg(x) (r values a token), not x.
+    epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. Saved: agg(x)
+    (r values a token), not x.
+
+    For a tensor base the node's forward returns the deltas agg(x) D_p only, and :func:`shared_input_products`
+    accumulates the frozen products x W_p^T onto them (cuBLAS, beta=1) after the node, outside autograd (x
+    detached: the node's backward already includes dy_p W_p). So the node's saved tensors are stored before the
+    frozen GEMMs run, and when a recomputed layer (non-reentrant activation checkpointing) ends with a MiSS
+    projection, as a Llama layer ends with down_proj, the recomputation stops before that projection's frozen GEMM,
+    as it does for the frozen floor, whose GEMM saves nothing it needs: one frozen GEMM fewer per layer and step.
 
     FP8 bases (:class:`miss_ds.fp8.FP8Weight`: all of the node's projections or none) run the two products that
-    read W on FP8 GEMMs: x is quantised per token once for all the projections; ``torch._scaled_mm`` cannot
-    accumulate onto an output, so it writes x W_p^T and the delta agg(x) D_p is added onto that; in backward each
-    dy_p (times W_p's row scales) is quantised per token and its product dy_p W_p is added onto dx. agg(x), D's
-    gradient agg^T dy_p and the MiSS input gradient stay in x's dtype (bf16), read from the unquantised x and dy.
+    read W on FP8 GEMMs, inside the node: x is quantised per token once for all the projections;
+    ``torch._scaled_mm`` cannot accumulate onto an output, so it writes x W_p^T and the delta agg(x) D_p is added
+    onto that; in backward each dy_p (times W_p's row scales) is quantised per token and its product dy_p W_p is
+    added onto dx. agg(x), D's gradient agg^T dy_p and the MiSS input gradient stay in x's dtype (bf16), read from
+    the unquantised x and dy.
     """
 
     @staticmethod
@@ -193,9 +201,8 @@ class _SharedInputMiss(torch.autograd.Function):
                 out = fp8.linear_fp8(x2, base, xq)
                 out.addmm_(agg, d)
             else:
-                out = agg @ d
-                out.addmm_(x2, base.t())
-            outs.append(out.reshape(*x.shape[:-1], out.shape[-1]))
+                out = agg @ d  # (tokens, out): the frozen product accumulates onto it after the node
+            outs.append(out)
         ctx.fp8_bases = bases if on_fp8 else None  # frozen, never written: kept as they are
         ctx.save_for_backward(agg, *ds, *(() if on_fp8 else bases))
         ctx.x_shape, ctx.r, ctx.in_offset = x.shape, r, in_offset
@@ -250,7 +257,12 @@ def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[Base, tor
         raise ValueError(f"an FP8 base needs bf16 activations (model.dtype: bfloat16); got {x.dtype}")
     first = geometries[0]
     flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
-    return _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
+    outs = _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
+    if on_fp8 == {False}:
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        for out, (w, _, _) in zip(outs, projections):
+            out.addmm_(x2, w.t())  # onto the node's delta (beta=1); its gradient is in the node's backward
+    return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
 
 def frozen_product(x: torch.Tensor, w: Base) -> torch.Tensor:

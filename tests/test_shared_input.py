@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from miss_ds import MissConfig, apply_miss, miss_layers
 from miss_ds import functional as MF
@@ -166,6 +167,52 @@ def test_siblings_called_in_any_order_get_their_own_outputs():
     for name in ("v_proj", "q_proj", "k_proj"):
         torch.testing.assert_close(getattr(attn, name)(x), getattr(alone, name)(x), rtol=0, atol=0)
     assert not attn.q_proj.siblings.stopped
+
+
+class _FrozenGemms(TorchDispatchMode):
+    """Counts the matrix products that read one of ``weights`` (a view of it included)."""
+
+    PRODUCTS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm}
+
+    def __init__(self, weights) -> None:
+        super().__init__()
+        self.storages = {w.untyped_storage().data_ptr() for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.PRODUCTS and any(
+                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.storages for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["miss", "mini"])
+def test_a_recomputed_step_runs_as_many_frozen_gemms_as_the_floor(mode):
+    """Non-reentrant activation checkpointing stops a layer's recomputation once every tensor its backward needs is
+    saved again: for the frozen floor that is before down_proj's GEMM, which saves nothing it needs. MiSS keeps
+    that: its node saves before the frozen products run, so a training step of a recomputed Llama runs the same
+    frozen GEMMs as the floor (forward, recompute but the last one, input gradients), the MiSS products aside."""
+    from transformers import LlamaForCausalLM
+
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for variant in ("floor", mode):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).double().train()
+        model.requires_grad_(False)
+        if variant == "floor":
+            model.model.norm.weight.requires_grad_(True)
+        else:
+            apply_miss(model, MissConfig(r=8, mode=mode, mini_r=4, init_weights=False))
+        enable_recompute(model, None)
+        model.enable_input_require_grads()
+        frozen = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "miss_block")]
+        with _FrozenGemms(frozen) as counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+        counts[variant] = counter.count
+    layers = tiny_llama_config().num_hidden_layers
+    assert counts["floor"] == layers * (7 + 6 + 7) + 2, counts  # the LM head: forward and input gradient
+    assert counts[mode] == counts["floor"], counts
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 cuBLAS path: needs a GPU (tools/gpu_bench.sh tests)")
