@@ -468,13 +468,6 @@ def cmd_layer(args: argparse.Namespace) -> None:
                 dx.addmm_(grad, ww)
             return dx
 
-        w_ext = torch.cat([ww, dd.t()], dim=1)
-        x_ext = torch.empty(args.tokens, args.in_features + args.r, device=device, dtype=dtype)
-
-        def _wide_forward():
-            x_ext[:, :args.in_features].copy_(xs)
-            x_ext[:, args.in_features:] = MF.aggregate(xs, args.r)
-            return x_ext @ w_ext.t()
         parts = {"aggregate: x @ E^T (miss_ds)": lambda: MF.aggregate(xs, args.r),
                  "aggregate: view + fp32 sum": lambda: xs.view(args.tokens, -1, args.r).sum(-2, dtype=torch.float32)
                  .to(dtype),
@@ -487,18 +480,82 @@ def cmd_layer(args: argparse.Namespace) -> None:
                  "input grad of 3 siblings: g @ E, 3 GEMMs accumulate onto it (miss_ds)": lambda: _accumulated(
                      MF.spread(g, args.in_features, args.r)),
                  "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
-                     grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r)),
-                 # D^T kept beside W, [W | D^T] (out, in + r), so that one frozen GEMM also makes MiSS's product:
-                 # the input-gradient GEMM g = dy D^T with no second read of dy, and the forward over
-                 # [x | agg(x)] with no pass over the output (but a copy of x): not used, measured for issue 23.
-                 "backward: dx = dy W and g = dy D^T, two GEMMs (miss_ds)": lambda: (grad @ ww, grad @ dd.t()),
-                 "backward: [dx | g] = dy [W | D^T], one GEMM": lambda: grad @ w_ext,
-                 "forward: [x | agg] [W | D^T]^T, one GEMM over x copied beside agg": lambda: _wide_forward()}
+                     grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r))}
+        parts.update(_wide_design_choices(xs, grad, ww, args.r))
         if fp8 and cuda:
             parts.update(_fp8_design_choices(xs, grad, ww))
         print(f"\n| design choice, {args.tokens}x{args.in_features}->{args.out_features}, r={args.r} | us |\n|---|---|")
         for name, work in parts.items():
             print(f"| {name} | {timed(work) * 1e6:.1f} |", flush=True)
+
+
+def _wide_design_choices(x, dy, w, r: int) -> dict:
+    """D^T kept beside W as [W | D^T] (out x (in + r)), so that the frozen GEMMs also make MiSS's products, against
+    what miss_ds does, for a shared-input group of n projections (n = 1, 2, 3; each x -> out as W): in forward one
+    copy of x beside agg(x) for the group and [x | agg] [W | D^T]^T per projection (no delta written and read back);
+    in backward [dx | g] = sum_p dy_p [W | D^T] (no read of dy for g), then dx plus g spread, as a broadcast add
+    (contiguous dx) or onto the strided view. And D's gradient written in fp32 by the GEMM (``out_dtype``) against
+    a bf16 GEMM and a cast. Measured for issue 23 and not used (docs/performance.md): the GEMMs over in + r lose
+    what the passes save."""
+    import torch
+
+    from miss_ds import functional as MF
+
+    tokens, k = x.shape
+    d = torch.randn(r, w.shape[0], device=x.device, dtype=x.dtype)
+    e = MF.chunk_matrix(r, k, 0, x.dtype, x.device)
+    wide = torch.cat([w, d.t()], dim=1)
+    agg = MF.aggregate(x, r)
+
+    def forward_plain(n):
+        a = MF.aggregate(x, r)
+        return [(a @ d).addmm_(x, w.t()) for _ in range(n)]
+
+    def forward_wide(n):
+        x_ext = torch.empty(tokens, k + r, device=x.device, dtype=x.dtype)
+        x_ext[:, :k].copy_(x)
+        x_ext[:, k:] = MF.aggregate(x, r)
+        return [x_ext @ wide.t() for _ in range(n)]
+
+    def backward_plain(n):
+        g = dy @ d.t()
+        for _ in range(n - 1):
+            g.addmm_(dy, d.t())
+        dx = MF.spread(g, k, r)
+        for _ in range(n):
+            dx.addmm_(dy, w)
+        return dx
+
+    def wide_sum(n):
+        z = dy @ wide
+        for _ in range(n - 1):
+            z.addmm_(dy, wide)
+        return z
+
+    def backward_wide_broadcast(n):
+        z = wide_sum(n)
+        return (z[:, :k].view(tokens, k // r, r) + z[:, None, k:]).view(tokens, k)
+
+    def backward_wide_strided(n):
+        z = wide_sum(n)
+        return z[:, :k].addmm_(z[:, k:].clone(), e)
+
+    parts = {}
+    for n in (1, 2, 3):
+        parts.update({
+            f"{n} projection(s), forward: agg, each agg @ D with x W^T onto it (miss_ds)": lambda n=n: forward_plain(n),
+            f"{n} projection(s), forward: [x | agg] once, each [x | agg] [W | D^T]^T": lambda n=n: forward_wide(n),
+            f"{n} projection(s), input grad: g (n GEMMs), g @ E, n GEMMs onto it (miss_ds)":
+                lambda n=n: backward_plain(n),
+            f"{n} projection(s), input grad: sum dy [W | D^T], + g spread (broadcast add)":
+                lambda n=n: backward_wide_broadcast(n),
+            f"{n} projection(s), input grad: sum dy [W | D^T], g @ E onto the strided view":
+                lambda n=n: backward_wide_strided(n)})
+    parts["D's gradient: agg^T dy, then cast to fp32 (miss_ds)"] = lambda: (agg.t() @ dy).float()
+    if x.is_cuda:
+        parts["D's gradient: agg^T dy written in fp32 (out_dtype)"] = lambda: torch.mm(agg.t(), dy,
+                                                                                        out_dtype=torch.float32)
+    return parts
 
 
 def _fp8_design_choices(x, dy, w) -> dict:

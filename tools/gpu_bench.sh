@@ -2,6 +2,7 @@
 # Single-GPU checks and benchmarks of docs/performance.md (device kind nvidia-h200), from the repository root,
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
 #   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
+#   bash tools/gpu_bench.sh shapes   # bench.py layer on every projection shape of Llama-7B and Llama-2-70B
 #   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
 #   bash tools/gpu_bench.sh ligertests ligermodel ligermodel7b ligerstep ligerfull   # model.kernels=liger
 set -uo pipefail
@@ -16,6 +17,9 @@ SLICE="configs/llama-70b-tp2.yaml parallel.tp_size=1 model.config.num_hidden_lay
 for stage in "$@"; do case $stage in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_layers.py tests/test_shared_input.py 2>&1 | tail -15 \
       | tee "$LOGS/tests.txt" ;;
+  shapes) for shape in 4096x4096 4096x11008 11008x4096 8192x8192 8192x1024 8192x28672 28672x8192; do
+      python3 tools/bench.py layer --tokens 8192 --in-features ${shape%x*} --out-features ${shape#*x} --r 64 \
+        2>&1 | tee "$LOGS/layer-$shape.txt"; done ;;
   layer7b) python3 tools/bench.py layer --tokens 8192 --in-features 4096 --out-features 11008 --r 64 --profile \
       2>&1 | tee "$LOGS/layer7b.txt" ;;
   layer4k) python3 tools/bench.py layer --tokens 8192 --in-features 4096 --out-features 4096 --r 64 --profile \
@@ -67,6 +71,6 @@ for stage in "$@"; do case $stage in
       --variant "fp8_80_liger_auto=train:configs/llama-70b-fp8-1gpu.yaml" 2>&1 | grep -v Warning | tee "$LOGS/ligerfull.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
-  *) echo "unknown stage '$stage' (tests layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model" \
+  *) echo "unknown stage '$stage' (tests shapes layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model" \
        "fp8step fp8full ligertests ligermodel ligermodel7b ligerstep ligerfull)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done
