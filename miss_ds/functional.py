@@ -161,6 +161,19 @@ def _bat_delta_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
     return (torch.einsum("aibj,ajk->aibk", blocks, d) + d[:, :, None, :]).reshape(w.shape)
 
 
+def bat_merged_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
+    """Bone's merged weight W_ab + W_ab D_a + D_a, in w's dtype, for the forward of a training step.
+
+    Five passes over W's bytes instead of the seven of ``W + delta_weight``: one elementwise kernel writes
+    W_ab + D_a, and one batched GEMM adds the block products W_ab D_a onto it in its epilogue (beta=1, accumulated
+    in fp32 before the one rounding). Autograd gives D's gradient from both (the GEMM's, and dW' summed over b).
+    """
+    out_features, in_features = w.shape
+    rows = (out_features // r, in_features, r)  # block row a: its r rows of W side by side, (i, b) by j
+    merged = (_blocks(w, r) + d[:, :, None, :]).view(rows)
+    return merged.baddbmm_(w.reshape(rows), d).view(out_features, in_features)
+
+
 class _SharedInputMiss(torch.autograd.Function):
     """``y_p = x W_p^T + agg(x) @ D_p`` for one input x and the ``miss``/``mini`` projections p that read it (q, k
     and v; gate and up; or a single layer), as one autograd node, whose backward gives x's whole gradient.
@@ -284,7 +297,7 @@ def adapted_linear(x: torch.Tensor, w: Base, d: torch.Tensor, g: MissGeometry,
         if isinstance(w, fp8.FP8Weight):
             raise ValueError("miss.mode='bat' multiplies by the merged weight, which changes every step: it cannot "
                              "read an FP8 base (use model.base_precision: bf16)")
-        return F.linear(x, merge(w.to(x.dtype), d.to(x.dtype), g))
+        return F.linear(x, bat_merged_weight(w.to(x.dtype), d.to(x.dtype), g.r))
     if dropout is not None and dropout.training and dropout.p > 0:
         return frozen_product(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)
     return shared_input_products(x, [(w, d, g)])[0]

@@ -457,7 +457,7 @@ def cmd_layer(args: argparse.Namespace) -> None:
         # The choices of miss_ds's additive path against their alternatives, each timed alone: the chunk passes as
         # GEMMs with the 0/1 chunk matrix or as plain PyTorch would (a reduction over a reshaped view; a repeat);
         # which product the other accumulates onto in forward; the input gradient of three siblings (q, k, v)
-        # accumulated in one buffer or added up as autograd adds separate nodes' gradients.
+        # accumulated in one buffer or added up as autograd adds separate nodes' gradients; bat's merged weight.
         from miss_ds import functional as MF
 
         xs, g = x.detach(), torch.randn(args.tokens, args.r, device=device, dtype=dtype)
@@ -481,6 +481,13 @@ def cmd_layer(args: argparse.Namespace) -> None:
                      MF.spread(g, args.in_features, args.r)),
                  "input grad of 3 siblings: 3 GEMMs and g @ E, added (autograd)": lambda: (
                      grad @ ww + grad @ ww + grad @ ww + MF.spread(g, args.in_features, args.r))}
+        if args.out_features % args.r == 0:
+            d_bat = torch.randn(args.out_features // args.r, args.r, args.r, device=device, dtype=dtype) * 1e-2
+            bat = MF.MissGeometry("bat", args.r, 1, args.in_features, args.out_features)
+            parts.update({"bat merged weight: W + W_ab D_a + D_a in one add and one batched GEMM (miss_ds)": lambda: (
+                              MF.bat_merged_weight(ww, d_bat, args.r)),
+                          "bat merged weight: W + delta_weight (the update written, then added)": lambda: (
+                              MF.merge(ww, d_bat, bat))})
         parts.update(_wide_design_choices(xs, grad, ww, args.r))
         if fp8 and cuda:
             parts.update(_fp8_design_choices(xs, grad, ww))
