@@ -98,8 +98,38 @@ def aggregate(x: torch.Tensor, r: int, in_offset: int = 0) -> torch.Tensor:
     ``in_offset`` is the global index of x's first feature (a row-parallel shard), so the local sums of all
     shards add up to the aggregation of the full input. A GEMM with the 0/1 chunk matrix: it accumulates in fp32
     for low-precision x.
+
+    One operator of its own, ``miss_ds::aggregate`` (its gradient: :func:`spread`), so that a recomputed layer
+    can keep agg(x) from its first forward instead of reading x again (the selective-recompute policy of
+    :func:`miss_ds.modeling.enable_recompute` names it): r values a token, held until backward. Selective
+    recomputation replays kept results by each operator's count of calls, which an operator of its own keeps
+    exact; inside it, the chunk matrix is built on the first call only.
     """
+    return _aggregate_op(x, r, in_offset)
+
+
+@torch.library.custom_op("miss_ds::aggregate", mutates_args=())
+def _aggregate_op(x: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
     return x @ chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device).t()
+
+
+@_aggregate_op.register_fake
+def _(x: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], r)
+
+
+def _aggregate_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, ctx.r, ctx.in_offset = inputs
+    ctx.n = x.shape[-1]
+
+
+def _aggregate_backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    return spread(g, ctx.n, ctx.r, ctx.in_offset), None, None
+
+
+_aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
+#: :func:`aggregate`'s operator, as dispatch modes (selective recomputation's policy) see it.
+AGGREGATE_OP = torch.ops.miss_ds.aggregate.default
 
 
 def spread(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
@@ -182,7 +212,7 @@ class _SharedInputMiss(torch.autograd.Function):
     computed once; in backward the MiSS input gradient sum_p dy_p D_p^T is spread over the chunks once, by a GEMM
     with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
     epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. Saved: agg(x)
-    (r values a token), not x.
+    (r values a token), not x; a recomputed layer keeps it from the first forward (:func:`aggregate`).
 
     For a tensor base the node's forward returns the deltas agg(x) D_p only, and :func:`shared_input_products`
     accumulates the frozen products x W_p^T onto them (cuBLAS, beta=1) after the node, outside autograd (x

@@ -215,6 +215,48 @@ def test_a_recomputed_step_runs_as_many_frozen_gemms_as_the_floor(mode):
     assert counts[mode] == counts["floor"], counts
 
 
+class _Aggregations(TorchDispatchMode):
+    """Counts the aggregations of x that run (a result that selective recomputation replays is not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is MF.AGGREGATE_OP
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["miss", "mini"])
+def test_a_recomputed_layer_keeps_its_aggregations(mode):
+    """A recomputed layer takes agg(x) from its first forward (selective recompute): a training step of a recomputed
+    Llama runs as many aggregations (one an input: 4 a layer) as the same step without recomputation, and gives the
+    same loss and D gradients. Run first with an empty chunk-matrix cache: the first forward then builds what the
+    recomputation finds built, and the replay must still pair each kept result with its own call."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for recompute in (True, False):
+        MF.chunk_matrix.cache_clear()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).double().train()
+        model.requires_grad_(False)
+        apply_miss(model, MissConfig(r=8, mode=mode, mini_r=4, init_weights=False))
+        if recompute:
+            enable_recompute(model, None)
+        model.enable_input_require_grads()
+        with _Aggregations() as counter:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        runs[recompute] = counter.count, loss, {name: m.miss_block.grad for name, m in miss_layers(model)}
+    assert runs[False][0] == 4 * config.num_hidden_layers, runs[False][0]
+    assert runs[True][0] == runs[False][0], (runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
+    torch.testing.assert_close(runs[True][2], runs[False][2], rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 cuBLAS path: needs a GPU (tools/gpu_bench.sh tests)")
 @pytest.mark.parametrize("mode", ["miss", "bat"])
 def test_bf16_on_gpu_close_to_float64(mode):
