@@ -17,9 +17,10 @@ before any variant starts.
 ``model``: in one process, training steps of a stack of Llama-7B-shape decoder layers (bf16, seq 4096, micro-batch
 2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
 r16, and miss_ds in each mode (``miss`` also with every layer computed alone, ``miss-alone``: without the shared
-q/k/v and gate/up nodes of miss_ds.shared_input), each as a ratio to the floor, with tokens/s, MFU, peak memory
-against the floor plus the variant's optimizer state, and the first step's loss (``miss`` and ``miss-alone`` compute
-the same function).
+q/k/v and gate/up nodes of miss_ds.shared_input; and ``miss-full-recompute``: recomputed layers compute agg(x) again
+instead of keeping it, plain checkpointing without enable_recompute's policy), each as a ratio to the floor, with
+tokens/s, MFU, peak memory against the floor plus the variant's optimizer state, and the first step's loss (the
+``miss`` variants compute the same function).
 
     python tools/bench.py model --layers 8
     python tools/bench.py model --layers 8 --variants frozen,miss,miss-fp8,mini-fp8   # FP8 base (miss_ds.quantize)
@@ -140,7 +141,7 @@ def cmd_step(args: argparse.Namespace) -> None:
     print(table(results, args.ref), flush=True)
 
 
-MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", "mini", "bat")
+MODEL_VARIANTS = ("frozen", "peft-miss", "peft-lora-r16", "miss", "miss-alone", "miss-full-recompute", "mini", "bat")
 #: Also accepted by ``model --variants``, not run by default: miss_ds on an FP8 base (needs FP8 tensor cores).
 #: ``miss-fp8-qkv-bf16``: q/k/v (a shared-input group) keep their bf16 weights, the other projections run on FP8.
 FP8_MODEL_VARIANTS = ("miss-fp8", "mini-fp8", "miss-fp8-qkv-bf16")
@@ -199,6 +200,8 @@ def _adapted(name: str, model, r: int):
                 if not layer_name.endswith(("q_proj", "k_proj", "v_proj")):
                     layer.to_fp8()
     enable_recompute(model, None)
+    if name.endswith("-full-recompute"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     apply_kernels(model, kernels)
     return model
