@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from . import fp8
+from . import fp8, recompute
 
 #: A frozen weight as a MiSS product reads it: a tensor, or its FP8 copy.
 Base = Union[torch.Tensor, fp8.FP8Weight]
@@ -98,38 +98,8 @@ def aggregate(x: torch.Tensor, r: int, in_offset: int = 0) -> torch.Tensor:
     ``in_offset`` is the global index of x's first feature (a row-parallel shard), so the local sums of all
     shards add up to the aggregation of the full input. A GEMM with the 0/1 chunk matrix: it accumulates in fp32
     for low-precision x.
-
-    One operator of its own, ``miss_ds::aggregate`` (its gradient: :func:`spread`), so that a recomputed layer
-    can keep agg(x) from its first forward instead of reading x again (the selective-recompute policy of
-    :func:`miss_ds.modeling.enable_recompute` names it): r values a token, held until backward. Selective
-    recomputation replays kept results by each operator's count of calls, which an operator of its own keeps
-    exact; inside it, the chunk matrix is built on the first call only.
     """
-    return _aggregate_op(x, r, in_offset)
-
-
-@torch.library.custom_op("miss_ds::aggregate", mutates_args=())
-def _aggregate_op(x: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
     return x @ chunk_matrix(r, x.shape[-1], in_offset, x.dtype, x.device).t()
-
-
-@_aggregate_op.register_fake
-def _(x: torch.Tensor, r: int, in_offset: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], r)
-
-
-def _aggregate_setup(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    x, ctx.r, ctx.in_offset = inputs
-    ctx.n = x.shape[-1]
-
-
-def _aggregate_backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-    return spread(g, ctx.n, ctx.r, ctx.in_offset), None, None
-
-
-_aggregate_op.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
-#: :func:`aggregate`'s operator, as dispatch modes (selective recomputation's policy) see it.
-AGGREGATE_OP = torch.ops.miss_ds.aggregate.default
 
 
 def spread(g: torch.Tensor, n: int, r: int, in_offset: int = 0) -> torch.Tensor:
@@ -192,16 +162,35 @@ def _bat_delta_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def bat_merged_weight(w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
-    """Bone's merged weight W_ab + W_ab D_a + D_a, in w's dtype, for the forward of a training step.
+    """Bone's merged weight W_ab + W_ab D_a + D_a, in w's dtype, for the forward of a training step (W frozen)."""
+    return _BatMergedWeight.apply(w, d, r)
 
-    Five passes over W's bytes instead of the seven of ``W + delta_weight``: one elementwise kernel writes
+
+class _BatMergedWeight(torch.autograd.Function):
+    """W' = W + delta_weight(W, D) in five passes over W's bytes instead of seven: one elementwise kernel writes
     W_ab + D_a, and one batched GEMM adds the block products W_ab D_a onto it in its epilogue (beta=1, accumulated
-    in fp32 before the one rounding). Autograd gives D's gradient from both (the GEMM's, and dW' summed over b).
-    """
-    out_features, in_features = w.shape
-    rows = (out_features // r, in_features, r)  # block row a: its r rows of W side by side, (i, b) by j
-    merged = (_blocks(w, r) + d[:, :, None, :]).view(rows)
-    return merged.baddbmm_(w.reshape(rows), d).view(out_features, in_features)
+    in fp32 before the one rounding). Backward reads dW' twice (D's gradient sum_b W_ab^T dW'_ab + dW'_ab); as
+    autograd of the same ops it would also copy dW' (the GEMM writes into a view of the add's output)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, d: torch.Tensor, r: int) -> torch.Tensor:
+        out_features, in_features = w.shape
+        rows = (out_features // r, in_features, r)  # block row a: its r rows of W side by side, (i, b) by j
+        merged = (_blocks(w, r) + d[:, :, None, :]).view(rows)
+        merged.baddbmm_(w.reshape(rows), d)
+        ctx.save_for_backward(w)
+        ctx.r = r
+        return merged.view(out_features, in_features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        if ctx.needs_input_grad[0]:
+            raise RuntimeError("bat_merged_weight gives no gradient for W: W must be frozen")
+        (w,) = ctx.saved_tensors
+        r = ctx.r
+        rows = (w.shape[0] // r, w.shape[1], r)
+        grad_d = torch.bmm(w.reshape(rows).transpose(1, 2), grad.reshape(rows))
+        return None, grad_d.add_(_blocks(grad, r).sum(2)), None
 
 
 class _SharedInputMiss(torch.autograd.Function):
@@ -212,7 +201,7 @@ class _SharedInputMiss(torch.autograd.Function):
     computed once; in backward the MiSS input gradient sum_p dy_p D_p^T is spread over the chunks once, by a GEMM
     with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
     epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. Saved: agg(x)
-    (r values a token), not x; a recomputed layer keeps it from the first forward (:func:`aggregate`).
+    (r values a token), not x; a recomputed layer keeps it from its first forward (:mod:`miss_ds.recompute`).
 
     For a tensor base the node's forward returns the deltas agg(x) D_p only, and :func:`shared_input_products`
     accumulates the frozen products x W_p^T onto them (cuBLAS, beta=1) after the node, outside autograd (x
@@ -235,7 +224,7 @@ class _SharedInputMiss(torch.autograd.Function):
         bases = bases_and_ds[0::2]
         ds = [d.to(x.dtype) for d in bases_and_ds[1::2]]  # cast once: backward reuses the cast
         x2 = x.reshape(-1, x.shape[-1])
-        agg = aggregate(x2, r, in_offset)
+        agg = recompute.kept(lambda: aggregate(x2, r, in_offset), ("aggregate", x2.shape, x2.dtype, r, in_offset))
         on_fp8 = isinstance(bases[0], fp8.FP8Weight)
         xq = fp8.quantize_rows(x2) if on_fp8 else None  # one quantisation of x for every projection
         outs = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import functools
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,14 +11,12 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from . import functional as MF
+from . import recompute
 from .families import UnsupportedModel, family_of
-from .layers import MissLayer
 from .run_config import ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,20 +99,12 @@ def enable_recompute(model: nn.Module, layers: int | None) -> int:
 
     Recomputing a layer trades its stored activations for a second forward pass in backward; when memory
     allows, leaving the last layers stored makes a step faster (tools/plan_memory.py says how many fit).
-    With MiSS layers in the model the recomputation is selective: agg(x) (:func:`miss_ds.functional.aggregate`,
-    r values a token) is kept from the first forward, everything else is computed again as before.
+    A recomputed layer keeps MiSS's aggregations agg(x) from its first forward (:mod:`miss_ds.recompute`).
     """
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if any(isinstance(m, MissLayer) for m in model.modules()):
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_miss_tensors)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": recompute.checkpoint_contexts})
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     count = len(blocks) if layers is None else max(0, min(layers, len(blocks)))
     for block in blocks[count:]:
         block.gradient_checkpointing = False
     return count
-
-
-def _keep_miss_tensors(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """The selective-recompute policy: keep MiSS's aggregations, recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if op is MF.AGGREGATE_OP else CheckpointPolicy.PREFER_RECOMPUTE

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from miss_ds import MissConfig, apply_miss, miss_layers
 from miss_ds import functional as MF
+from miss_ds import recompute
 from miss_ds.modeling import enable_recompute
 from tests.conftest import tiny_llama_config
 
@@ -216,30 +217,34 @@ def test_a_recomputed_step_runs_as_many_frozen_gemms_as_the_floor(mode):
 
 
 class _Aggregations(TorchDispatchMode):
-    """Counts the aggregations of x that run (a result that selective recomputation replays is not run)."""
+    """Counts the aggregations of x that run: products x E^T with one of the chunk matrices E (r, n) in ``chunks``
+    (the spread g E reads E untransposed, (r, n))."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunks) -> None:
         super().__init__()
+        self.chunks = {c.untyped_storage().data_ptr() for c in chunks}
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is MF.AGGREGATE_OP
+        chunk = args[1] if func.overloadpacket is torch.ops.aten.mm else None
+        self.count += chunk is not None and chunk.untyped_storage().data_ptr() in self.chunks and \
+            chunk.shape[0] > chunk.shape[1]
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("mode", ["miss", "mini"])
 def test_a_recomputed_layer_keeps_its_aggregations(mode):
-    """A recomputed layer takes agg(x) from its first forward (selective recompute): a training step of a recomputed
-    Llama runs as many aggregations (one an input: 4 a layer) as the same step without recomputation, and gives the
-    same loss and D gradients. Run first with an empty chunk-matrix cache: the first forward then builds what the
-    recomputation finds built, and the replay must still pair each kept result with its own call."""
+    """A recomputed layer takes agg(x) back from its first forward (miss_ds.recompute): a training step of a
+    recomputed Llama runs as many aggregations (one an input: 4 a layer) as the same step without recomputation,
+    and gives the same loss and D gradients."""
     from transformers import LlamaForCausalLM
 
     config = tiny_llama_config()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    chunks = [MF.chunk_matrix(8, n, 0, torch.float64, torch.device("cpu"))
+              for n in (config.hidden_size, config.intermediate_size)]
     runs = {}
     for recompute in (True, False):
-        MF.chunk_matrix.cache_clear()
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).double().train()
         model.requires_grad_(False)
@@ -247,7 +252,7 @@ def test_a_recomputed_layer_keeps_its_aggregations(mode):
         if recompute:
             enable_recompute(model, None)
         model.enable_input_require_grads()
-        with _Aggregations() as counter:
+        with _Aggregations(chunks) as counter:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         runs[recompute] = counter.count, loss, {name: m.miss_block.grad for name, m in miss_layers(model)}
@@ -255,6 +260,19 @@ def test_a_recomputed_layer_keeps_its_aggregations(mode):
     assert runs[True][0] == runs[False][0], (runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
     torch.testing.assert_close(runs[True][2], runs[False][2], rtol=0, atol=0)
+
+
+def test_a_recomputation_that_does_not_repeat_the_first_forward_is_an_error():
+    """The recomputation takes back what the first forward kept, in order, and refuses a call it did not keep."""
+    first, again = recompute.checkpoint_contexts()
+    with first:
+        kept = recompute.kept(lambda: torch.ones(2), ("aggregate", 2))
+    with again:
+        assert recompute.kept(lambda: torch.zeros(2), ("aggregate", 2)) is kept
+        with pytest.raises(RuntimeError, match=r"asked for MiSS result \('aggregate', 3\) where its first forward kept "
+                                               r"nothing \(call 1\)"):
+            recompute.kept(lambda: torch.ones(3), ("aggregate", 3))
+    assert recompute.kept(lambda: torch.zeros(1), ("aggregate", 1)).sum() == 0  # outside a checkpointed layer
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 cuBLAS path: needs a GPU (tools/gpu_bench.sh tests)")
