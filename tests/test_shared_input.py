@@ -244,18 +244,18 @@ def test_a_recomputed_layer_keeps_its_aggregations(mode):
     chunks = [MF.chunk_matrix(8, n, 0, torch.float64, torch.device("cpu"))
               for n in (config.hidden_size, config.intermediate_size)]
     runs = {}
-    for recompute in (True, False):
+    for recomputed in (True, False):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).double().train()
         model.requires_grad_(False)
         apply_miss(model, MissConfig(r=8, mode=mode, mini_r=4, init_weights=False))
-        if recompute:
+        if recomputed:
             enable_recompute(model, None)
         model.enable_input_require_grads()
         with _Aggregations(chunks) as counter:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-        runs[recompute] = counter.count, loss, {name: m.miss_block.grad for name, m in miss_layers(model)}
+        runs[recomputed] = counter.count, loss, {name: m.miss_block.grad for name, m in miss_layers(model)}
     assert runs[False][0] == 4 * config.num_hidden_layers, runs[False][0]
     assert runs[True][0] == runs[False][0], (runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)

@@ -18,7 +18,7 @@ before any variant starts.
 2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
 r16, and miss_ds in each mode (``miss`` also with every layer computed alone, ``miss-alone``: without the shared
 q/k/v and gate/up nodes of miss_ds.shared_input; and ``miss-full-recompute``: recomputed layers compute agg(x) again
-instead of keeping it, plain checkpointing without enable_recompute's policy), each as a ratio to the floor, with
+instead of keeping it, plain checkpointing without miss_ds.recompute's store), each as a ratio to the floor, with
 tokens/s, MFU, peak memory against the floor plus the variant's optimizer state, and the first step's loss (the
 ``miss`` variants compute the same function).
 
