@@ -262,6 +262,37 @@ def test_a_recomputed_layer_keeps_its_aggregations(mode):
     torch.testing.assert_close(runs[True][2], runs[False][2], rtol=0, atol=0)
 
 
+def test_kept_aggregations_are_released_with_the_step(monkeypatch):
+    """What a recomputed layer keeps lives as long as the step's graph: after backward, and after a forward whose
+    graph is dropped unused, none of it is left."""
+    import gc
+    import weakref
+
+    from transformers import LlamaForCausalLM
+
+    alive = []
+    keep = recompute.kept
+
+    def tracked(compute, signature):
+        result = keep(compute, signature)
+        alive.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(recompute, "kept", tracked)
+    model = LlamaForCausalLM(tiny_llama_config()).train()
+    model.requires_grad_(False)
+    apply_miss(model, MissConfig(r=8, init_weights=False))
+    enable_recompute(model, None)
+    model.enable_input_require_grads()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    unused = model(input_ids=ids, labels=ids).loss
+    del unused
+    gc.collect()
+    assert len(alive) == 3 * 4 * tiny_llama_config().num_hidden_layers  # forward, recompute, forward
+    assert not [ref for ref in alive if ref() is not None]
+
+
 def test_a_recomputation_that_does_not_repeat_the_first_forward_is_an_error():
     """The recomputation takes back what the first forward kept, in order, and refuses a call it did not keep."""
     first, again = recompute.checkpoint_contexts()
