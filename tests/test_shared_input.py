@@ -237,18 +237,13 @@ def test_a_recomputed_layer_keeps_its_aggregations(mode):
     """A recomputed layer takes agg(x) back from its first forward (miss_ds.recompute): a training step of a
     recomputed Llama runs as many aggregations (one an input: 4 a layer) as the same step without recomputation,
     and gives the same loss and D gradients."""
-    from transformers import LlamaForCausalLM
-
     config = tiny_llama_config()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     chunks = [MF.chunk_matrix(8, n, 0, torch.float64, torch.device("cpu"))
               for n in (config.hidden_size, config.intermediate_size)]
     runs = {}
     for recomputed in (True, False):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).double().train()
-        model.requires_grad_(False)
-        apply_miss(model, MissConfig(r=8, mode=mode, mini_r=4, init_weights=False))
+        model = _llama(mode).train()
         if recomputed:
             enable_recompute(model, None)
         model.enable_input_require_grads()
@@ -268,8 +263,6 @@ def test_kept_aggregations_are_released_with_the_step(monkeypatch):
     import gc
     import weakref
 
-    from transformers import LlamaForCausalLM
-
     alive = []
     keep = recompute.kept
 
@@ -279,9 +272,7 @@ def test_kept_aggregations_are_released_with_the_step(monkeypatch):
         return result
 
     monkeypatch.setattr(recompute, "kept", tracked)
-    model = LlamaForCausalLM(tiny_llama_config()).train()
-    model.requires_grad_(False)
-    apply_miss(model, MissConfig(r=8, init_weights=False))
+    model = _llama().train()
     enable_recompute(model, None)
     model.enable_input_require_grads()
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
