@@ -199,9 +199,10 @@ def _adapted(name: str, model, r: int):
             for layer_name, layer in miss_layers(model):
                 if not layer_name.endswith(("q_proj", "k_proj", "v_proj")):
                     layer.to_fp8()
-    enable_recompute(model, None)
-    if name.endswith("-full-recompute"):
+    if name.endswith("-full-recompute"):  # plain checkpointing: without miss_ds.recompute's store
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable_recompute(model, None)
     model.enable_input_require_grads()
     apply_kernels(model, kernels)
     return model
