@@ -126,6 +126,16 @@ def expand_d(d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
     raise ValueError("expand_d applies to 'miss' and 'mini'; 'bat' D is blockwise")
 
 
+def fold_d_grad(grad: torch.Tensor, g: MissGeometry) -> torch.Tensor:
+    """The adjoint of :func:`expand_d`: the gradient of the (r, local out) matrix folded back onto D's shape
+    (``mini``: the columns that share a column of D summed)."""
+    if g.mode == "miss":
+        return grad
+    start = g.out_offset % g.mini_r
+    pads = (start, -(start + g.out_features) % g.mini_r)
+    return (F.pad(grad, pads) if any(pads) else grad).view(grad.shape[0], -1, g.mini_r).sum(1)
+
+
 def delta_weight(w: torch.Tensor, d: torch.Tensor, g: MissGeometry) -> torch.Tensor:
     """The update MiSS makes to the local weight, in D's dtype: W' = W + delta_weight."""
     if g.mode == "bat":
@@ -201,7 +211,9 @@ class _SharedInputMiss(torch.autograd.Function):
     computed once; in backward the MiSS input gradient sum_p dy_p D_p^T is spread over the chunks once, by a GEMM
     with the chunk matrix that writes dx, and every projection's dy_p W_p accumulates onto it in the cuBLAS
     epilogue (beta=1). That costs less than the floor's own sum of the projections' input gradients. Saved: agg(x)
-    (r values a token), not x; a recomputed layer keeps it from its first forward (:mod:`miss_ds.recompute`).
+    (r values a token), not x; a recomputed layer keeps it from its first forward (:mod:`miss_ds.recompute`). D
+    arrives as the layer holds it: the node casts it to x's dtype and tiles ``mini``'s along out (:func:`expand_d`)
+    once a forward, outside autograd, and its backward folds the gradient back once (:func:`fold_d_grad`).
 
     For a tensor base the node's forward returns the deltas agg(x) D_p only, and :func:`shared_input_products`
     accumulates the frozen products x W_p^T onto them (cuBLAS, beta=1) after the node, outside autograd (x
@@ -219,10 +231,12 @@ class _SharedInputMiss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, r: int, in_offset: int, *bases_and_ds: Base | torch.Tensor
+    def forward(ctx, x: torch.Tensor, geometries: tuple[MissGeometry, ...], *bases_and_ds: Base | torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:
+        r, in_offset = geometries[0].r, geometries[0].in_offset
         bases = bases_and_ds[0::2]
-        ds = [d.to(x.dtype) for d in bases_and_ds[1::2]]  # cast once: backward reuses the cast
+        # cast once (backward reuses the cast), then mini's tiled
+        ds = [expand_d(d.to(x.dtype), g) for d, g in zip(bases_and_ds[1::2], geometries)]
         x2 = x.reshape(-1, x.shape[-1])
         agg = recompute.kept(lambda: aggregate(x2, r, in_offset), ("aggregate", x2.shape, x2.dtype, r, in_offset))
         on_fp8 = isinstance(bases[0], fp8.FP8Weight)
@@ -237,7 +251,7 @@ class _SharedInputMiss(torch.autograd.Function):
             outs.append(out)
         ctx.fp8_bases = bases if on_fp8 else None  # frozen, never written: kept as they are
         ctx.save_for_backward(agg, *ds, *(() if on_fp8 else bases))
-        ctx.x_shape, ctx.r, ctx.in_offset = x.shape, r, in_offset
+        ctx.x_shape, ctx.geometries = x.shape, geometries
         ctx.d_dtypes = [d.dtype for d in bases_and_ds[1::2]]
         ctx.set_materialize_grads(False)  # an unused output (None gradient) costs nothing in backward
         return tuple(outs)
@@ -248,7 +262,7 @@ class _SharedInputMiss(torch.autograd.Function):
         count = len(dys)
         ds = tensors[:count]
         bases = ctx.fp8_bases if ctx.fp8_bases is not None else tensors[count:]
-        grads: list[Optional[torch.Tensor]] = [None] * (3 + 2 * count)
+        grads: list[Optional[torch.Tensor]] = [None] * (2 + 2 * count)
         need_x = ctx.needs_input_grad[0]
         g, products = None, []
         for i, (dy, base, d) in enumerate(zip(dys, bases, ds)):
@@ -258,10 +272,11 @@ class _SharedInputMiss(torch.autograd.Function):
             products.append((dy2, base))
             if need_x:
                 g = dy2 @ d.t() if g is None else g.addmm_(dy2, d.t())
-            if ctx.needs_input_grad[4 + 2 * i]:
-                grads[4 + 2 * i] = (agg.t() @ dy2).to(ctx.d_dtypes[i])
+            if ctx.needs_input_grad[3 + 2 * i]:
+                grads[3 + 2 * i] = fold_d_grad((agg.t() @ dy2).to(ctx.d_dtypes[i]), ctx.geometries[i])
         if need_x and products:
-            dx = spread(g, ctx.x_shape[-1], ctx.r, ctx.in_offset)
+            first = ctx.geometries[0]
+            dx = spread(g, ctx.x_shape[-1], first.r, first.in_offset)
             for dy2, base in products:
                 if ctx.fp8_bases is None:
                     dx.addmm_(dy2, base)
@@ -274,9 +289,9 @@ class _SharedInputMiss(torch.autograd.Function):
 def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[Base, torch.Tensor, MissGeometry]]
                           ) -> tuple[torch.Tensor, ...]:
     """x W_p'^T for ``miss``/``mini`` shards ``(W_p, D_p, geometry_p)`` that all read x (siblings such as q, k and
-    v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype; its
-    gradient flows back in D's own dtype. The geometries must agree on r and the input (features, offset); the
-    bases must all be tensors or all FP8 (then x must be bf16)."""
+    v), without bias, in x's dtype, as one autograd node (:class:`_SharedInputMiss`). D is cast to x's dtype (and
+    ``mini``'s tiled) inside the node; its gradient flows back in D's own dtype. The geometries must agree on r and
+    the input (features, offset); the bases must all be tensors or all FP8 (then x must be bf16)."""
     geometries = [g for _, _, g in projections]
     if not can_share_input(geometries):
         raise ValueError(f"projections sharing an input need mode miss/mini and the same r and input shard; got "
@@ -287,9 +302,8 @@ def shared_input_products(x: torch.Tensor, projections: Sequence[tuple[Base, tor
                          "the others one by one")
     if on_fp8 == {True} and x.dtype != torch.bfloat16:
         raise ValueError(f"an FP8 base needs bf16 activations (model.dtype: bfloat16); got {x.dtype}")
-    first = geometries[0]
-    flat = [t for w, d, g in projections for t in (w, expand_d(d, g))]
-    outs = _SharedInputMiss.apply(x, first.r, first.in_offset, *flat)
+    flat = [t for w, d, _ in projections for t in (w, d)]
+    outs = _SharedInputMiss.apply(x, tuple(geometries), *flat)
     if on_fp8 == {False}:
         x2 = x.detach().reshape(-1, x.shape[-1])
         for out, (w, _, _) in zip(outs, projections):
