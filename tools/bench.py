@@ -20,9 +20,10 @@ r16, and miss_ds in each mode (``miss`` also with every layer computed alone, ``
 q/k/v and gate/up nodes of miss_ds.shared_input; and ``miss-full-recompute``: recomputed layers compute agg(x) again
 instead of keeping it, plain checkpointing without miss_ds.recompute's store), each as a ratio to the floor, with
 tokens/s, MFU, peak memory against the floor plus the variant's optimizer state, and the first step's loss (the
-``miss`` variants compute the same function).
+``miss`` variants compute the same function). ``--rounds N`` alternates the variants N times in the process, so
+that drift of the GPU's clocks between variants averages out of ratios a few tenths of a percent apart.
 
-    python tools/bench.py model --layers 8
+    python tools/bench.py model --layers 8 --rounds 3
     python tools/bench.py model --layers 8 --variants frozen,miss,miss-fp8,mini-fp8   # FP8 base (miss_ds.quantize)
     python tools/bench.py model --layers 8 --variants frozen,miss,frozen-liger,miss-liger   # Liger's fused kernels
 
@@ -232,17 +233,15 @@ def cmd_model(args: argparse.Namespace) -> None:
     if floor_name is None:
         raise SystemExit(f"--variants {args.variants}: include frozen (or frozen{LIGER_SUFFIX}), the floor the "
                          "ratios are taken against")
+    if args.rounds > 1 and len(set(liger)) > 1:
+        raise SystemExit(f"--rounds {args.rounds} alternates the variants: give them all with {LIGER_SUFFIX} or all "
+                         "without (Liger's patch would reach the plain variants' later rounds)")
     tokens = args.mbs * args.seq
     ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    results = []
-    for name in names:
-        config, model = _llama(args)
-        model = _adapted(name, model, args.r)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
-        torch.cuda.reset_peak_memory_stats()
+
+    def steps(model, optimizer, count: int) -> tuple[list[float], list[torch.Tensor]]:
         times, losses = [], []
-        for _ in range(args.warmup + args.repeat):
+        for _ in range(count):
             torch.cuda.synchronize()
             start = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -252,36 +251,62 @@ def cmd_model(args: argparse.Namespace) -> None:
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        step = sorted(times[args.warmup:])[args.repeat // 2]
-        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
-        results.append({"variant": name, "step_s": step, "tokens_per_s": tokens / step,
-                        "mfu": tokens / step * frozen_finetune_flops_per_token(config, args.seq)
-                        / peak_flops(ids.device, torch.bfloat16),
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "optimizer_state_gib": state / 2**30,
-                        "trainable_m": sum(p.numel() for p in params) / 1e6, "first_loss": losses[0].item(),
-                        **_shared_input_state(model)})
-        print(json.dumps(results[-1]), flush=True)
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile
+        return times, losses
 
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model(input_ids=ids, labels=ids).loss.backward()
-                torch.cuda.synchronize()
-            optimizer.zero_grad(set_to_none=True)
-            print(f"{name}, one step:\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}", flush=True)
-        del model, optimizer, params
-        gc.collect()
-        torch.cuda.empty_cache()
+    results, live = {}, {}
+    for _ in range(args.rounds):
+        for name in names:
+            if name in live:  # a later round: the variant's model as the first round left it, one step to warm up
+                times, _ = steps(*live[name], 1 + args.repeat)
+                results[name]["round_step_s"].append(sorted(times[1:])[args.repeat // 2])
+                continue
+            resident = torch.cuda.memory_allocated()  # the models kept for later rounds
+            config, model = _llama(args)
+            model = _adapted(name, model, args.r)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5)
+            torch.cuda.reset_peak_memory_stats()
+            times, losses = steps(model, optimizer, args.warmup + args.repeat)
+            step = sorted(times[args.warmup:])[args.repeat // 2]
+            state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                        if torch.is_tensor(t) and t.dim() > 0)
+            results[name] = {"variant": name, "step_s": step, "round_step_s": [step],
+                             "peak_gib": (torch.cuda.max_memory_allocated() - resident) / 2**30,
+                             "optimizer_state_gib": state / 2**30,
+                             "trainable_m": sum(p.numel() for p in params) / 1e6, "first_loss": losses[0].item(),
+                             **_shared_input_state(model)}
+            print(json.dumps(results[name]), flush=True)
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    torch.cuda.synchronize()
+                optimizer.zero_grad(set_to_none=True)
+                print(f"{name}, one step:\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=25)}",
+                      flush=True)
+            if args.rounds > 1:
+                live[name] = (model, optimizer)
+            del model, optimizer, params
+            gc.collect()
+            torch.cuda.empty_cache()
+    for r in results.values():  # the median of the rounds' medians: each round runs every variant once
+        r["step_s"] = sorted(r["round_step_s"])[args.rounds // 2]
+        r["tokens_per_s"] = tokens / r["step_s"]
+        r["mfu"] = r["tokens_per_s"] * frozen_finetune_flops_per_token(config, args.seq) / peak_flops(ids.device,
+                                                                                                    torch.bfloat16)
+    results = list(results.values())
     floor = next(r for r in results if r["variant"] == floor_name)
     print(f"| {args.layers} layers {args.hidden}/{args.intermediate}, seq {args.seq}, mbs {args.mbs}, r={args.r}, "
-          f"{torch.cuda.get_device_name()} | s/step | x floor | tokens/s | MFU | peak GiB | x (floor + opt state) "
-          f"| first loss |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{torch.cuda.get_device_name()}, {args.rounds} round(s) | s/step | x floor | x floor by round | tokens/s "
+          f"| MFU | peak GiB | x (floor + opt state) | first loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         budget = floor["peak_gib"] + r["optimizer_state_gib"]
-        print(f"| {r['variant']} | {r['step_s']:.4f} | {r['step_s'] / floor['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-              f"{r['mfu']:.3f} | {r['peak_gib']:.2f} | {r['peak_gib'] / budget:.3f} | {r['first_loss']:.4f} |")
+        by_round = " / ".join(f"{a / b:.3f}" for a, b in zip(r["round_step_s"], floor["round_step_s"]))
+        print(f"| {r['variant']} | {r['step_s']:.4f} | {r['step_s'] / floor['step_s']:.3f} | {by_round} | "
+              f"{r['tokens_per_s']:.0f} | {r['mfu']:.3f} | {r['peak_gib']:.2f} | {r['peak_gib'] / budget:.3f} | "
+              f"{r['first_loss']:.4f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
@@ -648,6 +673,9 @@ def main() -> None:
     m.add_argument("--r", type=int, default=64)
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--repeat", type=int, default=5)
+    m.add_argument("--rounds", type=int, default=1,
+                   help="time every variant this many times, alternating (the models kept on the GPU); s/step is "
+                        "the median of the rounds' medians, peak memory is the first round's, less the other models")
     m.add_argument("--out", default=None, help="write the results as JSON here")
     m.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels over one step")
     m.set_defaults(func=cmd_model)

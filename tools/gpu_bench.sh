@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Single-GPU checks and benchmarks of docs/performance.md (device kind nvidia-h200), from the repository root,
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
-#   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
+#   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelrounds modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
 #   bash tools/gpu_bench.sh shapes   # bench.py layer on every projection shape of Llama-7B and Llama-2-70B
 #   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
 #   bash tools/gpu_bench.sh ligertests ligermodel ligermodel7b ligerstep ligerfull   # model.kernels=liger
@@ -26,7 +26,9 @@ for stage in "$@"; do case $stage in
       2>&1 | tee "$LOGS/layer4k.txt" ;;
   layer70b) python3 tools/bench.py layer --tokens 8192 --in-features 8192 --out-features 14336 --r 64 \
       2>&1 | tee "$LOGS/layer70b.txt" ;;
-  model) python3 tools/bench.py model --layers 8 --out "$LOGS/model.json" 2>&1 | grep -v Warning | tee "$LOGS/model.txt" ;;
+  model) python3 tools/bench.py model --layers 8 --rounds 3 --out "$LOGS/model.json" 2>&1 | grep -v Warning | tee "$LOGS/model.txt" ;;
+  modelrounds) python3 tools/bench.py model --layers 8 --variants frozen,miss,mini,bat --rounds 15 --repeat 3 \
+      --out "$LOGS/modelrounds.json" 2>&1 | grep -v Warning | tee "$LOGS/modelrounds.txt" ;;
   modelprof) python3 tools/bench.py model --layers 8 --variants frozen,miss --profile 2>&1 | grep -v Warning \
       | tee "$LOGS/modelprof.txt" ;;
   step70b) python3 tools/bench.py step --gpus 1 --ref floor --out "$LOGS/step70b" --work /tmp/step-work \
@@ -71,6 +73,6 @@ for stage in "$@"; do case $stage in
       --variant "fp8_80_liger_auto=train:configs/llama-70b-fp8-1gpu.yaml" 2>&1 | grep -v Warning | tee "$LOGS/ligerfull.txt" ;;
   pack) python3 tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out "$LOGS/pack" --work /tmp/pack-work \
       2>&1 | grep -v Warning | tee "$LOGS/pack.txt" ;;
-  *) echo "unknown stage '$stage' (tests shapes layer4k layer7b layer70b model modelprof step70b pack fp8tests fp8layer fp8model" \
+  *) echo "unknown stage '$stage' (tests shapes layer4k layer7b layer70b model modelrounds modelprof step70b pack fp8tests fp8layer fp8model" \
        "fp8step fp8full ligertests ligermodel ligermodel7b ligerstep ligerfull)" >&2; exit 2 ;;
 esac; tar czf "$OUT/logs.tgz" -C "$LOGS" .; done
