@@ -36,7 +36,8 @@ the README (8 Llama-7B-shape layers, bf16, seq 4096, micro-batch 2, random weigh
     python tools/bench.py pack --preset llama7b --attn sdpa,flex_attention --out runs/pack
 
 ``layer``: one linear layer's forward + backward (bf16 on GPU, fp32 on CPU): frozen base, miss_ds in each mode,
-PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events, median of repeats);
+PEFT MiSS and LoRA, each as a ratio to the frozen base (CUDA events around ``--repeat`` calls queued back to back,
+as a training step queues its layers);
 ``--profile`` adds each variant's top GPU kernels; ``--base-precision fp8`` adds the frozen base alone and
 ``miss``/``mini`` on an FP8 base (bf16 on CPU too).
 
@@ -442,23 +443,24 @@ def cmd_layer(args: argparse.Namespace) -> None:
             variants[f"miss_ds-{mode}-fp8"].to_fp8()
 
     def timed(work) -> float:
-        """Median seconds of ``work()`` (CUDA events on GPU)."""
-        times = []
-        for i in range(args.warmup + args.repeat):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
+        """Seconds per call of ``work()`` in steady state: ``--repeat`` calls queued back to back after the warm-up,
+        as a training step queues its layers, so that the CPU runs ahead of the GPU and launch latency is hidden as
+        it is there (a synchronised single call would add the CPU's dispatch time of the many small launches).
+        CUDA events on GPU."""
+        for _ in range(args.warmup):
             work()
-            if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                elapsed = start.elapsed_time(end) / 1e3
-            else:
-                elapsed = time.perf_counter() - t0
-            if i >= args.warmup:
-                times.append(elapsed)
-        return sorted(times)[len(times) // 2]
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            work()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / args.repeat
+        return (time.perf_counter() - t0) / args.repeat
 
     def profile(module: nn.Module) -> str:
         from torch.profiler import ProfilerActivity
