@@ -240,9 +240,10 @@ def cmd_model(args: argparse.Namespace) -> None:
     tokens = args.mbs * args.seq
     ids = torch.randint(0, 32000, (args.mbs, args.seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
-    def steps(model, optimizer, count: int) -> tuple[list[float], list[torch.Tensor]]:
+    def timed_steps(model, optimizer, warmup: int) -> tuple[float, list[torch.Tensor]]:
+        """The median time of ``--repeat`` training steps after ``warmup`` more, and every step's loss."""
         times, losses = [], []
-        for _ in range(count):
+        for _ in range(warmup + args.repeat):
             torch.cuda.synchronize()
             start = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -252,14 +253,13 @@ def cmd_model(args: argparse.Namespace) -> None:
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return times, losses
+        return sorted(times[warmup:])[args.repeat // 2], losses
 
     results, live = {}, {}
     for _ in range(args.rounds):
         for name in names:
             if name in live:  # a later round: the variant's model as the first round left it, one step to warm up
-                times, _ = steps(*live[name], 1 + args.repeat)
-                results[name]["round_step_s"].append(sorted(times[1:])[args.repeat // 2])
+                results[name]["round_step_s"].append(timed_steps(*live[name], warmup=1)[0])
                 continue
             resident = torch.cuda.memory_allocated()  # the models kept for later rounds
             config, model = _llama(args)
@@ -267,8 +267,7 @@ def cmd_model(args: argparse.Namespace) -> None:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-5)
             torch.cuda.reset_peak_memory_stats()
-            times, losses = steps(model, optimizer, args.warmup + args.repeat)
-            step = sorted(times[args.warmup:])[args.repeat // 2]
+            step, losses = timed_steps(model, optimizer, args.warmup)
             state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                         if torch.is_tensor(t) and t.dim() > 0)
             results[name] = {"variant": name, "step_s": step, "round_step_s": [step],
