@@ -9,6 +9,7 @@ import pytest
 from transformers import LlamaConfig
 
 from miss_ds import memory_plan
+from miss_ds.engine import deepspeed_config
 from miss_ds.model_shape import ModelShape
 from miss_ds.run_config import load_config
 from tests.launch_utils import ROOT
@@ -67,3 +68,13 @@ def test_auto_recompute_plans_for_a_share_of_the_gpu():
     gpu = memory_plan.plan(LLAMA_70B, recompute=30, **kw).total / memory_plan.AUTO_MEMORY_FRACTION
     assert memory_plan.auto_recompute_layers(LLAMA_70B, gpu, **kw) == 30
     assert memory_plan.plan(LLAMA_70B, recompute=29, **kw).total > memory_plan.AUTO_MEMORY_FRACTION * gpu
+
+
+@pytest.mark.parametrize("device, overrides, fused", [
+    ("cuda", [], True), ("cpu", [], False),
+    ("cuda", ["parallel.offload_optimizer=true"], False),  # the state lives on the host
+    ("cuda", ["deepspeed.optimizer.params.fused=false"], False)])  # the run's deepspeed: section wins
+def test_adamw_is_fused_where_its_state_lives_on_a_gpu(device, overrides, fused):
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml", overrides)
+    params = deepspeed_config(cfg, device)["optimizer"]["params"]
+    assert params["fused"] is fused and params["torch_adam"] is True

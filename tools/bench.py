@@ -15,13 +15,14 @@ The baseline probe is not in this repository: it is the shared reference ``../sh
 before any variant starts.
 
 ``model``: in one process, training steps of a stack of Llama-7B-shape decoder layers (bf16, seq 4096, micro-batch
-2, gradient checkpointing, torch AdamW): the frozen base (input gradients only: the floor), PEFT MiSS r64 and LoRA
-r16, and miss_ds in each mode (``miss`` also with every layer computed alone, ``miss-alone``: without the shared
-q/k/v and gate/up nodes of miss_ds.shared_input; and ``miss-full-recompute``: recomputed layers compute agg(x) again
-instead of keeping it, plain checkpointing without miss_ds.recompute's store), each as a ratio to the floor, with
-tokens/s, MFU, peak memory against the floor plus the variant's optimizer state, and the first step's loss (the
-``miss`` variants compute the same function). ``--rounds N`` alternates the variants N times in the process, so
-that drift of the GPU's clocks between variants averages out of ratios a few tenths of a percent apart.
+2, gradient checkpointing, torch's fused AdamW as in launch/train.py): the frozen base (input gradients only: the
+floor), PEFT MiSS r64 and LoRA r16, and miss_ds in each mode (``miss`` also with every layer computed alone,
+``miss-alone``: without the shared q/k/v and gate/up nodes of miss_ds.shared_input; and ``miss-full-recompute``:
+recomputed layers compute agg(x) again instead of keeping it, plain checkpointing without miss_ds.recompute's
+store), each as a ratio to the floor, with tokens/s, MFU, peak memory against the floor plus the variant's optimizer
+state, and the first step's loss (the ``miss`` variants compute the same function). ``--rounds N`` alternates the
+variants N times in the process, so that drift of the GPU's clocks between variants averages out of ratios a few
+tenths of a percent apart.
 
     python tools/bench.py model --layers 8 --rounds 3
     python tools/bench.py model --layers 8 --variants frozen,miss,miss-fp8,mini-fp8   # FP8 base (miss_ds.quantize)
@@ -265,7 +266,7 @@ def cmd_model(args: argparse.Namespace) -> None:
             config, model = _llama(args)
             model = _adapted(name, model, args.r)
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1e-5)
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
             torch.cuda.reset_peak_memory_stats()
             step, losses = timed_steps(model, optimizer, args.warmup)
             state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
