@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import MissConfig
 from .ds_compat import full_shape
 from .fingerprint import Fingerprint
+from .hf_checkpoint import save_safetensors
 from .inject import adapter_state_dict, miss_layers
 from .layers import D_NAME, DLayout
 
@@ -78,8 +79,8 @@ def write_adapter_config(directory: Path, config: MissConfig, model: nn.Module, 
 
 def write_adapter_shard(directory: Path, tensors: dict[str, torch.Tensor], tp_rank: int, tp_size: int) -> None:
     """Write this TP rank's D tensors (callers pass fp32 masters), one file per TP rank."""
-    save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()},
-              str(directory / shard_file(tp_rank, tp_size)))
+    save_safetensors({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()},
+                     directory / shard_file(tp_rank, tp_size))
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:

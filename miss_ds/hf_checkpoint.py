@@ -7,6 +7,7 @@ shard in memory, so converting a checkpoint needs about one tensor plus one shar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,6 +19,20 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 #: safetensors metadata transformers requires to accept a file as PyTorch weights.
 PT_METADATA = {"format": "pt"}
+#: The process's umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    """Write ``tensors`` to ``path`` as PyTorch safetensors, readable as any file the process writes.
+
+    safetensors 0.8 writes through a temporary file that keeps mode 0600 whatever the umask (safetensors issue
+    782), so a model or adapter written here would be unreadable to another user, such as a LoRA server's; the file
+    gets the mode ``open()`` would give it (0666 less the umask).
+    """
+    save_file(tensors, str(path), metadata=PT_METADATA)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 class HFCheckpoint:
@@ -108,7 +123,7 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".part-{len(self._written):05d}.safetensors"
-        save_file(self._pending, str(path), metadata=PT_METADATA)
+        save_safetensors(self._pending, path)
         self._written.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -388,3 +388,24 @@ def test_incompatible_tp_size_is_refused(runs, tmp_path):
     (tmp_path / "busy" / "old.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError, match="busy"):
         reshard_adapter(runs / "tp4" / "miss" / STEP, 2, tmp_path / "busy")
+
+
+def test_written_weights_are_as_readable_as_the_json_beside_them(runs, tmp_path):
+    """safetensors 0.8 writes its files 0600 whatever the umask; a LoRA server or a colleague running as another
+    user could not read the base, adapter or export. Every safetensors file miss_ds writes (the run's random base and
+    adapter shards, merged, PEFT and LoRA exports) has the mode of the JSON written beside it."""
+    from miss_ds.convert.lora import write_lora_adapter
+
+    run = runs / "tp2" / "random"
+    written = [run / "base", run / STEP / "adapter"]
+    for flag in ("--merge", "--peft", "--lora"):
+        out = tmp_path / flag.strip("-")
+        _tool("convert_to_hf").main(["--checkpoint", str(run / STEP), "--output", str(out), flag])
+        written.append(out)
+    write_lora_adapter(run / STEP, tmp_path / "lora_api", run / "base")
+    written.append(tmp_path / "lora_api")
+    for directory in written:
+        weights = sorted(directory.glob("*.safetensors"))
+        json_mode = next(directory.glob("*.json")).stat().st_mode & 0o777
+        assert weights and json_mode & 0o044, directory
+        assert {p.name: p.stat().st_mode & 0o777 for p in weights} == {p.name: json_mode for p in weights}

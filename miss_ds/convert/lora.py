@@ -21,11 +21,10 @@ from typing import Optional
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import functional as MF
-from ..hf_checkpoint import PT_METADATA
+from ..hf_checkpoint import save_safetensors
 from ..loading import build_model_on_meta
 from .output import new_output_dir, write_run_config
 from .peft import PEFT_PREFIX, PEFT_WEIGHTS, base_name
@@ -78,7 +77,7 @@ def write_lora_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
         task_type="CAUSAL_LM", base_model_name_or_path=base_name(adapter, known))
     out = new_output_dir(output)
     lora_config.save_pretrained(str(out))
-    save_file(tensors, str(out / PEFT_WEIGHTS), metadata=PT_METADATA)
+    save_safetensors(tensors, out / PEFT_WEIGHTS)
     write_run_config(out, adapter.run_config)
     if cfg.modules_to_save:
         logger.warning(SERVER_WARNING.format(names=list(cfg.modules_to_save)))

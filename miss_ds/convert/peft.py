@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 import torch
 from peft import MissConfig as PeftMissConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import MissConfig
-from ..hf_checkpoint import PT_METADATA
+from ..hf_checkpoint import save_safetensors
 from ..layers import D_NAME
 from .output import new_output_dir, write_run_config
 from .source import Adapter, is_d_key, known_base, read_adapter
@@ -50,7 +50,7 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     out = new_output_dir(output)
     peft_config.save_pretrained(str(out))
     tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
-    save_file(tensors, str(out / PEFT_WEIGHTS), metadata=PT_METADATA)
+    save_safetensors(tensors, out / PEFT_WEIGHTS)
     write_run_config(out, adapter.run_config)
     return out
 
