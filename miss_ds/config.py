@@ -15,23 +15,26 @@ class MissConfig:
     """Hyper-parameters of a MiSS adapter (field names follow PEFT's ``MissConfig`` where they exist)."""
 
     r: int = 64
-    """Shard size along in_features: D has r rows, and x is summed over chunks of r features."""
+    """Shard size along in_features, at least 1: D has r rows, and x is summed over chunks of r features."""
     mode: Mode = "miss"
     """``miss``: D is (r, out). ``mini``: D is (r, mini_r) repeated along out. ``bat``: D is (out/r, r, r) (Bone)."""
     mini_r: int = 1
-    """Width of D in ``mini`` mode; out_features must be a multiple of it."""
+    """Width of D in ``mini`` mode, at least 1; out_features must be a multiple of it."""
     init_weights: Union[bool, Literal["miss"]] = True
     """True (or "miss"): D starts at zero, so the adapted model equals the base. False: random D (tests)."""
     dropout: float = 0.0
-    """Dropout on the adapter's input (``miss`` and ``mini`` only; ``bat`` rewrites the weight)."""
+    """Dropout probability on the adapter's input, in [0, 1) (``miss`` and ``mini`` only; ``bat`` rewrites the
+    weight)."""
     target_modules: Union[list[str], str, None] = None
-    """Module names (exact, or suffix after a dot) or one regex matched against the full module name. Not set: the
-    model family's projections (``miss_ds.families``: attention and MLP, e.g. Llama's q/k/v/o/gate/up/down)."""
+    """Module names (exact, or suffix after a dot) or one regex matched against the full module name; each name (or
+    the regex) must match a module of the model. Not set: the model family's projections (``miss_ds.families``:
+    attention and MLP, e.g. Llama's q/k/v/o/gate/up/down)."""
     exclude_modules: Union[list[str], str, None] = None
-    """Names or a regex, as for ``target_modules``, of modules to leave untouched."""
+    """Names or a regex, as for ``target_modules``, of modules to leave untouched; each must match a module."""
     modules_to_save: list[str] = field(default_factory=list)
     """Other modules (e.g. ``lm_head``) trained in full and saved with the adapter: every module whose full name
-    ends with one of these strings (PEFT's rule, a plain suffix: ``norm`` also takes ``input_layernorm``)."""
+    ends with one of these strings (PEFT's rule, a plain suffix: ``norm`` also takes ``input_layernorm``); each
+    string must match a module."""
     adapter_dtype: Literal["float32", "model"] = "float32"
     """D's dtype when the layer is built: fp32 (default, like PEFT) or the dtype of the layer it adapts. Under
     DeepSpeed's bf16 mode (the trainer with ``model.dtype: bfloat16``) DeepSpeed casts D to bf16 either way and
@@ -48,7 +51,7 @@ class MissConfig:
             raise ValueError(f"miss.mode={self.mode!r} is not one of {MODES}")
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"miss.r={self.r!r} must be a positive integer (64 is a good start)")
-        if self.mode == "mini" and (not isinstance(self.mini_r, int) or self.mini_r <= 0):
+        if not isinstance(self.mini_r, int) or self.mini_r <= 0:
             raise ValueError(f"miss.mini_r={self.mini_r!r} must be a positive integer dividing out_features")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"miss.init_weights={self.init_weights!r} must be true, false or 'miss'")
@@ -98,10 +101,29 @@ class MissConfig:
         """
         path = param_name.split(".")[:-1]
         ancestors = [".".join(path[:i]) for i in range(1, len(path) + 1)]
-        return any(module.endswith(m) for module in ancestors for m in self.modules_to_save)
+        return any(_saves_module(module, m) for module in ancestors for m in self.modules_to_save)
+
+    def unmatched(self, names: list[str]) -> list[tuple[str, str]]:
+        """(field, entry) of each entry of ``target_modules``, ``exclude_modules`` and ``modules_to_save`` (a regex
+        counts as one entry) that matches none of the module ``names``: a misspelt entry would otherwise leave its
+        modules silently untouched, or untrained."""
+        found = []
+        for key in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, key)
+            entries = [] if pattern is None else [pattern] if isinstance(pattern, str) else pattern
+            found += [(key, entry) for entry in entries
+                      if not any(_name_matches(name, entry if isinstance(pattern, str) else [entry]) for name in names)]
+        found += [("modules_to_save", entry) for entry in self.modules_to_save
+                  if not any(_saves_module(name, entry) for name in names)]
+        return found
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _saves_module(name: str, entry: str) -> bool:
+    """PEFT's ``modules_to_save`` rule: the module's full name ends with the entry (a plain suffix)."""
+    return name.endswith(entry)
 
 
 def _name_matches(name: str, pattern: Union[list[str], str]) -> bool:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Callable, NoReturn, Optional, TypeVar
 
+from .run_config import ConfigError
+
 T = TypeVar("T")
 
 #: Exit code of a trainer that saved a checkpoint on SIGTERM/SIGUSR1: the job script requeues on it.
@@ -78,8 +80,13 @@ class ParallelLayout:
     tp: int
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.world % self.tp:
-            raise ValueError(f"parallel.tp_size={self.tp} does not divide the {self.world} ranks of this job")
+        if self.tp < 1:
+            raise ConfigError(f"parallel.tp_size={self.tp} must be at least 1")
+        if self.world % self.tp:
+            sizes = [n for n in range(1, self.world + 1) if self.world % n == 0]
+            raise ConfigError(f"parallel.tp_size={self.tp} does not divide the {self.world} ranks of this job: set "
+                              f"parallel.tp_size to one of {sizes}, or start a multiple of {self.tp} ranks (e.g. "
+                              f"deepspeed --num_gpus {self.tp} launch/train.py ...)")
 
     @property
     def dp(self) -> int:

@@ -16,13 +16,15 @@ from torch.distributed import ProcessGroup
 
 from . import ds_compat
 from .config import MissConfig
-from .inject import TrainableReport, apply_miss
-from .run_config import ZERO3_REFUSAL, RunConfig
+from .inject import TrainableReport, apply_miss, check_entries_match
+from .run_config import RunConfig
 
 
 def deepspeed_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
     """The DeepSpeed JSON of a run: batch sizes, AdamW over D, clipping, ZeRO stage, bf16; the run's ``deepspeed:``
-    section is merged over it (its values win).
+    section is merged over it, its values winning where it may set them (entries derived here from other sections
+    are listed in ``run_config.DEEPSPEED_OWNED``, and a ``deepspeed:`` entry setting one is refused when the config
+    is read).
 
     AdamW is torch's (``torch_adam``: DeepSpeed's own FusedAdam is a CUDA extension built at run time), in its fused
     form where its state lives on a CUDA GPU: one kernel, seven passes over tensors of D's size (D, its gradient
@@ -61,7 +63,10 @@ def tensor_parallel_group(tp_size: int) -> Optional[ProcessGroup]:
 
 
 def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int, tp_grain_size: int = 1) -> TrainableReport:
-    """Split the targeted linears over the TP group (DeepSpeed's AutoTP layers), then wrap them with MiSS."""
+    """Check that every entry of the adapter's module lists matches a module (``inject.check_entries_match``: a run
+    does this on the model built on the meta device, before any weight exists), split the targeted linears over the
+    TP group (DeepSpeed's AutoTP layers), then wrap them with MiSS."""
+    check_entries_match(model, miss)
     if tp_size > 1:
         from .parallel.autotp import shard_model
 
@@ -73,14 +78,12 @@ def with_tensor_parallel(ds_config: dict[str, Any], model: nn.Module, tp_size: i
     """The DeepSpeed config for a model prepared by ``prepare_model``.
 
     Adds ``tensor_parallel.autotp_size``: DeepSpeed then builds its DP groups across TP groups and skips its own
-    partitioning, since the model is marked split. ZeRO-3 is refused (``run_config.ZERO3_REFUSAL`` says why), also
-    when asked for through a ``deepspeed:`` override.
+    partitioning, since the model is marked split. (ZeRO-3 never gets here: ``parallel.zero_stage=3`` and a
+    ``deepspeed:`` override of the stage are refused when the config is read, ``run_config.ZERO3_REFUSAL`` says why.)
     """
     cfg = copy.deepcopy(ds_config)
     if tp_size > 1:
         cfg.setdefault("tensor_parallel", {})["autotp_size"] = tp_size
-    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise ValueError(ZERO3_REFUSAL)
     return cfg
 
 

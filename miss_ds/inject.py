@@ -1,6 +1,7 @@
 """Put MiSS adapters into a model: find the targeted linears, wrap them, freeze the rest."""
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from .ds_compat import full_numel
 from .families import FAMILIES
 from .layers import D_NAME, MissLayer
 from .registry import factory_for
+from .run_config import ConfigError
 from .shared_input import link_siblings
 
 logger = logging.getLogger(__name__)
@@ -43,23 +45,25 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     """Replace every targeted linear of ``model`` in place with its MiSS layer and freeze everything else.
 
     ``config.target_modules`` unset: the model family's projections (``MissConfig.for_model``). Shape problems are
-    raised here, naming the module, before any training starts.
+    raised here, naming the module, before any training starts. (A run checks every entry of the module lists first:
+    ``check_entries_match``, through ``engine.prepare_model``.)
     """
     _import_parallel_layers()
     config = config.for_model(getattr(model, "config", None))
     targets = [(name, module) for name, module in model.named_modules() if name and config.matches(name)]
     if not targets:
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"miss.target_modules={config.target_modules!r} matches no module; "
-                         f"linear modules in this model include {sample}")
+        less = f" less miss.exclude_modules={config.exclude_modules!r}" if config.exclude_modules else ""
+        raise ConfigError(f"miss.target_modules={config.target_modules!r}{less} matches no module; linear modules "
+                          f"in this model include {sample}")
     wrapped = 0
     for name, module in targets:
         if isinstance(module, MissLayer):
             raise ValueError(f"module '{name}' already has a MiSS adapter")
         factory = factory_for(module)
         if factory is None:
-            raise ValueError(f"module '{name}' matched miss.target_modules but is a {type(module).__name__}, "
-                             "which MiSS cannot wrap; narrow target_modules to linear layers")
+            raise ConfigError(f"module '{name}' matched miss.target_modules but is a {type(module).__name__}, "
+                              "which MiSS cannot wrap; narrow target_modules to linear layers")
         _set_submodule(model, name, factory(module, config, name))
         wrapped += 1
     _link_shared_inputs(model)
@@ -67,6 +71,31 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
     report = TrainableReport(wrapped, *_count(model), experts_not_adapted=_routed_expert_params(model))
     logger.info("%s", report)
     return report
+
+
+def check_entries_match(model: nn.Module, config: MissConfig) -> None:
+    """Refuse an entry of miss.target_modules, exclude_modules or modules_to_save that matches no module of
+    ``model`` (``MissConfig.unmatched``), naming the closest module names: a typo would otherwise adapt or train
+    less than asked, silently. The family's default targets are exempt: a model may lack some of them (Qwen3-MoE
+    has no dense MLP)."""
+    config = config.for_model(getattr(model, "config", None))
+    names = [name for name, _ in model.named_modules() if name]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    defaults = list(FAMILIES[model_type].targets) if model_type in FAMILIES else None
+    unmatched = [(key, entry) for key, entry in config.unmatched(names)
+                 if not (key == "target_modules" and config.target_modules == defaults)]
+    if not unmatched:
+        return
+    key, entry = unmatched[0]
+    suffixes = sorted({".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))})
+    close = difflib.get_close_matches(entry, suffixes, n=3)
+    hint = (f"closest module names: {', '.join(map(repr, close))}" if close else
+            f"module names end with {sorted({n.rpartition('.')[2] for n in names})[:12]}")
+    rule = ("a regex must match a module's full name" if isinstance(getattr(config, key), str) else
+            "an entry matches every module whose name ends with it" if key == "modules_to_save" else
+            "an entry matches a module's full name, or its end after a dot")
+    raise ConfigError(f"miss.{key} entry {entry!r} matches no module of this {type(model).__name__} ({rule}); "
+                      f"{hint}")
 
 
 def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLayer]]:

@@ -5,11 +5,14 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import CONFIG_MAPPING, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -25,43 +28,93 @@ ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_fla
                    "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> PretrainedConfig:
+def hf_config(cfg: ModelConfig, vocab_size: int | None = None,
+              where: Optional[Callable[[str], str]] = None) -> PretrainedConfig:
     """The model's config: ``path``'s config.json with ``config`` overrides, or ``config`` alone (model_type required).
 
     The config class's own constructor builds it from all the fields at once, so the fields it derives follow the
     given ones (Llama's head_dim is hidden_size / num_attention_heads unless set). A field the class does not know
     is refused with the nearest valid name, a family miss_ds does not support by name, and the attention
     implementation is the family's default (``sdpa`` where transformers supports it, else ``eager``) unless set.
+    ``where(key)`` says where a run config key was set (``run_config.Origins.of``): given, a refusal of a ``model.``
+    key starts with it; a problem of ``path``'s own config.json names that file.
     """
+    def at(key: str) -> str:
+        return f"{where(key)}: " if where is not None else ""
+
     overrides = dict(cfg.config)
-    fields: dict[str, Any] = PretrainedConfig.get_config_dict(cfg.path)[0] if cfg.path is not None else {}
-    model_type = overrides.pop("model_type", None) or fields.get("model_type")
+    fields: dict[str, Any] = _checkpoint_fields(cfg.path) if cfg.path is not None else {}
+    model_type = _model_type(cfg, overrides.pop("model_type", None), fields.pop("model_type", None), at)
+    config_class = CONFIG_MAPPING[model_type]
+    if cfg.path is None and vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    try:
+        config = config_class.from_dict(copy.deepcopy({**fields, **overrides}))
+    except (TypeError, ValueError, ArithmeticError, StrictDataclassError) as exc:  # the fields' values, checked
+        whole = (str(Path(cfg.path) / "config.json") if cfg.path is not None and not overrides else
+                 f"{at('model.config')}'model.config'")
+        raise ConfigError(_invalid_fields(config_class, exc, overrides, at, whole)) from None
+    _check_fields(config_class, fields, overrides, at)
+    config.use_cache = False
+    if cfg.path is not None:  # recorded by every adapter as its base (adapter_io.base_summary), found by convert
+        config._name_or_path = str(Path(cfg.path).resolve())
+    config._attn_implementation = attention_implementation(config, cfg.attn_implementation,
+                                                           at("model.attn_implementation"))
+    return config
+
+
+def _model_type(cfg: ModelConfig, given: Any, stored: Any, at: Callable[[str], str]) -> str:
+    """The model type: ``model.config``'s (``given``), else the checkpoint's config.json's (``stored``); refused,
+    naming where it was set, when missing, unknown to transformers or of a family miss_ds does not support."""
+    file = Path(cfg.path or "") / "config.json"
+    model_type, origin = (given, at("model.config.model_type")) if given is not None else (stored, f"{file}: ")
+    if model_type is None and cfg.path is None:
+        raise ConfigError(f"{at('model.config')}'model.config' needs 'model_type' (e.g. llama) when model.path is null")
     if model_type is None:
-        raise ConfigError("model.config needs 'model_type' (e.g. llama) when model.path is null")
+        raise ConfigError(f"{file} has no 'model_type': add it there, or set model.config.model_type (e.g. llama)")
     if model_type not in CONFIG_MAPPING:
-        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=1)
-        raise ConfigError(f"model.config.model_type={model_type!r} is not a transformers model type"
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING), n=1)
+        raise ConfigError(f"{origin}model_type={model_type!r} is not a transformers model type"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
     try:
         family_of(SimpleNamespace(model_type=model_type))
     except UnsupportedModel as exc:
-        raise ConfigError(f"model: {exc}") from None
-    config_class = CONFIG_MAPPING[model_type]
-    if cfg.path is None and vocab_size is not None and "vocab_size" not in overrides:
-        overrides["vocab_size"] = vocab_size
-    _check_fields(config_class, {k: v for k, v in fields.items() if k != "model_type"}, overrides)
+        raise ConfigError(f"{origin}{exc}") from None
+    return model_type
+
+
+def _checkpoint_fields(path: str) -> dict[str, Any]:
+    """The fields of checkpoint directory ``path``'s config.json, as transformers reads them; a file that is not a
+    JSON object is refused, naming it."""
+    file = Path(path) / "config.json"
     try:
-        config = config_class.from_dict(copy.deepcopy({**fields, **overrides}))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.config does not make a valid {config_class.__name__}: {exc}") from None
-    config.use_cache = False
-    if cfg.path is not None:  # recorded by every adapter as its base (adapter_io.base_summary), found by convert
-        config._name_or_path = str(Path(cfg.path).resolve())
-    config._attn_implementation = attention_implementation(config, cfg.attn_implementation)
-    return config
+        data = json.loads(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{file} cannot be read ({exc.strerror or exc}): model.path={path} must be a Hugging Face "
+                          "checkpoint directory") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{file} is not valid JSON ({exc}): fix or re-save the checkpoint's config") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} holds a JSON {type(data).__name__}, not an object of config fields")
+    return PretrainedConfig.get_config_dict(path)[0]
 
 
-def _check_fields(config_class: type, fields: dict[str, Any], overrides: dict[str, Any]) -> None:
+def _invalid_fields(config_class: type, exc: BaseException, overrides: dict[str, Any],
+                    at: Callable[[str], str], whole: str) -> str:
+    """Why the fields do not make a ``config_class``: transformers' reason, located at the first ``model.config`` key
+    it mentions (by name, or with spaces for underscores), else at ``whole`` (model.config, or the checkpoint's
+    config.json when nothing overrides it)."""
+    cause = " ".join(str(exc.__cause__ or exc).split()) or type(exc).__name__
+    named = [key for key in overrides if re.search(rf"\b({re.escape(key)}|{re.escape(key.replace('_', ' '))})\b",
+                                                    cause, re.IGNORECASE)]
+    if named:
+        key = f"model.config.{named[0]}"
+        return f"{at(key)}'{key}' is {overrides[named[0]]!r}, which makes no valid {config_class.__name__}: {cause}"
+    return f"{whole} does not make a valid {config_class.__name__}: {cause}"
+
+
+def _check_fields(config_class: type, fields: dict[str, Any], overrides: dict[str, Any],
+                  at: Callable[[str], str]) -> None:
     """Refuse an override the config class neither declares nor consumes (a typo would otherwise be kept as a stray
     attribute while the model silently takes the default). Legacy names the constructor converts (``rope_theta``,
     ``rope_scaling``, GPT-NeoX's ``rotary_pct``) change the built config, and so count as known."""
@@ -76,12 +129,14 @@ def _check_fields(config_class: type, fields: dict[str, Any], overrides: dict[st
         if {k: v for k, v in built({**without, key: overrides[key]}).items() if k != key} == built(without):
             close = difflib.get_close_matches(key, sorted(k for k in known if not k.startswith("_")), n=1)
             hint = f"; did you mean 'model.config.{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown field 'model.config.{key}' for {config_class.__name__}{hint}")
+            raise ConfigError(f"{at(f'model.config.{key}')}unknown field 'model.config.{key}' for "
+                              f"{config_class.__name__}{hint}")
 
 
-def attention_implementation(config: PretrainedConfig, requested: Optional[str]) -> str:
+def attention_implementation(config: PretrainedConfig, requested: Optional[str], origin: str = "") -> str:
     """``requested``, or the family's default: ``sdpa`` where the model class supports it, else ``eager``. A known
-    implementation the class does not support is refused, naming the family and what works."""
+    implementation the class does not support is refused, naming the family and what works (after ``origin``, where
+    the request was made)."""
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     supported = ["eager"] + [name for name, flag in ATTENTION_FLAGS.items() if getattr(model_class, flag, False)]
     if requested is None:
@@ -89,8 +144,8 @@ def attention_implementation(config: PretrainedConfig, requested: Optional[str])
     if requested in ATTENTION_FLAGS and requested not in supported:
         family = family_of(config)
         why = f" ({family.attention_note})" if family.attention_note else ""
-        raise ConfigError(f"model.attn_implementation={requested!r}: {family.name} does not support it in transformers"
-                          f"{why}; use one of {supported}, or leave it unset for the default")
+        raise ConfigError(f"{origin}model.attn_implementation={requested!r}: {family.name} does not support it in "
+                          f"transformers{why}; use one of {supported}, or leave it unset for the default")
     return requested
 
 

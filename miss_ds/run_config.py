@@ -1,18 +1,23 @@
 """The training job's configuration: one YAML file of nested sections, ``--set`` overrides, strict validation.
 
-Every problem is reported before any rank does heavy work, naming the file and the dotted key, with the
-nearest valid key suggested for typos.
+Every problem is reported before any rank does heavy work, naming where the value came from (the file, or the
+``--set`` argument) and the dotted key, with the nearest valid key or value suggested for typos. Each field's range
+is checked where the field is defined (the dataclasses' ``__post_init__``); ``validate`` checks what spans sections
+and the files the run reads.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -28,6 +33,74 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used, with what to do about it."""
 
 
+class FieldError(ValueError):
+    """One field's value is out of its range: raised by the dataclasses below, located by ``_build`` (which knows
+    whether the file or a ``--set`` argument gave it)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"'{key}' {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where the keys of a run config came from, for error messages: a file (or a stored config) and the ``--set``
+    arguments applied over it."""
+
+    source: str
+    overrides: tuple[str, ...] = ()
+    file: dict[str, Any] = field(default_factory=dict)
+    """The mapping the source held before the overrides."""
+
+    def of(self, key: str) -> str:
+        """What set ``key`` (dotted, ``[i]`` for list items; a section too): the last ``--set`` of it or of a section
+        above it; else the source, with the ``--set`` arguments that changed keys below it (those alone when the
+        source lacks the key)."""
+        key = key.rstrip(".")
+        sets = [(item.partition("=")[0], f"--set {item!r}") for item in self.overrides]
+        for set_key, where in reversed(sets):
+            if _is_under(key, set_key):
+                return where
+        below = ", ".join(where for set_key, where in sets if key and _is_under(set_key, key))
+        if not below:
+            return self.source
+        return f"{self.source} with {below}" if _holds(self.file, key) else below
+
+
+def _is_under(key: str, section: str) -> bool:
+    """Whether dotted ``key`` is ``section`` or inside it."""
+    return key == section or key.startswith((section + ".", section + "["))
+
+
+def _holds(tree: Any, key: str) -> bool:
+    """Whether the nested mappings and lists ``tree`` hold dotted ``key`` (``data.sources[1].path``)."""
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return False
+    return True
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    """Refuse an integer ``value`` of ``key`` below ``low``."""
+    if value < low:
+        raise FieldError(key, f"is {value}; it must be at least {low}")
+
+
+def _finite(key: str, value: float, ok: bool, valid: str) -> None:
+    """Refuse a number ``value`` of ``key`` that is not finite or not ``ok``; ``valid`` says the range."""
+    if not (math.isfinite(value) and ok):
+        raise FieldError(key, f"is {value}; it must be {valid}")
+
+
+#: transformers' attention implementations a run can ask for (``modeling.ATTENTION_FLAGS`` says which model classes
+#: support which).
+AttentionImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = None
@@ -37,6 +110,7 @@ class ModelConfig:
     random_init: bool = False
     """Build from ``path``'s config (or ``config``) with random weights instead of loading them (benchmarks)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Dtype of the base weights and activations (``bfloat16`` also runs DeepSpeed's bf16 mode)."""
     base_precision: Literal["bf16", "fp8"] = "bf16"
     """Precision of the frozen base weights MiSS wraps. ``fp8``: each rank quantises its shards to e4m3 as it loads
     them (``quantize.BaseQuantizer``: 1 byte per element plus an fp32 scale per output row, so the 80-layer 70B
@@ -60,12 +134,18 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
-    """With gradient_checkpointing: how many decoder layers recompute (null: all). Fewer is faster and needs
-    more memory. ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
+    """With gradient_checkpointing: how many decoder layers recompute, 0 or more (null: all; 0: none, like
+    ``gradient_checkpointing: false``; more than the model has: all). Fewer is faster and needs more memory.
+    ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
     ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
-    attn_implementation: Optional[str] = None
-    """transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...). Unset: the family's
-    default, ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
+    attn_implementation: Optional[AttentionImplementation] = None
+    """transformers' attention implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ``flash_attention_3`` or
+    ``flex_attention``, where the model class supports it. Unset: the family's default, ``sdpa`` where transformers
+    supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recompute_layers, int):
+            _at_least("model.recompute_layers", self.recompute_layers, 0)
 
     @property
     def random_weights(self) -> bool:
@@ -74,17 +154,18 @@ class ModelConfig:
 
 
 ZERO3_REFUSAL = (
-    "parallel.zero_stage=3 is not supported: DeepSpeed's stage 3 manages every parameter of the model, the frozen "
-    "base included, and all-gathers its resident parameters after every optimizer step, so a MiSS run would move "
-    "its whole frozen base over the data-parallel group every step (about 70 GB per GPU at Llama-2-70B, TP=2) to "
-    "save only the memory of D's bf16 copy. Use parallel.zero_stage=2: D's gradients and optimizer state are "
+    "DeepSpeed's stage 3 manages every parameter of the model, the frozen base included, and all-gathers its "
+    "resident parameters after every optimizer step, so a MiSS run would move its whole frozen base over the "
+    "data-parallel group every step (about 70 GB per GPU at Llama-2-70B, TP=2) to save only the memory of D's bf16 "
+    "copy. Use parallel.zero_stage=2: D's gradients and optimizer state are "
     "partitioned over the data-parallel ranks, and parallel.tp_size splits the frozen base")
 
 
 @dataclass
 class ParallelConfig:
     tp_size: int = 1
-    """Tensor-parallel size: q/k/v/gate/up are split along out, o/down along in, MiSS's D with them."""
+    """Tensor-parallel size, at least 1, dividing the job's ranks: q/k/v/gate/up are split along out, o/down along
+    in, MiSS's D with them."""
     zero_stage: Literal[0, 1, 2, 3] = 1
     """ZeRO stage over data-parallel ranks: 1 partitions D's optimizer state, 2 also its gradients. 3 is refused:
     DeepSpeed's stage 3 manages every parameter, frozen ones included, and all-gathers its resident parameters
@@ -93,69 +174,139 @@ class ParallelConfig:
     offload_optimizer: bool = False
     """Keep D's optimizer state in CPU memory."""
     tp_grain_size: int = 1
-    """MLP splits that do not divide evenly keep every shard a multiple of this (DeepSpeed's tp_grain_size):
-    ``bat`` needs a multiple of r."""
+    """MLP splits that do not divide evenly keep every shard a multiple of this, at least 1 (DeepSpeed's
+    tp_grain_size): ``bat`` needs a multiple of r."""
     peer_timeout_s: float = 300.0
-    """A rank whose heartbeat stops for this long (it died or hangs) is named, and every other rank exits with code 1
-    (miss_ds.watchdog); without it a collective with a dead peer would wait for the process group's timeout."""
+    """Seconds, > 0: a rank whose heartbeat stops for this long (it died or hangs) is named, and every other rank
+    exits with code 1 (miss_ds.watchdog); without it a collective with a dead peer would wait for the process group's
+    timeout."""
 
     def __post_init__(self) -> None:
         if self.zero_stage == 3:
-            raise ValueError(ZERO3_REFUSAL)
+            raise FieldError("parallel.zero_stage", f"is 3, which miss_ds refuses: {ZERO3_REFUSAL}")
+        _at_least("parallel.tp_size", self.tp_size, 1)
+        _at_least("parallel.tp_grain_size", self.tp_grain_size, 1)
+        _finite("parallel.peer_timeout_s", self.peer_timeout_s, self.peer_timeout_s > 0, "a finite number > 0")
 
 
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 8
+    """Sequences per rank in each forward/backward, at least 1."""
     grad_accum_steps: int = 1
+    """Micro-batches accumulated into each optimizer step, at least 1."""
     max_steps: int = 100
+    """Optimizer steps of the run, at least 1."""
     lr: float = 1e-3
+    """Peak learning rate of AdamW over D, > 0."""
     min_lr_ratio: float = 0.1
-    """The schedule decays to lr * min_lr_ratio."""
+    """The schedule decays to lr * min_lr_ratio, in [0, 1] (1: no decay)."""
     warmup_steps: int = 0
+    """Steps of linear warm-up to ``lr``, in [0, max_steps)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after the warm-up."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, >= 0 (0: none)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's two moment decay rates, each in [0, 1)."""
     eps: float = 1e-8
+    """AdamW's denominator term, > 0."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm (0 disables)."""
+    """Clip the global gradient norm to this, >= 0 (0 disables)."""
     max_bad_steps: int = 5
-    """Stop after this many skipped optimizer steps in a row: a non-finite loss in any micro-batch of the step's
-    accumulation window, or non-finite gradients, skips the step and drops its window (each counts one)."""
+    """Stop after this many skipped optimizer steps in a row, at least 1 (1: at the first): a non-finite loss in any
+    micro-batch of the step's accumulation window, or non-finite gradients, skips the step and drops its window (each
+    counts one)."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "max_bad_steps"):
+            _at_least(f"train.{key}", getattr(self, key), 1)
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise FieldError("train.warmup_steps", f"is {self.warmup_steps}; it must be in [0, train.max_steps="
+                                                   f"{self.max_steps})")
+        _finite("train.lr", self.lr, self.lr > 0, "a finite number > 0")
+        _finite("train.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _finite("train.weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number >= 0")
+        for i, beta in enumerate(self.betas):
+            _finite(f"train.betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
+        _finite("train.eps", self.eps, self.eps > 0, "a finite number > 0")
+        _finite("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a finite number >= 0 (0 disables clipping)")
 
 
 @dataclass
 class EvalConfig:
     every_steps: int = 0
-    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    """Evaluate on the held-out split every N steps, N >= 0 (0: only at the end)."""
     max_batches: int = 0
-    """Cap on eval micro-batches per evaluation (0: the whole split)."""
+    """Cap on eval micro-batches per evaluation, >= 0 (0: the whole split)."""
     samples: int = 0
-    """After training, print this many rows of ``data.eval_path`` with the model's greedy answers (0: none)."""
+    """After training, print this many rows of ``data.eval_path`` with the model's greedy answers, >= 0 (0: none)."""
+
+    def __post_init__(self) -> None:
+        for key in ("every_steps", "max_batches", "samples"):
+            _at_least(f"eval.{key}", getattr(self, key), 0)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
-    """Save every N steps (0: only at the end and on preemption)."""
+    """Save every N steps, N >= 0 (0: only at the end and on preemption)."""
     keep_last: int = 3
+    """Complete checkpoints kept (older ones are deleted), at least 1: the newest is what a resume reads."""
     resume: Optional[str] = None
     """``auto`` (latest complete checkpoint, if any) or a checkpoint path; ``--resume`` overrides."""
+
+    def __post_init__(self) -> None:
+        _at_least("checkpoint.every_steps", self.every_steps, 0)
+        _at_least("checkpoint.keep_last", self.keep_last, 1)
 
 
 @dataclass
 class LoggingConfig:
     every_steps: int = 1
+    """Log the training loss every N steps, N >= 1 (and at the last step)."""
     tensorboard: bool = True
+    """Also write the metrics as TensorBoard events."""
     progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _at_least("logging.every_steps", self.every_steps, 1)
+
+
+#: Entries of the DeepSpeed config that ``engine.deepspeed_config`` derives from the run config, with what to set
+#: instead: a ``deepspeed:`` entry that sets one of them (or replaces a section holding one) is refused when the
+#: config is read, since it would silently override the run config or contradict it.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "set train.micro_batch_size and train.grad_accum_steps (the global batch is their product "
+                        "times the data-parallel ranks)",
+    "train_micro_batch_size_per_gpu": "set train.micro_batch_size",
+    "gradient_accumulation_steps": "set train.grad_accum_steps",
+    "optimizer.type": "miss_ds always trains D with torch's AdamW (train.lr, train.betas, train.eps, "
+                      "train.weight_decay)",
+    "optimizer.params.lr": "set train.lr",
+    "optimizer.params.betas": "set train.betas",
+    "optimizer.params.eps": "set train.eps",
+    "optimizer.params.weight_decay": "set train.weight_decay",
+    "scheduler": "set train.schedule, train.warmup_steps and train.min_lr_ratio (miss_ds passes its own schedule, "
+                 "which a DeepSpeed scheduler would replace)",
+    "gradient_clipping": "set train.grad_clip",
+    "zero_optimization.stage": "set parallel.zero_stage",
+    "zero_optimization.offload_optimizer.device": "set parallel.offload_optimizer",
+    "bf16.enabled": "set model.dtype (bfloat16 runs DeepSpeed's bf16 mode)",
+    "fp16.enabled": "set model.dtype (miss_ds trains in float32 or bfloat16)",
+    "tensor_parallel": "set parallel.tp_size and parallel.tp_grain_size (miss_ds splits the model itself)",
+}
 
 
 @dataclass
 class RunConfig:
     output_dir: str
+    """Where the run writes its metrics, checkpoints, adapter and summary."""
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to ``model.path`` (not needed with ``data.synthetic``)."""
     seed: int = 0
+    """Seed of torch's generators (random base weights, a random D), in [0, 2**64)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     miss: MissConfig = field(default_factory=MissConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,9 +318,36 @@ class RunConfig:
     init_adapter: Optional[str] = None
     """Start from an existing adapter: a PEFT MiSS adapter directory or a miss_ds checkpoint/adapter directory."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
-    """Extra DeepSpeed config merged over the generated one (e.g. comms_logger, flops_profiler)."""
+    """Extra DeepSpeed config merged over the generated one (e.g. comms_logger, flops_profiler,
+    optimizer.params.fused); the entries miss_ds derives from the other sections (``DEEPSPEED_OWNED``) are refused."""
     cluster: dict[str, Any] = field(default_factory=dict)
     """Job-script settings read by ``launch/slurm/submit.py`` (nodes, gpus_per_node, time, partition, account)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**64:
+            raise FieldError("seed", f"is {self.seed}; it must be in [0, 2**64)")
+        _check_deepspeed(self.deepspeed)
+
+
+def _check_deepspeed(extra: dict[str, Any]) -> None:
+    """Refuse a ``deepspeed:`` entry that sets, or replaces a section holding, an entry of ``DEEPSPEED_OWNED``."""
+    for path, value in _leaves(extra):
+        for owned, advice in DEEPSPEED_OWNED.items():
+            if _is_under(path, owned) or _is_under(owned, path):
+                what = "" if path == owned else f", which replaces deepspeed.{owned}"
+                raise FieldError(f"deepspeed.{path}", f"is {value!r}{what}: miss_ds sets that from the run config; "
+                                                      f"{advice} instead, and remove it from the deepspeed: section")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every non-mapping value of nested mappings (an empty mapping sets nothing)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] = (), check_files: bool = True) -> RunConfig:
@@ -183,28 +361,34 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}{_yaml_position(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, miss:, data:, ...)")
+    origins = Origins(str(path), tuple(overrides), copy.deepcopy(raw))
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _build(RunConfig, raw, str(path), "")
-    validate(cfg, str(path), check_files)
+    cfg = _build(RunConfig, raw, origins, "")
+    validate(cfg, origins, check_files)
     return cfg
 
 
 def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
     """A run config stored as a dict (``to_dict``: a checkpoint's trainer_state.json, an export's run config), built
     and checked like a YAML file, its files unchecked (they were the training machine's)."""
-    cfg = _build(RunConfig, raw, source, "")
-    validate(cfg, source, check_files=False)
+    origins = Origins(source)
+    cfg = _build(RunConfig, raw, origins, "")
+    validate(cfg, origins, check_files=False)
     return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _yaml_position(exc: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error, where it says."""
+    mark = getattr(exc, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -217,13 +401,18 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML{_yaml_position(exc)}: "
+                          f"{getattr(exc, 'problem', exc)} (quote a string, close a list's brackets)") from None
 
 
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+def _build(cls: type, raw: Any, origins: Origins, prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    section = prefix.rstrip(".")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
+        raise ConfigError(f"{origins.of(section)}: '{section or 'top level'}' must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     kwargs = {}
@@ -231,73 +420,90 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+            raise ConfigError(f"{origins.of(f'{prefix}{key}')}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, origins, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as exc:
+        raise ConfigError(f"{origins.of(exc.key)}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or 'top level'}': {exc}") from None
+        raise _section_error(origins, section, exc) from None
 
 
-def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+def _section_error(origins: Origins, section: str, exc: Exception) -> ConfigError:
+    """A section's own refusal, located at the key its message starts with (``MissConfig.validate`` and
+    ``DataConfig.validate`` name the key first), else at the section."""
+    match = re.match(r"[\w.\[\]]+", str(exc))
+    if section and match and _is_under(match[0], section):
+        return ConfigError(f"{origins.of(match[0])}: {exc}")
+    return ConfigError(f"{origins.of(section)}: section '{section or 'top level'}': {exc}")
+
+
+def _coerce(hint: Any, value: Any, origins: Origins, key: str) -> Any:
     if is_dataclass(hint):
-        return _build(hint, value, source, key + ".")
+        return _build(hint, value, origins, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    where = origins.of(key)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arg, value, source, key)
+                return _coerce(arg, value, origins, key)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: '{key}' is {value!r}; choose one of {list(args)}")
+            close = difflib.get_close_matches(value, [a for a in args if isinstance(a, str)], n=1) \
+                if isinstance(value, str) else []
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: '{key}' is {value!r}; choose one of {list(args)}{hint}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, str) and origin is list:
-            raise ConfigError(f"{source}: '{key}' must be a list, got the string {value!r}")
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        if origin is list and args and is_dataclass(args[0]):
-            return [_build(args[0], item, source, f"{key}[{i}].") for i, item in enumerate(value)]
-        return tuple(value) if origin is tuple else list(value)
+        return _coerce_items(origin, args, value, origins, key)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
         return value
     if hint is float:
-        return _as_float(value, source, key)
+        return _as_float(value, where, key)
     if hint in (int, str, bool) and not (type(value) is hint):
-        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: '{key}' must be {hint.__name__}, got {value!r}")
     return value
 
 
+def _coerce_items(origin: type, args: tuple, value: Any, origins: Origins, key: str) -> Any:
+    """A list (``list[X]``: any length) or a tuple (``tuple[X, Y]``: that many items), each item coerced to its
+    type."""
+    where = origins.of(key)
+    if isinstance(value, str) and origin is list:
+        raise ConfigError(f"{where}: '{key}' must be a list, got the string {value!r}")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+    if origin is tuple and args and ... not in args:
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: '{key}' must be a list of {len(args)} values, got {value!r}")
+        hints = args
+    else:
+        hints = (args[0] if args else Any,) * len(value)
+    items = [_coerce(hint, item, origins, f"{key}[{i}]") for i, (hint, item) in enumerate(zip(hints, value))]
+    return tuple(items) if origin is tuple else items
 
-def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
-    """Cross-field checks that need no model and no GPU (and, with ``check_files``, the files the run reads)."""
+
+def validate(cfg: RunConfig, origins: Origins, check_files: bool = True) -> None:
+    """Cross-section checks that need no GPU (and, with ``check_files``, the files the run reads), then the model's
+    Hugging Face config (``modeling.hf_config``) where it can be read here."""
     def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{source}: '{key}' {msg}")
+        raise ConfigError(f"{origins.of(key)}: '{key}' {msg}")
 
-    t = cfg.train
-    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("train.max_steps", t.max_steps), ("parallel.tp_size", cfg.parallel.tp_size),
-                       ("parallel.tp_grain_size", cfg.parallel.tp_grain_size)):
-        if value < 1:
-            fail(key, f"is {value}; it must be at least 1")
-    if t.lr <= 0:
-        fail("train.lr", f"is {t.lr}; it must be positive")
-    if not 0 <= t.warmup_steps < t.max_steps:
-        fail("train.warmup_steps", f"is {t.warmup_steps}; it must be in [0, train.max_steps={t.max_steps})")
     if cfg.model.path is None and not cfg.model.config:
         fail("model", "needs either 'path' (a Hugging Face checkpoint directory) or 'config' (fields for a random model)")
-    if check_files and cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
-        fail("model.path", f"= {cfg.model.path} has no config.json: point it at a Hugging Face checkpoint directory")
+    if check_files and cfg.model.path is not None:
+        _check_model_dir(cfg.model, fail)
     tokenizer = cfg.tokenizer or cfg.model.path
     if tokenizer is None and not cfg.data.synthetic:
         fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
@@ -315,7 +521,7 @@ def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
     try:
         cfg.data.validate()
     except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise _section_error(origins, "data", exc) from None
     if check_files and cfg.init_adapter is not None and not Path(cfg.init_adapter).exists():
         fail("init_adapter", f"= {cfg.init_adapter} does not exist")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
@@ -328,13 +534,30 @@ def validate(cfg: RunConfig, source: str, check_files: bool = True) -> None:
             fail("model.base_precision", "is 'fp8', which miss.mode='bat' cannot use: bat multiplies by the merged "
                  "weight W + W D + D, which changes every step, so there is no frozen weight to quantise once. Use "
                  "miss.mode=miss or mini, or model.base_precision=bf16")
+    if cfg.model.path is None or check_files:
+        from .modeling import hf_config  # imports torch and transformers: only once the cheap checks passed
+
+        hf_config(cfg.model, where=origins.of)
 
 
-def _as_float(value: Any, source: str, key: str) -> float:
+def _check_model_dir(model: ModelConfig, fail: Callable[[str, str], None]) -> None:
+    """``model.path`` must hold a config.json and, unless the run draws random weights, safetensors weights."""
+    from .hf_checkpoint import INDEX_FILE, SINGLE_FILE  # imports torch: only when the files are checked
+
+    directory = Path(model.path)
+    if not (directory / "config.json").is_file():
+        fail("model.path", f"= {model.path} has no config.json: point it at a Hugging Face checkpoint directory")
+    if not model.random_weights and not any((directory / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+        fail("model.path", f"= {model.path} has config.json but no weights: it needs {SINGLE_FILE}, or "
+             f"{INDEX_FILE} and the shards it lists (a .bin model: re-save it with save_pretrained("
+             "safe_serialization=True)); or set model.random_init=true for random weights")
+
+
+def _as_float(value: Any, where: str, key: str) -> float:
     """Numbers, and strings such as '1e-4' (YAML 1.1 reads an exponent without a dot as a string)."""
     if isinstance(value, bool):
-        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}") from None
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}") from None

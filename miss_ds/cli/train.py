@@ -21,7 +21,6 @@ from ..train.preemption import Preemption  # imports no torch (miss_ds and miss_
 
 def main(argv: list[str] | None = None) -> int:
     preemption = Preemption().install()  # before anything slow: a notice while loading must not kill us
-    print("preemption handler installed: SIGTERM/SIGUSR1 save a checkpoint and exit 85", file=sys.stderr, flush=True)
     from ..run_config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog="miss-ds-train", description=__doc__,
@@ -39,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)
+        # Said once a run starts (not for --help or bad input), though installed above.
+        print("preemption handler installed: SIGTERM/SIGUSR1 save a checkpoint and exit 85", file=sys.stderr,
+              flush=True)
         from ..train.trainer import Trainer
 
         trainer = Trainer(cfg, resume=args.resume, preemption=preemption, overwrite=args.overwrite)

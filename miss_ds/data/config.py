@@ -63,7 +63,7 @@ class DataConfig:
     prompt must end with it too, so the model sees at inference what it saw in training."""
 
     seq_len: int = 512
-    """Length in tokens of every sequence handed to the model."""
+    """Length in tokens of every sequence handed to the model, at least 2."""
 
     pack: bool = False
     """Place several whole examples in each `seq_len` sequence (best-fit-decreasing over windows of
@@ -75,7 +75,7 @@ class DataConfig:
     """"error": raise, quoting the bad rows by file and line; "skip": drop them and count them in the stats."""
 
     eval_fraction: float = 0.0
-    """When `eval_path` is None, hold out this fraction of the train rows as eval (0 = none); with
+    """When `eval_path` is None, hold out this fraction of the train rows as eval, in [0, 1) (0 = none); with
     `sources`, this fraction of every source."""
 
     # Split names, used only for sources that hold several splits (`datasets` names,
@@ -84,13 +84,13 @@ class DataConfig:
     eval_split: str = "validation"
 
     seed: int = 0
-    """Seed for the eval hold-out (and, by convention, for the batch iterator's shuffle)."""
+    """Seed for the eval hold-out, the mix and the batch iterator's shuffle, in [0, 2**32) (numpy's seeds)."""
 
     synthetic: bool = False
     """Benchmarks: uniform random token ids of `seq_len` instead of rows (no files are read, no eval)."""
 
     num_proc: int | None = None
-    """Worker processes for `datasets.map` tokenisation; None = in-process."""
+    """Worker processes for `datasets.map` tokenisation, at least 1; None = in-process."""
 
     sources: list[SourceConfig] = field(default_factory=list)
     """Several sources mixed in one run, each with its own path, format and weight; replaces
@@ -111,6 +111,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and how to fix it."""
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed is {self.seed!r}: use an integer in [0, 2**32)")
         if self.synthetic:
             if not isinstance(self.seq_len, int) or self.seq_len < 2:
                 raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
