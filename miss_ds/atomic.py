@@ -22,7 +22,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,12 +71,22 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify(path: PathLike, full: bool = True) -> dict[str, Any]:
+def verify(path: PathLike, full: bool = True, only: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Check that every file in the manifest of ``path`` exists with its recorded size and, if ``full``,
-    its sha256; return the manifest. Raises CheckpointError naming the first bad file."""
+    its sha256; return the manifest. Raises CheckpointError naming the first bad file.
+
+    ``only`` (relative paths: files, or directories meaning every file under them) limits the check to the files
+    a reader uses; each must match a file of the manifest, so nothing a reader reads goes unchecked."""
     path = Path(path)
     manifest = read_manifest(path)
-    for entry in manifest["files"]:
+    entries = manifest["files"]
+    if only is not None:
+        unlisted = [name for name in only if not any(_under(entry["path"], name) for entry in entries)]
+        if unlisted:
+            raise CheckpointError(f"checkpoint {path} is incomplete: its {MANIFEST} lists no file "
+                                  f"{unlisted[0]!r}")
+        entries = [entry for entry in entries if any(_under(entry["path"], name) for name in only)]
+    for entry in entries:
         file = path / entry["path"]
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: file {entry['path']!r} "
@@ -89,6 +99,20 @@ def verify(path: PathLike, full: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} is corrupt: file {entry['path']!r} does not match "
                                   "its sha256 in the manifest")
     return manifest
+
+
+def _under(file: str, name: str) -> bool:
+    """Whether the manifest path ``file`` is ``name`` or lies in the directory ``name``."""
+    return file == name or file.startswith(name.rstrip("/") + "/")
+
+
+def _step_dirs(directory: PathLike) -> list[Path]:
+    """All ``step_*`` directories in ``directory``, complete or not, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 class CheckpointManager:
@@ -123,11 +147,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """All ``step_*`` directories, complete or not, oldest step first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+        return _step_dirs(self.root)
 
     def latest(self, full: bool = False) -> Optional[Path]:
         """The newest checkpoint that verifies (sizes only unless ``full``), skipping bad ones with a warning."""
@@ -142,7 +162,8 @@ class CheckpointManager:
     def resolve(self, resume: Optional[str], full: bool = False) -> Optional[Path]:
         """Turn a ``resume`` setting into a checkpoint path: None -> None, ``"auto"`` -> :meth:`latest`
         (None if there is none), otherwise a path (absolute, or relative to cwd or to ``root``) that must
-        verify; raises CheckpointError saying what is wrong and what to do."""
+        verify (sha256 too if ``full``); raises CheckpointError saying what is wrong and listing the complete
+        checkpoints of the directory the path names (verified the same way)."""
         if resume is None:
             return None
         if resume == "auto":
@@ -150,13 +171,15 @@ class CheckpointManager:
         path = Path(resume).expanduser()
         if not path.exists() and not path.is_absolute() and (self.root / path).exists():
             path = self.root / path
+        # A bare name may mean one under root; a path with a directory names where its siblings are.
+        siblings = path.parent if path.parent != Path(".") or path.exists() else self.root
         if not path.is_dir():
             raise CheckpointError(f"resume checkpoint {resume!r} not found (no directory {path.absolute()}). "
-                                  f"{self._resume_hint()}")
+                                  f"{self._resume_hint(siblings, full)}")
         try:
             verify(path, full)
         except CheckpointError as exc:
-            raise CheckpointError(f"cannot resume from {path}: {exc}. {self._resume_hint()}") from None
+            raise CheckpointError(f"cannot resume from {path}: {exc}. {self._resume_hint(siblings, full)}") from None
         return path
 
     def save(self, step: int, write_fn: Callable[[Path], None],
@@ -326,11 +349,15 @@ class CheckpointManager:
         error.__cause__ = exc
         return error
 
-    def _resume_hint(self) -> str:
-        complete = [p.name for p in self.checkpoints() if _is_complete(p)]
-        available = ", ".join(complete) if complete else "none"
-        return (f"Pass resume='auto' to use the newest complete checkpoint, or the path of another one "
-                f"(complete checkpoints in {self.root}: {available}).")
+    def _resume_hint(self, directory: Path, full: bool) -> str:
+        """What to resume instead: ``auto``, or one of the checkpoints of ``directory`` that verify."""
+        if directory.is_dir():
+            complete = [p.name for p in _step_dirs(directory) if _is_complete(p, full)]
+            found = f"complete checkpoints in {directory}: {', '.join(complete) if complete else 'none'}"
+        else:
+            found = f"there is no directory {directory.absolute()}"
+        return (f"Pass resume='auto' to use the newest complete checkpoint of {self.root}, or the path of another "
+                f"one ({found}).")
 
 
 # -- RNG state -------------------------------------------------------------------------------------
@@ -369,9 +396,10 @@ def _manifest_or_empty(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _is_complete(path: Path) -> bool:
+def _is_complete(path: Path, full: bool = False) -> bool:
+    """Whether ``path`` verifies (sizes only unless ``full``)."""
     try:
-        verify(path, full=False)
+        verify(path, full)
         return True
     except CheckpointError:
         return False

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .adapter_io import ADAPTER_CONFIG
-from .atomic import MANIFEST, verify
+from .atomic import MANIFEST, CheckpointError, verify
 
 ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE = "adapter", "optimizer", "rng", "trainer_state.json"
 
@@ -30,8 +30,12 @@ def rng_file(checkpoint: Path, rank: int) -> Path:
 
 
 def read_state(checkpoint: Path | str) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a training checkpoint."""
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+    """The ``trainer_state.json`` of a training checkpoint; CheckpointError naming it if it is unreadable."""
+    file = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable ({exc}): not a complete training checkpoint") from None
 
 
 def run_config_of(adapter: Path | str) -> Optional[dict[str, Any]]:
@@ -43,15 +47,31 @@ def run_config_of(adapter: Path | str) -> Optional[dict[str, Any]]:
 def adapter_dir(path: Path | str) -> Path:
     """The adapter directory of ``path``: ``path/adapter`` for a training checkpoint, else ``path`` itself.
 
-    A checkpoint with a manifest has its file sizes verified first, so a truncated save is named, not misread.
+    The adapter of a training checkpoint (given as the checkpoint or as its ``adapter/``) is read only once its files
+    and ``trainer_state.json`` match the manifest's sha256 (CheckpointError naming the file otherwise): a flipped byte
+    keeps the size, and D would be loaded wrong without a word.
     """
     path = Path(path)
     inner = path / ADAPTER_DIR
     if (inner / ADAPTER_CONFIG).is_file():
-        if (path / MANIFEST).is_file():
-            verify(path, full=False)
+        _verify_adapter(path)
         return inner
     if (path / ADAPTER_CONFIG).is_file():
+        if path.name == ADAPTER_DIR:
+            _verify_adapter(path.parent)
         return path
     raise FileNotFoundError(f"{path} is neither a miss_ds adapter directory ({ADAPTER_CONFIG}) nor a training "
                             f"checkpoint with {ADAPTER_DIR}/{ADAPTER_CONFIG}")
+
+
+def _is_training_checkpoint(path: Path) -> bool:
+    """Whether ``path`` was written as a training checkpoint (it has a manifest or a trainer state)."""
+    return (path / MANIFEST).is_file() or (path / STATE_FILE).is_file()
+
+
+def _verify_adapter(checkpoint: Path) -> None:
+    """Check the sha256 of what an adapter reader reads in ``checkpoint``: the adapter files and the trainer state
+    (the run config). A directory with neither manifest nor trainer state is a bare adapter copy: nothing to check."""
+    if not _is_training_checkpoint(checkpoint):
+        return
+    verify(checkpoint, full=True, only=[ADAPTER_DIR, STATE_FILE])

@@ -6,11 +6,13 @@ Before the first step the trainer writes it as a Hugging Face model directory::
 
     <output_dir>/base/      config.json, generation_config.json, model.safetensors (+ index), tokenizer files
 
-gathered from the TP ranks to rank 0 and written atomically (temp dir + rename); a resumed run finds it there (one
-of another seed, model or TP size is moved aside, not overwritten, and the run's resume check refuses the mismatch). The
-run's adapters record it as their base (``base_model.name_or_path``), so the export, generation and evaluation tools
-find it by themselves. A base over ``MAX_BYTES`` (a random 70B benchmark) is not saved: the run says so, and the
-adapters' base fingerprint still refuses any other base.
+gathered from the TP ranks to rank 0 and written atomically (temp dir + rename). A resumed run finds it there and
+checks that it is the base it drew (another one is refused: that run's checkpoints were trained on it, so it is never
+replaced); a new run that finds another one there (an earlier attempt of another seed, model or TP size, with no
+checkpoint to resume) moves it aside, never overwrites it. The run's adapters record it as their base
+(``base_model.name_or_path``), so the export, generation and evaluation tools find it by themselves. A base over
+``MAX_BYTES`` (a random 70B benchmark) is not saved: the run says so, and the adapters' base fingerprint still refuses
+any other base.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .distributed import ParallelLayout
 from .hf_checkpoint import HFCheckpoint, ShardedWriter
 from .layers import assemble
 from .loading import base_parameters, split_of
+from .run_config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +45,12 @@ MAX_BYTES = 2 * 2**30
 MAX_SHARD = "5GB"
 
 
-def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout: ParallelLayout) -> Optional[Path]:
+def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout: ParallelLayout, *,
+                     resuming: bool = False) -> Optional[Path]:
     """Write the base weights of ``model`` (just materialised, before any step) to ``output_dir/base`` and make it
     the model's recorded base; every rank calls it (the TP shards are gathered to rank 0). Returns the directory, or
-    None when the base is over ``MAX_BYTES``."""
+    None when the base is over ``MAX_BYTES``. A ``resuming`` run whose ``output_dir/base`` holds another base is
+    refused (ConfigError) with nothing written."""
     target = Path(output_dir) / BASE_DIR
     params = list(base_parameters(model))
     total = base_bytes(model)
@@ -59,7 +64,12 @@ def save_random_base(model: nn.Module, output_dir: Path, tokenizer: Any, layout:
     if (target / "config.json").is_file():
         if _holds(target, model):  # an earlier attempt of this run saved it
             return target
-        if layout.is_main:  # another seed, model or TP size: kept aside (its checkpoints need it), not overwritten
+        if resuming:
+            raise ConfigError(f"{target} holds another random base than this run draws (another seed, model.config "
+                              "or parallel.tp_size): this run's checkpoints were trained on it, so it is kept and the "
+                              "resume refused. Resume with the settings of the run that saved it (its checkpoints' "
+                              "trainer_state.json records them), or start a new run in another output_dir")
+        if layout.is_main:  # another seed, model or TP size: kept aside, not overwritten
             aside = target.with_name(f"{BASE_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             target.rename(aside)
             logger.warning("%s held another random base than this run draws (another seed, model or tp_size): "

@@ -1,4 +1,6 @@
-"""CheckpointManager: atomic saves, pruning, verification, crash and disk-full behaviour, 2-rank saves, RNG."""
+"""CheckpointManager: atomic saves, pruning, verification, crash and disk-full behaviour, 2-rank saves, RNG; what the
+readers of a training checkpoint verify, and the resume checks that need no model (random base settings, LR
+schedule)."""
 from __future__ import annotations
 
 import errno
@@ -7,7 +9,10 @@ import json
 import logging
 import os
 import pickle
+import math
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +27,9 @@ import torch
 from miss_ds import atomic as checkpoint
 from miss_ds.atomic import (CheckpointError, CheckpointManager, DiskFullError, read_manifest, rng_state,
                                 set_rng_state, verify)
+from miss_ds.checkpoint_files import adapter_dir
+from miss_ds.train.checkpoint import check_base_layout
+from miss_ds.train.schedule import schedule_change
 
 HAS_DEV_FULL = os.path.exists("/dev/full")
 
@@ -41,6 +49,13 @@ def names(paths: list[Path]) -> list[str]:
 
 def temp_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob(".tmp-*"))
+
+
+def flip(file: Path) -> None:
+    """Invert one byte in the middle of ``file``: same size, another sha256."""
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
 
 
 # -- single process ---------------------------------------------------------------------------------
@@ -156,6 +171,122 @@ def test_resolve(two_checkpoints, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"'step_00000009' not found.*resume='auto'"):
         manager.resolve("step_00000009")
     assert CheckpointManager(tmp_path / "empty").resolve("auto") is None
+
+
+def test_a_bad_resume_path_lists_the_complete_checkpoints_of_its_own_directory(tmp_path):
+    """The hint names the checkpoints beside the path the user gave (not the new run's own), verified as the resume
+    verifies them: a checkpoint with a flipped byte is not offered as complete."""
+    other = CheckpointManager(tmp_path / "other")
+    for step in (1, 2):
+        other.save(step, writer({"model.bin": bytes(range(256)) * 4}))
+    flip(other.step_path(2) / "model.bin")
+    ours = CheckpointManager(tmp_path / "ours")
+    ours.save(7, writer({"model.bin": b"ours"}))
+    for named, problem in ((other.step_path(9), "not found"), (other.step_path(2), "does not match its sha256")):
+        with pytest.raises(CheckpointError) as info:
+            ours.resolve(str(named), full=True)
+        message = str(info.value)
+        assert problem in message and str(named) in message
+        assert f"(complete checkpoints in {other.root}: step_00000001)." in message
+        assert "step_00000007" not in message
+    with pytest.raises(CheckpointError, match=r"there is no directory .*nowhere"):
+        ours.resolve(str(tmp_path / "nowhere" / "step_00000001"), full=True)
+
+
+def test_verify_only_checks_the_files_named_and_needs_them_listed(tmp_path):
+    """``only`` limits verification to what a reader reads (a directory means the files under it, not a file whose
+    name merely starts the same), and a name the manifest lacks is an error, not a silent pass."""
+    path = CheckpointManager(tmp_path).save(1, writer({"adapter/d.bin": b"d" * 64, "adapterx.bin": b"x" * 64,
+                                                       "optimizer/m.bin": b"m" * 64}))
+    flip(path / "adapterx.bin")
+    flip(path / "optimizer/m.bin")
+    verify(path, only=["adapter"])
+    flip(path / "adapter/d.bin")
+    with pytest.raises(CheckpointError, match=r"'adapter/d.bin' does not match its sha256"):
+        verify(path, only=["adapter"])
+    with pytest.raises(CheckpointError, match=r"'optimizer/m.bin' does not match its sha256"):
+        verify(path, only=["optimizer/m.bin"])
+    with pytest.raises(CheckpointError, match=r"lists no file 'trainer_state.json'"):
+        verify(path, only=["trainer_state.json"])
+
+
+def _training_checkpoint(root: Path) -> Path:
+    """A checkpoint laid out as a training checkpoint (checkpoint_files), its files' contents irrelevant here."""
+    return CheckpointManager(root).save(3, writer({
+        "adapter/adapter_config.json": b"{}", "adapter/tp00-of-01.safetensors": b"D" * 256,
+        "optimizer/exp_avg/tp00-of-01.safetensors": b"m" * 256, "trainer_state.json": b"{}"}))
+
+
+@pytest.mark.parametrize("damaged", ["adapter/tp00-of-01.safetensors", "adapter/adapter_config.json",
+                                     "trainer_state.json"])
+def test_an_adapter_is_read_only_once_its_files_match_their_sha256(tmp_path, damaged):
+    """A flipped byte in what an adapter reader reads (the adapter, and the run config in trainer_state.json) keeps
+    every size: the reader (convert, reshard, eval, generate, init_adapter: ``adapter_dir``) must refuse it by name,
+    given the checkpoint or its adapter/ directory."""
+    path = _training_checkpoint(tmp_path / "ckpt")
+    for given in (path, path / "adapter"):
+        assert adapter_dir(given) == path / "adapter"
+    flip(path / "optimizer/exp_avg/tp00-of-01.safetensors")  # what adapter readers do not read is not hashed
+    assert adapter_dir(path) == path / "adapter"
+    flip(path / damaged)
+    for given in (path, path / "adapter"):
+        with pytest.raises(CheckpointError, match=re.escape(f"{path} is corrupt: file '{damaged}' does not match")):
+            adapter_dir(given)
+
+
+def test_an_adapter_outside_a_training_checkpoint_is_read_as_it_is(tmp_path):
+    """A bare adapter directory (an export, a copy) has no manifest to check against; a training checkpoint whose
+    manifest is gone is incomplete and refused."""
+    path = _training_checkpoint(tmp_path / "ckpt")
+    bare = shutil.copytree(path / "adapter", tmp_path / "copy" / "adapter")
+    assert adapter_dir(bare) == bare and adapter_dir(bare.parent) == bare
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        adapter_dir(path)
+
+
+# -- resume checks on the recorded config -------------------------------------------------------------
+
+RANDOM = {"seed": 0, "model": {"path": None, "random_init": False,
+                               "config": {"model_type": "llama", "num_hidden_layers": 2}}}
+
+
+def test_a_resume_that_draws_another_random_base_is_refused_naming_each_setting():
+    """A random base is drawn from the seed and model.config: a resume that changes them would train the checkpoint's
+    D on another base. Refused naming every changed key and the --set that restores it."""
+    state = {"tp_size": 1, "config": RANDOM}
+    check_base_layout(state, 1, json.loads(json.dumps(RANDOM)), Path("ckpt"))
+    changed = {"seed": 1, "model": {"path": None, "random_init": False,
+                                    "config": {"model_type": "llama", "num_hidden_layers": 3, "head_dim": 8}}}
+    with pytest.raises(ValueError) as info:
+        check_base_layout(state, 1, changed, Path("ckpt"))
+    message = str(info.value)
+    assert message.startswith("cannot resume ckpt: its base has random weights")
+    for part in ("seed: checkpoint 0, this config 1", "model.config.head_dim: checkpoint unset, this config 8",
+                 "model.config.num_hidden_layers: checkpoint 2, this config 3", "--set seed=0",
+                 "--set model.config.num_hidden_layers=2", "remove model.config.head_dim"):
+        assert part in message, part
+    real = {"seed": 0, "model": {"path": "/models/llama", "random_init": False, "config": {}}}
+    check_base_layout({"tp_size": 1, "config": real}, 1, {**real, "seed": 1}, Path("ckpt"))  # the seed draws nothing
+
+
+def _cosine(step: int, max_steps: int, lr: float = 0.01, warmup: int = 1, floor: float = 0.1) -> float:
+    """The cosine schedule's rate after ``step`` scheduler steps, written out (past warm-up)."""
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_a_changed_schedule_is_named_with_the_rates_before_and_after():
+    """Raising train.max_steps to go on re-stretches the cosine: the warning names the setting and the rate of the
+    first step the new schedule sets, against the old schedule's."""
+    saved = {"lr": 0.01, "schedule": "cosine", "warmup_steps": 1, "max_steps": 4, "min_lr_ratio": 0.1}
+    assert schedule_change(saved, dict(saved), 4) is None
+    assert schedule_change({}, saved, 4) is None  # a checkpoint that records no schedule: nothing to compare
+    message = schedule_change(saved, {**saved, "max_steps": 8}, 4)
+    assert "train.max_steps: checkpoint 4, this run 8" in message
+    assert f"from step 6 on the rate is {_cosine(5, 8):.6g} where the checkpoint's run would use " \
+           f"{_cosine(5, 4):.6g}" in message
+    assert _cosine(5, 4) == pytest.approx(0.001)  # the old schedule had ended at its floor
 
 
 # -- failures ---------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 * SIGTERM makes a rank save and exit 85; a TP=2 resume of that TP=1 checkpoint loads D and warns.
 * Non-finite losses and gradients are skipped and counted; too many in a row stop training with the reason.
 * Bad input (r, tokenizer, too little data, damaged or foreign checkpoints, a full disk) fails before training,
-  naming the module, key, file or path.
+  naming the module, key, file or path; a refused resume writes nothing (the run's saved random base stays).
+* Every reader of a checkpoint's adapter refuses a flipped byte; a finished run resumed changes no file; a resume that
+  changes the LR schedule says so; summary.json's figures agree with each other and are strict JSON.
 * ``MISS_DS_SOAK=1``: a few thousand steps with frequent checkpoints keep RSS and open fds flat (minutes).
 * ``MISS_DS_KILLS`` (at most 4, default 3) and ``MISS_DS_KILL_SEED`` choose the kill points.
 
@@ -14,9 +16,12 @@ The in-process scenarios run in one subprocess, ``tests/dist/reliability_trainer
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -30,8 +35,9 @@ import pytest
 import torch
 
 from miss_ds.adapter_io import read_full_adapter
-from miss_ds.atomic import verify
+from miss_ds.atomic import CheckpointError, verify
 from miss_ds.ds_compat import cpu_shm_segment
+from miss_ds.run_config import ConfigError
 from miss_ds.train.metrics import read_metrics
 from tests.launch_utils import ROOT, free_port, result_of
 from tests.test_train import QUICK, env, run, train_cmd, train_losses
@@ -471,7 +477,7 @@ def test_data_that_cannot_fill_one_batch_fails_before_training(scenarios, name, 
 def test_resume_from_a_truncated_checkpoint_names_the_file(scenarios):
     """``--resume PATH`` of a checkpoint with a truncated shard: refused, naming the file and what else to resume."""
     outcome = scenarios["resume_truncated"]
-    assert outcome["error_type"] == "CheckpointError" and outcome["step"] is None
+    assert outcome["error_type"] == "ConfigError" and outcome["step"] is None
     damaged = optim_file(scenarios["root"] / "resume_truncated" / STEP4)
     assert f"'{damaged}' has" in outcome["error"] and "truncated" in outcome["error"]
     assert "step_00000002" in outcome["error"]  # the hint lists what can be resumed instead
@@ -481,7 +487,7 @@ def test_resume_from_a_same_size_corruption_names_the_file(scenarios):
     """A flipped byte keeps the size, so only the manifest's sha256 catches it; checking sizes alone, the resume
     loads the corrupt optimizer state silently."""
     outcome = scenarios["resume_flipped"]
-    assert outcome["error_type"] == "CheckpointError", outcome
+    assert outcome["error_type"] == "ConfigError", outcome
     damaged = optim_file(scenarios["root"] / "resume_flipped" / STEP4)
     assert f"'{damaged}' does not match its sha256" in outcome["error"]
 
@@ -495,11 +501,13 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(scenarios):
 
 
 def test_resume_with_another_base_model_is_refused(scenarios):
-    """A checkpoint of a hidden_size=128 base resumed on a hidden_size=64 one: refused by name, not by shapes."""
+    """A checkpoint of a hidden_size=128 random base resumed on a hidden_size=64 one: refused by name from the recorded
+    config, before the model is built, not by shapes."""
     outcome = scenarios["resume_other_base"]
-    assert outcome["error_type"] == "ValueError", outcome
-    assert "step_00000004" in outcome["error"] and "another base model" in outcome["error"]
-    assert "hidden_size: adapter 128 vs model 64" in outcome["error"]
+    assert outcome["error_type"] == "ConfigError" and outcome["step"] is None, outcome
+    assert "step_00000004" in outcome["error"] and "draws another base" in outcome["error"]
+    assert "model.config.hidden_size: checkpoint 128, this config 64" in outcome["error"]
+    assert "--set model.config.hidden_size=128" in outcome["error"]
 
 
 def test_init_adapter_from_another_base_model_is_refused(scenarios):
@@ -511,16 +519,15 @@ def test_init_adapter_from_another_base_model_is_refused(scenarios):
 
 
 def test_resume_on_another_random_base_of_the_same_shape_is_refused(scenarios):
-    """seed=1 draws another random base of the same shape: the checkpoint's base fingerprint refuses it by name; the
-    base the first attempt saved is kept aside, not overwritten."""
+    """seed=1 draws another random base of the same shape: refused by name from the recorded config, before the model
+    is built, and the base the run saved is left as it was (nothing moved aside)."""
     outcome = scenarios["resume_other_seed"]
-    assert outcome["error_type"] == "OtherBaseError", outcome
-    assert "step_00000004 was trained on another base than this run's base" in outcome["error"]
-    assert "sampled weights differ, e.g. model.layers." in outcome["error"]
-    assert any("held another random base than this run draws" in w for w in outcome["log"])
-    aside = list((scenarios["root"] / "resume_other_seed").glob("base.replaced-*"))
-    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == (
-        scenarios["root"] / "base" / "base" / "model.safetensors").read_bytes()
+    assert outcome["error_type"] == "ConfigError" and outcome["step"] is None, outcome
+    assert "step_00000004: its base has random weights" in outcome["error"]
+    assert "seed: checkpoint 0, this config 1" in outcome["error"] and "--set seed=0" in outcome["error"]
+    run = scenarios["root"] / "resume_other_seed"
+    assert not list(run.glob("base.replaced-*"))
+    assert tree_digest(run / "base") == tree_digest(scenarios["root"] / "base" / "base")
 
 
 def test_init_adapter_from_another_random_base_is_warned_about(scenarios):
@@ -571,6 +578,285 @@ def test_cpu_all_reduce_segment_does_not_outlive_the_run(scenarios):
     """Once the trainer is built every rank has mapped every segment, so the names must be gone: the memory
     then goes with the processes, even after kill -9."""
     assert scenarios["base"]["shm_left"] is False
+
+
+# ---------------------------------------------------------------------------------- resume and readers, end to end
+#: The default job for 4 steps, checkpoints at steps 2 and 4, in one process (about 10 s).
+SMALL = ("train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3", "eval.every_steps=0",
+         "eval.max_batches=1", "eval.samples=0", "train.warmup_steps=1", "logging.tensorboard=false")
+STEP2, ADAPTER_FILE = "checkpoints/step_00000002", "adapter/tp00-of-01.safetensors"
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """The sha256 of every file under ``directory``, by relative path."""
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def flip(file: Path) -> None:
+    """Invert one byte in the middle of ``file``: same size, another sha256."""
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def train_1rank(out: Path, *overrides: str, resume: str | None = None) -> subprocess.CompletedProcess:
+    """launch/train.py in one process: the SMALL job with ``overrides``."""
+    port = free_port()
+    try:
+        return subprocess.run(train_cmd(1, out, *SMALL, *overrides, resume=resume), cwd=ROOT, timeout=600,
+                              env={**env(), "MASTER_PORT": str(port)}, capture_output=True, text=True)
+    finally:
+        release_shm(port)
+
+
+def refusal(proc: subprocess.CompletedProcess) -> str:
+    """The one ``error:`` line of a run refused as bad input: exit 2, no traceback."""
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def strict_json(path: Path) -> dict:
+    """``path`` parsed as JSON proper: NaN and Infinity, which Python writes by default, are refused."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def cosine_rate(step: int, max_steps: int, lr: float = 1e-2, warmup: int = 1, floor: float = 0.1) -> float:
+    """The SMALL job's rate after ``step`` scheduler steps (past warm-up), written out."""
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """The SMALL job's output directory (random base in base/, checkpoints of steps 2 and 4); copy it to change it."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    proc = train_1rank(out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _readers() -> dict:
+    """Every reader of a training checkpoint's adapter: (read it, the error a corrupt one raises)."""
+    from miss_ds.convert.init_adapter import check_init_adapter, load_init_adapter
+    from miss_ds.convert.merge import merge_to_hf
+    from miss_ds.convert.peft import write_peft_adapter
+    from miss_ds.convert.reshard import reshard_adapter
+    from miss_ds.infer.source import resolve
+
+    return {"merge": (lambda ckpt, out: merge_to_hf(ckpt, None, out), CheckpointError),
+            "peft": (lambda ckpt, out: write_peft_adapter(ckpt, out), CheckpointError),
+            "reshard": (lambda ckpt, out: reshard_adapter(ckpt, 1, out), CheckpointError),
+            "eval_and_generate": (lambda ckpt, out: resolve(checkpoint=str(ckpt)), CheckpointError),
+            "init_adapter_check": (lambda ckpt, out: check_init_adapter(ckpt), ConfigError),
+            "init_adapter_load": (lambda ckpt, out: load_init_adapter(torch.nn.Module(), ckpt), CheckpointError)}
+
+
+@pytest.mark.parametrize("reader", ["merge", "peft", "reshard", "eval_and_generate", "init_adapter_check",
+                                    "init_adapter_load"])
+@pytest.mark.parametrize("given", ["checkpoint", "adapter_dir"])
+def test_every_reader_refuses_an_adapter_with_a_flipped_byte(small_run, tmp_path, reader, given):
+    """A flipped byte keeps the file's size: checking sizes alone, eval read such an adapter and reported a loss of 403
+    without a word. Every reader must check the sha256 and refuse, naming the file, before writing anything; an
+    intact checkpoint reads."""
+    read, error = _readers()[reader]
+    checkpoint = shutil.copytree(small_run / STEP2, tmp_path / "step_00000002")
+    source = checkpoint if given == "checkpoint" else checkpoint / "adapter"
+    if reader != "init_adapter_load":  # a bare module has no base to load D into
+        read(source, tmp_path / "intact")
+    flip(checkpoint / ADAPTER_FILE)
+    with pytest.raises(error, match=re.escape(f"{checkpoint} is corrupt: file '{ADAPTER_FILE}' does not match")):
+        read(source, tmp_path / "corrupt")
+    assert not (tmp_path / "corrupt").exists()
+
+
+def test_init_adapter_with_a_flipped_byte_is_refused_before_training(small_run, tmp_path):
+    checkpoint = shutil.copytree(small_run / STEP2, tmp_path / "step_00000002")
+    flip(checkpoint / ADAPTER_FILE)
+    line = refusal(train_1rank(tmp_path / "run", f"init_adapter={checkpoint}"))
+    assert f"init_adapter={checkpoint}:" in line and f"'{ADAPTER_FILE}' does not match its sha256" in line
+    assert not (tmp_path / "run" / "base").exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    ("seed=1", "seed: checkpoint 0, this config 1"),
+    ("model.config.num_hidden_layers=3", "model.config.num_hidden_layers: checkpoint 2, this config 3")])
+def test_a_resume_that_changes_the_random_base_is_refused_and_writes_nothing(small_run, tmp_path, change, named):
+    """Another seed or model draws another random base. The resume used to write that base into <output_dir>/base
+    first (moving the run's own aside, which its checkpoints need) and then fail with a traceback: it must refuse in
+    one line, naming what differs and how to resume, and leave every file as it was."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = tree_digest(run)
+    line = refusal(train_1rank(run, change, "train.max_steps=6", resume="auto"))
+    assert f"cannot resume {run / 'checkpoints/step_00000004'}: its base has random weights" in line
+    assert named in line and "--set " + change.split("=")[0] in line
+    assert tree_digest(run) == before and not list(tmp_path.glob("run/base.replaced-*"))
+
+
+def test_resume_on_another_base_checkpoint_is_a_one_line_refusal(sigterm_run, tmp_path):
+    """A real base is read from model.path, which the recorded config cannot vouch for: the base fingerprint the
+    checkpoint recorded refuses another base of the same shape, in one line, with nothing written."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    source = sigterm_run[0]
+    recorded = json.loads((step_dirs(source)[0] / "adapter" / "adapter_config.json").read_text())
+    torch.manual_seed(1)
+    other = tmp_path / "other_base"
+    LlamaForCausalLM(AutoConfig.from_pretrained(recorded["base_model"]["name_or_path"])).save_pretrained(other)
+    run = shutil.copytree(source, tmp_path / "run")
+    before = tree_digest(run)
+    line = refusal(train_1rank(run, "train.max_steps=20", f"model.path={other}", resume="auto"))
+    assert f"cannot resume: {step_dirs(run)[0]} was trained on another base than this run's base" in line
+    assert "Resume with the base and model settings of the run that wrote it" in line
+    assert tree_digest(run) == before
+
+
+def test_a_resuming_run_never_replaces_the_random_base_it_saved(tmp_path):
+    """The last guard, for a base/ that the recorded config cannot tell apart (replaced by hand, another version):
+    a resuming run refuses a base/ that is not the base it draws, and writes nothing; a new run moves it aside."""
+    from miss_ds import MissConfig, apply_miss
+    from miss_ds.distributed import ParallelLayout
+    from miss_ds.loading import build_model_on_meta, materialize_random
+    from miss_ds.random_base import save_random_base
+    from tests.conftest import tiny_llama_config
+
+    def drawn(seed: int) -> torch.nn.Module:
+        model = build_model_on_meta(tiny_llama_config(), torch.float32)
+        apply_miss(model, MissConfig(r=8))
+        materialize_random(model, "cpu", torch.float32, seed=seed)
+        return model
+
+    layout = ParallelLayout(0, 1, 1)
+    save_random_base(drawn(0), tmp_path, None, layout)
+    saved = tree_digest(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'base'} holds another random base than this run")):
+        save_random_base(drawn(1), tmp_path, None, layout, resuming=True)
+    assert tree_digest(tmp_path) == saved
+    save_random_base(drawn(0), tmp_path, None, layout, resuming=True)  # its own base: found, nothing written
+    assert tree_digest(tmp_path) == saved
+    save_random_base(drawn(1), tmp_path, None, layout)
+    aside = list(tmp_path.glob("base.replaced-*"))
+    assert len(aside) == 1 and tree_digest(aside[0]) == {k.removeprefix("base/"): v for k, v in saved.items()}
+
+
+def _damage(checkpoints: Path, how: str) -> tuple[Path, str, str]:
+    """Damage step 4 of ``checkpoints`` (or name a missing one): (the path to resume, what the error says, the
+    complete checkpoints it must list)."""
+    step4 = checkpoints / "step_00000004"
+    if how == "missing":
+        return checkpoints / "step_00000099", "not found", "step_00000002, step_00000004"
+    if how == "truncated":
+        file = next(step4.glob("optimizer/exp_avg_sq/*.safetensors"))
+        os.truncate(file, file.stat().st_size // 2)
+        return step4, "(truncated or overwritten)", "step_00000002"
+    if how == "flipped":
+        flip(step4 / ADAPTER_FILE)
+        return step4, f"'{ADAPTER_FILE}' does not match its sha256", "step_00000002"
+    (step4 / "trainer_state.json").unlink()
+    return step4, "'trainer_state.json'", "step_00000002"
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "flipped", "deleted"])
+def test_resume_of_a_bad_checkpoint_path_is_a_one_line_refusal(small_run, tmp_path, how):
+    """``--resume PATH`` of a checkpoint that is missing, truncated, corrupt or lacks a file: one ``error:`` line
+    (exit 2) naming the path and the complete checkpoints beside it (not a corrupt one, nor those of the new run's
+    output_dir), and nothing of the new run written."""
+    other = shutil.copytree(small_run, tmp_path / "other")
+    path, problem, complete = _damage(other / "checkpoints", how)
+    line = refusal(train_1rank(tmp_path / "new", resume=str(path)))
+    assert str(path) in line and problem in line, line
+    assert f"(complete checkpoints in {other / 'checkpoints'}: {complete})." in line
+    assert not (tmp_path / "new" / "base").exists() and not (tmp_path / "new" / "config.json").exists()
+
+
+def test_resume_auto_with_no_checkpoint_that_verifies_is_refused(small_run, tmp_path):
+    """``--resume auto`` falls back to an older checkpoint when the newest is corrupt; when every one is, starting
+    over would silently drop the run's metrics (and keep training into a directory of corrupt checkpoints)."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    for step in ("step_00000002", "step_00000004"):
+        flip(run / "checkpoints" / step / ADAPTER_FILE)
+    before = tree_digest(run)
+    line = refusal(train_1rank(run, resume="auto"))
+    assert f"none of the 2 checkpoints in {run / 'checkpoints'} verifies" in line and "--overwrite" in line
+    assert tree_digest(run) == before
+
+
+def test_resuming_a_finished_run_changes_no_file(small_run, tmp_path):
+    """``--resume auto`` on a run whose newest checkpoint is at train.max_steps used to evaluate and save again and
+    rewrite summary.json (tokens 0, throughput NaN) and loss.png: it must say there is nothing to do and change
+    nothing."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = tree_digest(run)
+    proc = train_1rank(run, resume="auto")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (f"{run / 'checkpoints/step_00000004'} is at step 4: the run already finished (train.max_steps=4), "
+            "nothing to do") in proc.stderr and "raise train.max_steps to continue it" in proc.stderr
+    assert tree_digest(run) == before
+
+
+def test_a_resume_with_another_schedule_warns_and_follows_this_runs_settings(small_run, tmp_path):
+    """Raising train.max_steps re-stretches the cosine (the rate jumps from its floor back up), and a new train.lr
+    used to be dropped silently (the schedule's saved state brought the old peak back): the resume warns, naming the
+    settings and both rates, and the logged rates follow this run's schedule. The resumed run's summary counts the
+    checkpoint it read."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    proc = train_1rank(run, "train.max_steps=8", "train.lr=0.02", resume="auto")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "train.lr: checkpoint 0.01, this run 0.02; train.max_steps: checkpoint 4, this run 8" in proc.stderr
+    assert (f"from step 6 on the rate is {cosine_rate(5, 8, lr=0.02):.6g} where the checkpoint's run would use "
+            f"{cosine_rate(5, 4):.6g}") in proc.stderr
+    logged = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+    assert sorted(logged) == list(range(1, 9))
+    assert logged[4] == pytest.approx(cosine_rate(4, 4), rel=1e-6)  # the first run's
+    for step in range(5, 9):  # the rate logged at a step is the one the next step uses
+        assert logged[step] == pytest.approx(cosine_rate(step, 8, lr=0.02), rel=1e-6), step
+    read = sum(entry["size"] for entry in json.loads((run / "checkpoints/step_00000004/manifest.json").read_text())[
+        "files"])
+    assert strict_json(run / "summary.json")["checkpoint_gib_read"] == round(read / 2**30, 3) > 0
+
+
+def test_summary_figures_agree_with_each_other(small_run):
+    """summary.json gave tokens_per_s 2009 beside tokens_per_s_per_gpu 22042 on one process: two time bases (the
+    whole run against the median step) and two token counts (real against padded) under one name. Each figure must
+    follow from the others as its definition says (Reporter.summary), and the base precision be the run's."""
+    summary = strict_json(small_run / "summary.json")
+    logged = [r["tokens"] for r in read_metrics(small_run / "metrics.jsonl") if r["split"] == "train"]
+    assert summary["tokens"] == logged[-1] and summary["steps"] == 4 and summary["world_size"] == 1
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"], rel=1e-3)
+    per_step = summary["tokens"] / summary["steps"]
+    assert summary["step_tokens_per_s_per_gpu"] == pytest.approx(
+        per_step / summary["step_s_median"] / summary["world_size"], rel=2e-3)
+    assert "tokens_per_s_per_gpu" not in summary
+    assert summary["base_precision"] == "fp32"  # configs/tiny-cpu.yaml: model.dtype float32
+    assert summary["checkpoint_gib_read"] == 0.0  # a random base is drawn, and nothing was resumed
+
+
+def test_summary_json_is_strict_json_when_a_figure_is_not_finite(tmp_path):
+    """A figure that cannot be had (no step timed, a diverged eval loss) is written as null: NaN is not JSON."""
+    from miss_ds.train.metrics import MetricsLogger
+    from miss_ds.train.reporter import Reporter
+    from tests.conftest import tiny_llama_config
+
+    reporter = Reporter(MetricsLogger(tmp_path, tensorboard=False), total_steps=1, initial_step=0, every_steps=1,
+                        progress=False, tokens_seen=0)
+    reporter.summary(tmp_path, steps=0, tokens_seen=0, world=1, model_config=tiny_llama_config(), seq_len=16,
+                     device=torch.device("cpu"), dtype=torch.float32, extra={"eval_loss": float("nan")})
+    summary = strict_json(tmp_path / "summary.json")
+    assert summary["eval_loss"] is None and summary["step_s_median"] is None and summary["mfu"] is None
+
+
+@pytest.mark.parametrize("dtype, precision, held_in", [("float32", "bf16", "fp32"), ("bfloat16", "bf16", "bf16"),
+                                                       ("bfloat16", "fp8", "fp8")])
+def test_the_summary_names_the_precision_the_base_is_held_in(dtype, precision, held_in):
+    from miss_ds.run_config import ModelConfig
+    from miss_ds.train.trainer import base_precision
+
+    assert base_precision(ModelConfig(dtype=dtype, base_precision=precision)) == held_in
 
 
 # ---------------------------------------------------------------------------------- soak

@@ -204,12 +204,14 @@ def test_bad_data_row_names_file_and_line(tmp_path):
 
 
 def test_packed_mix_of_two_sources_trains(tmp_path):
-    """pack: true over two sources in their own formats (one process): the mix is reported at start, the loss
-    falls, only real tokens are counted and the summary gives the padding fraction."""
+    """pack: true over two sources in their own formats (one process), model.attn_implementation unset (the
+    family's): the mix is reported at start, the loss falls, only real tokens are counted and the summary gives the
+    padding fraction."""
     sources = ("[{path: data/arith/train.jsonl, weight: 3, eval_path: data/arith/eval.jsonl}, "
                "{path: data/arith/train_chat.jsonl, format: chat, weight: 1}]")
     proc = run(train_cmd(1, tmp_path, "data.train_path=''", "data.eval_path=null", f"data.sources={sources}",
-                         "data.pack=true", "data.seq_len=128", "train.micro_batch_size=8", "train.max_steps=30",
+                         "data.pack=true", "model.attn_implementation=null", "data.seq_len=128",
+                         "train.micro_batch_size=8", "train.max_steps=30",
                          "checkpoint.every_steps=0", "eval.every_steps=0"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "train.jsonl (instruction, weight 3): 16500 of 20000; data/arith/train_chat.jsonl (chat, weight 1): " \

@@ -109,6 +109,8 @@ def run_variant(spec: str, gpus: int, out_root: Path, work: Path, timeout: int) 
 
 def normalise(r: dict) -> dict:
     """Probe and trainer summaries name a few fields differently."""
+    if "step_tokens_per_s_per_gpu" in r:  # the trainer's (real tokens; the benchmarks' data has no padding)
+        r.setdefault("tokens_per_s_per_gpu", r["step_tokens_per_s_per_gpu"])
     if "peak_gib" in r:
         r.setdefault("peak_memory_gib", r["peak_gib"])
     if "init_s" in r:

@@ -1,5 +1,6 @@
 """Start a run from an existing adapter (``init_adapter``): a PEFT MiSS adapter, or a miss_ds adapter or training
-checkpoint, checked against the run's base."""
+checkpoint (its files checked against the checkpoint's sha256, ``checkpoint_files.adapter_dir``), checked against the
+run's base."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,22 @@ from pathlib import Path
 from torch import nn
 
 from .. import adapter_io, fingerprint
+from ..atomic import CheckpointError
+from ..checkpoint_files import adapter_dir
+from ..run_config import ConfigError
 from .peft import PEFT_WEIGHTS, read_peft_adapter
-from .source import adapter_dir
+
+
+def check_init_adapter(path: Path | str) -> None:
+    """Refuse an ``init_adapter`` that cannot be read whole (not an adapter, or a checkpoint whose adapter files do
+    not match their sha256) with a ConfigError naming it: the trainer calls it before any model memory is spent."""
+    source = Path(path)
+    if (source / PEFT_WEIGHTS).is_file():
+        return
+    try:
+        adapter_dir(source)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(f"init_adapter={path}: {exc}") from None
 
 
 def load_init_adapter(model: nn.Module, path: Path | str) -> None:

@@ -1,8 +1,9 @@
 """The inputs of every export: a miss_ds adapter (given directly or inside a training checkpoint) and its base.
 
 A training checkpoint or the adapter directory inside it is accepted (``checkpoint_files.adapter_dir`` knows the
-layout). ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written: by its
-config, its tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`).
+layout, and refuses a checkpoint whose adapter files or trainer state do not match their sha256 in its manifest).
+``check_fits_base`` refuses a base model the adapter was not trained on before anything is written: by its config, its
+tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`).
 """
 from __future__ import annotations
 

@@ -18,8 +18,10 @@ import torch.distributed as dist
 from .. import adapter_io, ds_compat, fingerprint
 from ..config import MissConfig
 from ..distributed import ParallelLayout
-from ..atomic import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from ..atomic import CheckpointError, CheckpointManager, read_manifest, rng_state, set_rng_state
 from ..checkpoint_files import ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE, read_state, rng_file
+from ..run_config import ConfigError
+from .schedule import schedule_change
 from .state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -37,9 +39,13 @@ class TrainCheckpoint:
     Components: the DeepSpeed ``engine`` (D, its fp32 masters and Adam state), the LR ``scheduler``, the ``train``
     state and the ``data`` iterator (``state_dict``/``load_state_dict``), and each rank's RNG (restored when the
     rank count is the same; it only drives dropout). ``run_config`` (a plain dict) is stored for the record and for
-    the checks of a resume on another layout. Adam's state is created at once (``ds_compat.ensure_optimizer_state``)
-    so that a checkpoint of step 0 has it too. The base's fingerprint is taken once (collective over TP), stored
-    with every adapter and checked on resume.
+    the checks of a resume (another layout, another base, another LR schedule). Adam's state is created at once
+    (``ds_compat.ensure_optimizer_state``) so that a checkpoint of step 0 has it too. The base's fingerprint is taken
+    once (collective over TP) and stored with every adapter; a resume checks it first (:func:`check_resumed_base`).
+
+    A resume, in the trainer's order: :func:`find_checkpoint` (rank 0, every file's sha256) and
+    :func:`check_base_layout` (the recorded config against this one) before the model is built;
+    :func:`check_resumed_base` once it is materialised, before its random base is saved; then :meth:`resume`.
     """
 
     def __init__(self, root: Path, keep_last: int, layout: ParallelLayout, *, engine: Any, scheduler: Any,
@@ -81,21 +87,11 @@ class TrainCheckpoint:
             (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
 
     # ----------------------------------------------------------------- resume
-    def resume(self, resume: Optional[str]) -> Optional[Path]:
-        """Restore every component from the checkpoint ``resume`` names (``auto``: the newest that verifies), on
-        this run's layout whatever layout wrote it; returns its path, or None when there is nothing to resume from."""
-        path = self._resolve(resume)
-        if path is None:
-            if resume not in (None, "auto"):
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-            return None
+    def resume(self, path: Path) -> None:
+        """Restore every component from the checkpoint at ``path``, on this run's layout whatever layout wrote it.
+        ``path`` comes from :func:`find_checkpoint` and has passed :func:`check_resumed_base`."""
         state, model = read_state(path), self.engine.module
-        # Whatever the layout: a checkpoint of another base model is refused by name, not by a shape error.
-        meta, adapter = adapter_io.read_full_adapter(path / ADAPTER_DIR)
-        adapter_io.check_base(meta, model, str(path))
-        check_base_layout(state, self.layout.tp, self.run_config, path)
-        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
-                          str(path), "this run's base")
+        _, adapter = adapter_io.read_full_adapter(path / ADAPTER_DIR)
         masters = adapter_io.local_parts(model, adapter, str(path))
         moments = {m: adapter_io.local_parts(model, adapter_io.read_full_adapter(path / OPTIMIZER_DIR / m)[1],
                                              str(path)) for m in ds_compat.ADAM_MOMENTS}
@@ -103,9 +99,7 @@ class TrainCheckpoint:
             ds_compat.set_master(self.engine, param, masters[name])
             ds_compat.set_moments(self.engine, param, {m: moments[m][name] for m in ds_compat.ADAM_MOMENTS})
         ds_compat.set_adam_step(self.engine, state["adam_step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.engine.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr  # the schedule's state alone does not move the optimizer's rate
+        self._resume_schedule(state)
         if state["world_size"] == self.layout.world:
             set_rng_state(torch.load(rng_file(path, self.layout.rank), weights_only=False))
         self.data.load_state_dict(state["data"])
@@ -114,40 +108,117 @@ class TrainCheckpoint:
             moved = (state["tp_size"], state["world_size"]) != (self.layout.tp, self.layout.world)
             logger.info("resumed from %s at step %d%s", path, self.train.step,
                         f" (written by tp_size={state['tp_size']} on {state['world_size']} ranks)" if moved else "")
-        return path
 
-    def _resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """The checkpoint to resume from. Rank 0 checks every file's sha256 (sizes alone miss a flipped byte;
-        ``auto`` then falls back to an older checkpoint) and the other ranks take its answer, so every rank
-        loads the same checkpoint and it is hashed once."""
-        if resume is None:
-            return None
-        answer: list[Optional[str]] = [None, None]  # path, error
-        failure: Optional[Exception] = None
-        if self.layout.is_main:
-            try:
-                path = self.manager.resolve(resume, full=True)
-                answer[0] = None if path is None else str(path)
-            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, or they wait forever
-                failure, answer[1] = exc, str(exc)
-        dist.broadcast_object_list(answer, src=0)
-        if failure is not None:
-            raise failure
-        if answer[1] is not None:
-            raise CheckpointError(answer[1])
-        return None if answer[0] is None else Path(answer[0])
+    def _resume_schedule(self, state: dict[str, Any]) -> None:
+        """Take the schedule's step count from the checkpoint and keep this run's peak rate (``train.lr``: the
+        schedule's saved state would bring back the checkpoint's); rank 0 warns when the schedule changes."""
+        peak = list(self.scheduler.base_lrs)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = peak
+        for group, lr in zip(self.engine.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the schedule's state alone does not move the optimizer's rate
+        change = schedule_change(state.get("config", {}).get("train", {}), self.run_config["train"],
+                                 state["scheduler"]["last_epoch"])
+        if change is not None and self.layout.is_main:
+            logger.warning("resuming at step %d: %s", state["train"]["step"], change)
+
+
+def find_checkpoint(root: Path, resume: Optional[str]) -> Optional[Path]:
+    """The checkpoint ``resume`` names (``auto``: the newest under ``root`` that verifies, else None), every file's
+    sha256 checked (sizes alone miss a flipped byte). Bad input, so a ConfigError that names the path and the complete
+    checkpoints beside it; so is ``auto`` when checkpoints exist but none verifies (starting over would drop the run's
+    metrics). Rank 0 calls it, before any model memory is spent."""
+    manager = CheckpointManager(root)
+    try:
+        path = manager.resolve(resume, full=True)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    found = manager.checkpoints()
+    if path is None and resume == "auto" and found:
+        raise ConfigError(f"--resume auto: none of the {len(found)} checkpoints in {root} verifies (the warnings above "
+                          "say why), and starting over would drop this run's metrics. Resume one that you repaired by "
+                          "its path, or start over with --overwrite instead of --resume (the run is moved aside, not "
+                          "deleted)")
+    return path
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of the files of checkpoint ``path`` (rank 0 reads them all: :func:`find_checkpoint` hashes them)."""
+    return sum(entry["size"] for entry in read_manifest(path)["files"])
+
+
+def check_resumed_base(path: Path, model: Any) -> None:
+    """The checkpoint at ``path`` was trained on the base of ``model`` (materialised, before anything is saved): the
+    same base config and the same fingerprint, else a ConfigError naming what differs and what to do. Every rank
+    calls it (the fingerprint is read over the TP group)."""
+    meta = adapter_io.read_adapter_config(path / ADAPTER_DIR)
+    try:
+        adapter_io.check_base(meta, model, str(path))
+        fingerprint.check(meta.get("base_fingerprint"), lambda positions: fingerprint.read_model(model, positions),
+                          str(path), "this run's base")
+    except ValueError as exc:  # OtherBaseError is one
+        raise ConfigError(f"cannot resume: {exc}. Resume with the base and model settings of the run that wrote it "
+                          f"(its {STATE_FILE} records them), or start a new run in another output_dir") from None
 
 
 def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:
-    """A random base (no ``model.path``) is drawn per TP shard: another TP size builds another base, which the
-    checkpoint's D does not fit. Refused by name (a checkpoint of a real base resumes on any TP size)."""
-    if state["tp_size"] != tp and (_random_base(state.get("config", {}).get("model", {}))
-                                   or _random_base(run_config["model"])):
+    """A random base (no ``model.path``, or ``model.random_init``) is drawn from ``seed`` and ``model.config`` per
+    TP shard (``loading.materialize_random``): a resume that changes one of them (or the TP layout) builds another
+    base, which the checkpoint's D does not fit. Refused by name, with the settings that resume it (a checkpoint of a
+    real base resumes on any TP size; its base is checked by :func:`check_resumed_base`)."""
+    saved = state.get("config", {})
+    if state["tp_size"] != tp and (_random_base(saved.get("model", {})) or _random_base(run_config["model"])):
         raise ValueError(
             f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size={tp}: the base "
             "model has random weights (model.path null or model.random_init), drawn per tensor-parallel shard, so "
             f"another tp_size builds another base and D would not fit it. Resume with parallel.tp_size="
             f"{state['tp_size']}, or train on a base checkpoint (model.path)")
+    if not (_random_base(saved.get("model", {})) and _random_base(run_config["model"])):
+        return
+    drawn_from = ["seed", "model.config"] + (["parallel.tp_grain_size"] if tp > 1 else [])
+    changed = [difference for key in drawn_from
+               for difference in _differences(key, _lookup(saved, key), _lookup(run_config, key))]
+    if changed:
+        raise ValueError(
+            f"cannot resume {path}: its base has random weights (model.path null or model.random_init), drawn from "
+            "the seed, model.config and the TP layout, and this config draws another base, which D would not fit ("
+            + "; ".join(f"{key}: checkpoint {_shown(old)}, this config {_shown(new)}" for key, old, new in changed)
+            + "). Resume with the checkpoint's settings (" + ", ".join(_restore(key, old) for key, old, _ in changed)
+            + "), or start a new run in another output_dir")
+
+
+class _Absent:
+    """A key one of two compared configs does not have."""
+
+
+_ABSENT = _Absent()
+
+
+def _lookup(config: Any, key: str) -> Any:
+    """The value of a dotted ``key`` in a run config dict, or ``_ABSENT``."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _ABSENT
+        config = config[part]
+    return config
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The dotted keys under ``key`` whose values differ between ``old`` and ``new`` (nested dicts compared by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [found for sub in sorted(old.keys() | new.keys())
+                for found in _differences(f"{key}.{sub}", old.get(sub, _ABSENT), new.get(sub, _ABSENT))]
+    return [] if old == new else [(key, old, new)]
+
+
+def _shown(value: Any) -> str:
+    """A compared value as the refusal names it."""
+    return "unset" if value is _ABSENT else repr(value)
+
+
+def _restore(key: str, old: Any) -> str:
+    """How to give ``key`` its checkpoint value ``old`` back."""
+    return f"remove {key}" if old is _ABSENT else f"--set {key}={json.dumps(old)}"
 
 
 def _random_base(model: dict[str, Any]) -> bool:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 import torch
@@ -17,8 +18,8 @@ from .metrics import MetricsLogger
 
 
 class Reporter:
-    """Times steps and turns them into throughput: tokens/s over each logging window, the median step, MFU, peak
-    memory and time to the first step (from process start) in ``summary.json``.
+    """Times steps and turns them into throughput: tokens/s over each logging window, and in ``summary.json`` (its
+    fields: :meth:`summary`) the run's rate, the median step, MFU, peak memory and time to the first step.
 
     Every rank times its own steps; only rank 0 (``metrics.enabled``) shows and writes anything.
     """
@@ -56,29 +57,51 @@ class Reporter:
     def close_bar(self) -> None:
         self.bar.close()
 
-    def summary(self, out: Path, *, steps: int, tokens_seen: int, tokens_per_step: int, world: int, model_config: Any,
-                seq_len: int, device: torch.device, dtype: torch.dtype, extra: dict[str, Any]) -> dict[str, Any]:
+    def summary(self, out: Path, *, steps: int, tokens_seen: int, world: int, model_config: Any, seq_len: int,
+                device: torch.device, dtype: torch.dtype, extra: dict[str, Any]) -> dict[str, Any]:
         """The run's figures; rank 0 writes them to ``out/summary.json``, plots ``out/loss.png`` and prints them.
 
-        Tokens/s over the run counts every step including warm-up; per GPU it is taken from the median step
-        (the first two steps, warm-up, are left out when there are more).
+        Tokens are real (not padding) tokens of every data-parallel rank, counted from this process's first step (a
+        resumed run counts from the resume). Two time bases, named apart:
+
+        - ``seconds``, ``tokens_per_s``: wall time from just before the first step to the summary (steps,
+          evaluations, checkpoint saves, the end's samples), and ``tokens`` over it: the job's rate, all GPUs.
+        - ``step_s_median``, ``step_tokens_per_s_per_gpu``, ``mfu``: the median optimizer step (the first two, warm-up,
+          left out when there are more), the mean tokens of a step over it divided by ``world_size``, and the model
+          FLOPs of those tokens against the GPU's dense peak (0 on CPU): one GPU's steady-state rate. Times
+          ``world_size`` it is above ``tokens_per_s`` by the time spent outside steps (evaluations, saves, warm-up).
+
+        ``first_step_s`` is from process start to the end of the first step. A figure that cannot be had (no step
+        timed) is null: the file is strict JSON, never NaN.
         """
         seconds = round(time.time() - self.start_time, 3)
         tokens = tokens_seen - self.start_tokens
-        timed = sorted(self.step_times[2:] or self.step_times or [float("nan")])
-        step_s = timed[len(timed) // 2]
-        per_gpu = tokens_per_step / step_s / world
+        timed = sorted(self.step_times[2:] or self.step_times)
+        step_s = timed[len(timed) // 2] if timed else None
+        per_gpu = tokens / len(self.step_times) / step_s / world if step_s else None
+        mfu = None if per_gpu is None else (per_gpu * frozen_finetune_flops_per_token(model_config, seq_len)
+                                            / peak_flops(device, dtype))
         peak = (get_accelerator().max_memory_allocated() if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         summary = {"steps": steps, "tokens": tokens, "seconds": seconds,
-                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "step_s_median": round(step_s, 4),
-                   "tokens_per_s_per_gpu": round(per_gpu, 1),
-                   "mfu": round(per_gpu * frozen_finetune_flops_per_token(model_config, seq_len)
-                                / peak_flops(device, dtype), 4),
+                   "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+                   "step_s_median": _rounded(step_s, 4), "step_tokens_per_s_per_gpu": _rounded(per_gpu, 1),
+                   "mfu": _rounded(mfu, 4),
                    "first_step_s": round(self.first_step_s, 1), "peak_memory_gib": round(peak / 2**30, 3),
                    "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **extra}
+        summary = {key: _finite_or_none(value) for key, value in summary.items()}
         if self.metrics.enabled:
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
             self.metrics.plot_losses(out / "loss.png")
-            print("summary: " + json.dumps(summary), flush=True)
+            print("summary: " + json.dumps(summary, allow_nan=False), flush=True)
         return summary
+
+
+def _rounded(value: Optional[float], digits: int) -> Optional[float]:
+    """``round``, passing None (a figure that cannot be had) through."""
+    return None if value is None else round(value, digits)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value``, or None for a NaN or infinite float (JSON has neither)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -1,21 +1,24 @@
 """The training job: build, then a short loop over stateful components. Used by ``launch/train.py``.
 
 Order of work (torchtitan's), cheap checks first: validate the config, start the process group, check the device against
-the base precision and the kernels, the TP size and the output directory (``preflight``), build the model on the meta
-device with its TP split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0
-first), load this rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
-``quantize.BaseQuantizer``), put ``model.kernels``' fused kernels in place (``fused_kernels``), wrap D in a DeepSpeed
-engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption
-signal. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks stop together. The
-components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the ``StepRunner`` (one
-optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
+the base precision and the kernels, the TP size and the output directory (``preflight``), find the checkpoint to resume
+(rank 0 checks every file's sha256) and check its recorded config against this one (a checkpoint already at
+``train.max_steps`` ends the run here: nothing to do, nothing written), build the model on the meta device with its TP
+split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0 first), load this
+rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
+``quantize.BaseQuantizer``), check the checkpoint's base fingerprint against them, save a random base (``random_base``),
+put ``model.kernels``' fused kernels in place (``fused_kernels``), wrap D in a DeepSpeed engine (``miss_ds.engine``),
+resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption signal. Every step that can fail
+on one rank alone ends in ``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer,
+LR schedule), the data iterator, the ``TrainState``, the ``StepRunner`` (one optimizer step) with its
+``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoTokenizer
 
 from .. import engine as miss_engine, memory_plan
+from ..checkpoint_files import read_state
 from ..data import SyntheticBatches
 from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, any_rank, init_distributed
 from ..functional import MissShapeError
@@ -32,9 +36,9 @@ from ..model_shape import ModelShape
 from ..modeling import DTYPES, enable_recompute, hf_config
 from ..quantize import BaseQuantizer
 from ..random_base import save_random_base, will_save
-from ..run_config import ConfigError, RunConfig, to_dict
+from ..run_config import ConfigError, ModelConfig, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
-from .checkpoint import TrainCheckpoint
+from .checkpoint import TrainCheckpoint, check_resumed_base, checkpoint_bytes, find_checkpoint
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
@@ -48,6 +52,8 @@ from .step import StepRunner
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "TrainingStopped"]
+
+T = TypeVar("T")
 
 
 class Trainer:
@@ -69,21 +75,36 @@ class Trainer:
         agree("reading the tokenizer and model config", self._read_model_config)
         check_model_fits_run(self.model_config, self.layout.tp, self.layout.world, cfg.data.seq_len)
         check_kernels(cfg.model.kernels, self.model_config, self.device)
-        agree("checking the output directory", lambda: self._check_output_dir(resume, overwrite))
+        found = _from_main_rank(agree("checking the output directory and the checkpoint to resume",
+                                      lambda: self._check_output_dir(resume, overwrite)))
+        self.resume_from = None if found is None else Path(found[0])
+        self.state = TrainState()
+        # A checkpoint at train.max_steps leaves nothing to do: nothing is built, and no file is written.
+        self.finished_at = found[1] if found is not None and found[1] >= cfg.train.max_steps else None
+        if self.finished_at is None:
+            self._build()
+        else:
+            self.state.step = self.finished_at
+
+    def _build(self) -> None:
+        """Build the model, the data and the engine, and resume (the module docstring has the order)."""
+        cfg = self.cfg
         model, self.report = agree("building the model on the meta device", self._model_on_meta)
         self._build_data()
         # An FP8 base is quantised layer by layer as it loads, unless its bf16 values must be saved first.
         quantizer = BaseQuantizer(model) if cfg.model.base_precision == "fp8" else None
         saves_base = cfg.model.random_weights and will_save(model)
         loaded = quantizer.loaded if quantizer is not None and not saves_base else None
-        self.checkpoint_bytes_read = agree("loading the model",
-                                           lambda: materialize_model(model, cfg, self.device, loaded))
+        base_bytes = agree("loading the model", lambda: materialize_model(model, cfg, self.device, loaded))
         if cfg.init_adapter:
             from ..convert.init_adapter import load_init_adapter  # imports PEFT: only when it is needed
 
             agree("loading init_adapter", lambda: load_init_adapter(model, cfg.init_adapter))
+        if self.resume_from is not None:  # before the random base is saved: a refused resume writes nothing
+            agree("checking the checkpoint's base", lambda: check_resumed_base(self.resume_from, model))
         if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
-            agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout))
+            agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout,
+                                                                     resuming=self.resume_from is not None))
         if quantizer is not None:
             agree("quantising the base to FP8", quantizer.finish)
         kernels = apply_kernels(model, cfg.model.kernels)
@@ -98,7 +119,6 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         if self.layout.is_main:
             logger.info("%s", self.report)
-        self.state = TrainState()
         self.guard = NonFiniteGuard(self.engine, self.device, t.max_bad_steps, self.state)
         self.run_step = StepRunner(self.engine, lambda: next(self.batches), self.layout, self.device,
                                    t.grad_accum_steps, self.guard)
@@ -106,7 +126,9 @@ class Trainer:
                                           engine=self.engine, scheduler=self.scheduler, miss=cfg.miss,
                                           train=self.state, data=self.batches, run_config=to_dict(cfg))
         self.metrics = MetricsLogger(self.out, enabled=self.layout.is_main, tensorboard=cfg.logging.tensorboard)
-        agree("resuming", lambda: self._resume(resume))
+        agree("resuming", self._resume)
+        resumed_bytes = 0 if self.resume_from is None else checkpoint_bytes(self.resume_from)
+        self.checkpoint_bytes_read = base_bytes + resumed_bytes
         if self.layout.is_main:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
@@ -128,19 +150,30 @@ class Trainer:
         except MissShapeError as exc:  # r, mode or TP split that the model's shapes cannot carry: bad input
             raise ConfigError(str(exc)) from None
 
-    def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> None:
+    def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int]]:
+        """Rank 0: make the output directory ready, check that ``init_adapter`` reads whole, find the checkpoint to
+        resume (every file's sha256 checked) and check it against this config; returns its path and step. Bad input
+        raises ConfigError before any model memory is spent and before anything of the run is written."""
         if not self.layout.is_main:
-            return
+            return None
         aside = prepare_output_dir(self.cfg, resume, overwrite)
         if aside is not None:
             logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
-        check_resume_matches(self.cfg, resume, self.layout.tp, self.layout.dp)
+        if self.cfg.init_adapter:
+            from ..convert.init_adapter import check_init_adapter  # imports PEFT: only when it is needed
+
+            check_init_adapter(self.cfg.init_adapter)
+        path = find_checkpoint(self.out / "checkpoints", resume)
+        if path is None:
+            return None
+        check_resume_matches(self.cfg, str(path), self.layout.tp, self.layout.dp)
+        return str(path), read_state(path)["train"]["step"]
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
         # Flash attention (transformers' test: "flash" in the name) finds packed examples in the position ids of
-        # one-row batches only.
-        self.one_row = data.pack and "flash" in self.cfg.model.attn_implementation
+        # one-row batches only. The implementation the model runs (model.attn_implementation unset: the family's).
+        self.one_row = data.pack and "flash" in self.model_config._attn_implementation
         self.padding_fraction = 0.0
         if data.synthetic:
             self.eval_ds = None
@@ -196,21 +229,28 @@ class Trainer:
                     self.model_config.num_hidden_layers, memory_plan.AUTO_MEMORY_FRACTION * gpu_bytes / 2**30)
         return count
 
-    def _resume(self, resume: Optional[str]) -> None:
-        """Restore every component from ``resume``'s checkpoint, or start at step 0 (dropping metrics lines of an
-        earlier attempt of this run that saved no checkpoint)."""
-        if self.checkpoint.resume(resume) is None:
+    def _resume(self) -> None:
+        """Restore every component from the checkpoint found at start, or start at step 0 (dropping metrics lines of
+        an earlier attempt of this run that saved no checkpoint)."""
+        if self.resume_from is None:
             dropped = self.metrics.truncate_after(0)  # lines of an earlier attempt that saved no checkpoint
             if dropped:
                 logger.warning("starting at step 0: dropped %d lines of an earlier run from %s", dropped,
                                self.metrics.path)
         else:
+            self.checkpoint.resume(self.resume_from)
             self.metrics.truncate_after(self.state.step)
 
     # ----------------------------------------------------------------- run
     def train(self) -> int:
         """Run to ``train.max_steps``; returns the process exit code (0, or PREEMPTED_EXIT_CODE)."""
         t = self.cfg.train
+        if self.finished_at is not None:
+            if self.layout.is_main:
+                logger.warning("%s is at step %d: the run already finished (train.max_steps=%d), nothing to do and no "
+                               "file changed; raise train.max_steps to continue it", self.resume_from,
+                               self.finished_at, t.max_steps)
+            return 0
         reporter = Reporter(self.metrics, total_steps=t.max_steps, initial_step=self.state.step,
                             every_steps=self.cfg.logging.every_steps, progress=self.cfg.logging.progress,
                             tokens_seen=self.state.tokens_seen)
@@ -288,19 +328,34 @@ class Trainer:
         return any_rank(self.preemption.requested, self.device)
 
     def _finish(self, reporter: Reporter, eval_loss: Optional[float]) -> None:
-        t = self.cfg.train
-        tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.layout.dp * self.cfg.data.seq_len
-        reporter.summary(self.out, steps=self.state.step, tokens_seen=self.state.tokens_seen,
-                         tokens_per_step=tokens_per_step, world=self.layout.world, model_config=self.model_config,
-                         seq_len=self.cfg.data.seq_len, device=self.device, dtype=DTYPES[self.cfg.model.dtype],
+        """Write summary.json: the Reporter's figures (see ``Reporter.summary``) and the run's own."""
+        model = self.cfg.model
+        reporter.summary(self.out, steps=self.state.step, tokens_seen=self.state.tokens_seen, world=self.layout.world,
+                         model_config=self.model_config, seq_len=self.cfg.data.seq_len, device=self.device,
+                         dtype=DTYPES[model.dtype],
                          extra={"checkpoint_gib_read": round(self.checkpoint_bytes_read / 2**30, 3),
                                 "recompute_layers": self.recompute_layers, "world_size": self.layout.world,
-                                "tp_size": self.layout.tp, "base_precision": self.cfg.model.base_precision,
-                                "kernels": self.cfg.model.kernels, "eval_loss": eval_loss,
+                                "tp_size": self.layout.tp, "base_precision": base_precision(model),
+                                "kernels": model.kernels, "eval_loss": eval_loss,
                                 "skipped_batches": self.state.skipped_batches,
                                 "padding_fraction": self.padding_fraction,
                                 "trainable_params": self.report.trainable})
 
     def close(self) -> None:
-        self.metrics.close()
-        self.engine.destroy()
+        if self.finished_at is None:  # a finished run built nothing
+            self.metrics.close()
+            self.engine.destroy()
+
+
+def base_precision(model: ModelConfig) -> str:
+    """What the frozen base is held in: ``fp8`` (``model.base_precision``), else ``model.dtype`` (bf16 or fp32)."""
+    if model.base_precision == "fp8":
+        return "fp8"
+    return {"bfloat16": "bf16", "float32": "fp32"}[model.dtype]
+
+
+def _from_main_rank(answer: T) -> T:
+    """Rank 0's ``answer`` on every rank (so that every rank resumes the checkpoint rank 0 verified)."""
+    box = [answer]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
