@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -282,6 +283,78 @@ def test_tokenizer_without_needed_tokens_is_an_error(tmp_path, tokenizer):
 def test_config_validation_names_the_field(change, field):
     with pytest.raises(ValueError, match=field):
         DataConfig(train_path="train.jsonl", **change).validate()
+
+
+def chat(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def test_chat_rows_with_a_role_the_template_does_not_know_or_an_empty_answer_are_bad(tmp_path, tokenizer):
+    """As an empty response is in the instruction format; the template's own roles (here 'tool') stay usable."""
+    good = chat(("user", PROBLEMS[0]["prompt"]), ("assistant", PROBLEMS[0]["response"]))
+    lines = [good, chat(("human", "hi"), ("assistant", "hello")), good,
+             chat(("system", "Be brief."), ("user", "hi"), ("assistant", " ")), good]
+    path = write_lines(tmp_path / "chat.jsonl", lines)
+    with pytest.raises(ValueError) as error:
+        build_datasets(DataConfig(train_path=str(path), format="chat", seq_len=64), tokenizer)
+    assert re.search(r"chat\.jsonl line 2: messages\[0\] has role 'human', which the chat template does not know: "
+                     r"use one of assistant, system, user\n", str(error.value))
+    assert re.search(r"chat\.jsonl line 4: messages\[2\] is an assistant message with empty content", str(error.value))
+    _, _, stats = build_datasets(DataConfig(train_path=str(path), format="chat", seq_len=64, on_bad_row="skip"),
+                                 tokenizer)
+    assert (stats.train.bad_rows, stats.train.rows) == (2, 3)
+    with_tool = AutoTokenizer.from_pretrained(ARITH / "tokenizer")
+    with_tool.chat_template += "{% if messages[0]['role'] in ['tool', 'ipython'] %}{% endif %}"
+    write_lines(path, [good, chat(("user", "2 + 2?"), ("tool", "4"), ("assistant", "4"))])
+    assert len(build_datasets(DataConfig(train_path=str(path), format="chat", seq_len=64), with_tool)[0]) == 2
+
+
+def test_rows_of_another_format_are_named_as_such(tmp_path, tokenizer):
+    path = write_lines(tmp_path / "chat.jsonl", [chat(("user", "hi"), ("assistant", "hello"))] * 3)
+    with pytest.raises(ValueError, match=r"chat\.jsonl line 1: missing field 'prompt': the row has 'messages', as "
+                                         r"'chat' rows do, but rows are read as data.format 'instruction'"):
+        build_datasets(DataConfig(train_path=str(path), format="instruction", seq_len=64), tokenizer)
+
+
+def test_a_data_path_that_is_nowhere_is_refused_at_once_naming_its_key(tmp_path, tokenizer, monkeypatch):
+    """Local-looking or unknown names are not sent to the Hub (10 retries offline); a cached dataset name loads."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    for name in ("bad/nope_dir", "./nope", "nope_name", str(tmp_path / "gone"), "owner/toy"):
+        with pytest.raises(FileNotFoundError, match=rf"data.train_path = {re.escape(name)} does not exist here .* no "
+                                                    "dataset in the datasets cache"):
+            build_datasets(DataConfig(train_path=name), tokenizer)
+    good = str(write_lines(tmp_path / "a.jsonl", PROBLEMS))
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[1\].eval_path = bad/nope.jsonl does not exist"):
+        build_datasets(DataConfig(sources=[SourceConfig(path=good), SourceConfig(path=good,
+                                                                                 eval_path="bad/nope.jsonl")]),
+                       tokenizer)
+    prepared = Path(datasets.load_dataset("json", data_files=good, split="train", cache_dir=str(tmp_path / "build"))
+                    .cache_files[0]["filename"]).parent  # as load_dataset("owner/toy") leaves it in the cache
+    cached = tmp_path / "cache" / "owner___toy" / "default" / "0.0.0" / prepared.name
+    shutil.copytree(prepared, cached)
+    (cached / "json-train.arrow").rename(cached / "toy-train.arrow")
+    assert len(build_datasets(DataConfig(train_path="owner/toy", seq_len=64), tokenizer)[0]) == 3
+
+
+def test_an_eval_file_is_read_and_labelled_as_eval(tmp_path, tokenizer, capfd):
+    """miss-ds-eval's data: its progress bars say eval, and its bad rows get the advice the caller gives."""
+    from miss_ds.data.pipeline import build_eval_set
+    from miss_ds.data.rows import Advice
+
+    path = str(write_lines(tmp_path / "held_out.jsonl", PROBLEMS))
+    capfd.readouterr()
+    sequences, stats = build_eval_set(DataConfig(seq_len=64), tokenizer, path, "--data", Advice())
+    bars = capfd.readouterr().err
+    assert len(sequences) == stats.rows == 3
+    assert "Generating eval split" in bars and f"tokenising eval rows of {path}" in bars and "padding eval" in bars
+    assert "train" not in bars
+    write_lines(tmp_path / "held_out.jsonl", [*PROBLEMS, {"prompt": "q"}])
+    with pytest.raises(ValueError, match="held_out.jsonl line 4: missing field 'response'\nFix these rows, or pass "
+                                         "--on-bad-row skip to drop them"):
+        build_eval_set(DataConfig(seq_len=64), tokenizer, path, "--data", Advice(skip="pass --on-bad-row skip"))
 
 
 # --- other sources ------------------------------------------------------------------------------

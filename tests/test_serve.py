@@ -312,15 +312,18 @@ def _eval_report(proc: subprocess.CompletedProcess) -> dict:
 
 def test_eval_on_one_and_two_ranks_reports_the_loss_of_the_merged_model(tiny_run, tmp_path):
     """miss-ds-eval: the same report on 1 rank, on 2 data-parallel ranks and on 2 tensor-parallel ranks; its loss is
-    the token-weighted mean of Hugging Face's own loss of the merged export over the same sequences."""
+    the token-weighted mean of Hugging Face's own loss of the merged export over the same sequences. On 1 rank, with
+    the accelerator left to DeepSpeed to detect (its log line goes to stderr), stdout is the report alone."""
     from miss_ds.convert.merge import merge_to_hf
     from miss_ds.data import build_datasets
 
     args = ["--checkpoint", str(tiny_run["checkpoint"]), "--limit", "40", "--answer-regex", "The answer is (-?[0-9]+)"]
-    one = _eval_report(subprocess.run([sys.executable, "-m", "miss_ds.cli.evaluate", *args, "--output",
-                                       str(tmp_path / "report.json")], cwd=ROOT, env=env(), capture_output=True,
-                                      text=True, timeout=600))
-    assert json.loads((tmp_path / "report.json").read_text()) == one
+    detect = {k: v for k, v in env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-m", "miss_ds.cli.evaluate", *args, "--output",
+                           str(tmp_path / "report.json")], cwd=ROOT, env=detect, capture_output=True, text=True,
+                          timeout=600)
+    one = _eval_report(proc)
+    assert json.loads(proc.stdout) == json.loads((tmp_path / "report.json").read_text()) == one
     for layout in (["--tp", "1"], ["--tp", "2"]):
         two = _eval_report(deepspeed_run("--module", ["miss_ds.cli.evaluate", *args, *layout], 2))
         assert one["rows"] == two["rows"] == 40 and one["loss_tokens"] == two["loss_tokens"], layout

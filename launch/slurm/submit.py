@@ -41,6 +41,21 @@ def build_command(config: Path, overrides: dict[str, object], job_name: str | No
     return cmd + extra_sbatch + [str(SBATCH_SCRIPT)] + train_args
 
 
+def run_sbatch(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """sbatch's exit code and stdout (--parsable: "id" or "id;cluster"). Its errors go straight to our stderr; a
+    failure adds one line saying so, not a traceback."""
+    try:
+        done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        print("error: sbatch is not installed here: submit from a Slurm login node, or see the command with --dry-run",
+              file=sys.stderr)
+        return 127, ""
+    if done.returncode != 0:
+        print(f"error: sbatch failed with exit code {done.returncode} (its message is above); nothing was submitted",
+              file=sys.stderr)
+    return done.returncode, done.stdout
+
+
 def main(argv: list[str]) -> int:
     # Everything after "--" belongs to the trainer, so argparse never mistakes it for ours.
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -66,8 +81,9 @@ def main(argv: list[str]) -> int:
         print(f"CONFIG={shlex.quote(str(config))} {shlex.join(cmd)}")
         return 0
     (ROOT / "logs").mkdir(exist_ok=True)  # Slurm does not create the output file's folder
-    # --parsable prints "id" or "id;cluster"; sbatch's errors go straight to our stderr.
-    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    code, out = run_sbatch(cmd, env)
+    if code != 0:
+        return code
     job_id = out.strip().split(";")[0]
     print(job_id)
     print(f"log: {ROOT}/logs/{args.job_name or config.stem}-{job_id}.out", file=sys.stderr)

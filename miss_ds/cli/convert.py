@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import reports_input_errors
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="miss-ds-convert", description=__doc__,
@@ -40,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.merge:

@@ -10,17 +10,24 @@ The model and its prompt format are named as for miss-ds-generate (--checkpoint 
 (answers only for "instruction" and "chat" data); exact match compares the greedy answer (to eos) with the reference
 answer; --answer-regex also compares what it extracts from both (its first group) and counts the answers it finds.
 Rows are split over data-parallel ranks; --tp splits a base plus miss_ds checkpoint over TP ranks as training does.
-The report (JSON) is printed by rank 0 and written to --output.
+The report (JSON) is printed by rank 0, alone on stdout (logs go to stderr), and written to --output.
+The data (bad rows stop the command unless --on-bad-row skip drops them), --answer-regex and --output are checked
+before the model is loaded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
+import sys
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from .generate import add_source_args
+from .errors import positive_int, read_data, reports_input_errors
+from .generate import add_source_args, tool_advice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,38 +35,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.add_argument("--data", help="data file in the run's format (default: the run's data.eval_path)")
-    p.add_argument("--answer-regex", help="extract the answer to compare, e.g. 'The answer is (-?[0-9]+)'")
+    p.add_argument("--answer-regex", type=_regex,
+                   help="extract the answer to compare, e.g. 'The answer is (-?[0-9]+)'")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.seq_len, else 128")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass of the loss")
-    p.add_argument("--generate-batch-size", type=int, default=128, help="prompts generated for together")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (a base plus miss_ds checkpoint)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="default: the run's data.seq_len, else 128")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass of the loss")
+    p.add_argument("--generate-batch-size", type=positive_int, default=128, help="prompts generated for together")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size (a base plus miss_ds checkpoint)")
     p.add_argument("--output", help="write the report (JSON) here")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
+def _regex(text: str) -> str:
+    """argparse type: a valid regular expression."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+    return text
+
+
+def check_output(path: str | None) -> None:
+    """Refuse an --output the report could not be written to, before any work."""
+    from ..run_config import ConfigError
+
+    if path is None:
+        return
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise ConfigError(f"--output {path} is a directory: name the report's file")
+    if not folder.is_dir():
+        raise ConfigError(f"--output {path}: the directory {folder} does not exist: create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--output {path}: the directory {folder} is not writable: choose another path")
+
+
+def deepspeed_logs_to_stderr() -> None:
+    """Send DeepSpeed's log lines (the accelerator it detects, at import) to stderr, so that stdout carries the
+    report alone: DeepSpeed's logger writes to the stream that is ``sys.stdout`` when DeepSpeed is first imported,
+    which is here (this command imports nothing of it before)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output(args.output)
+    deepspeed_logs_to_stderr()
     from deepspeed.accelerator import get_accelerator
 
     from ..distributed import ParallelLayout, agree, init_distributed
-    from ..infer.evaluate import evaluate
+    from ..infer.evaluate import evaluate, read_eval_set
     from ..infer.source import load_model, resolve
+    from ..run_config import ConfigError
 
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
-    cfg = source.data_config(tokenizer)
-    data = args.data or cfg.eval_path
+    cfg = source.data_config(tokenizer, args.on_bad_row)
+    data, key = (args.data, "--data") if args.data else (cfg.eval_path, "data.eval_path")
     if not data:
-        raise ValueError("the run has no data.eval_path: pass --data FILE")
+        raise ConfigError("the run has no data.eval_path: pass --data FILE")
     info = init_distributed()
     layout = ParallelLayout(info.rank, info.world_size, args.tp)
+    eval_set = agree("reading the data", lambda: read_data(
+        lambda: read_eval_set(tokenizer, cfg, data, args.limit, key, tool_advice())))
     device, dtype = get_accelerator().current_device_name(), source.dtype(args.dtype)
     model = agree("loading the model", lambda: load_model(source, device, dtype, args.tp))
     max_new = args.max_new_tokens or (source.run_config.data.seq_len if source.run_config else 128)
-    report = evaluate(model, tokenizer, cfg, data, layout, micro_batch_size=args.batch_size, max_new_tokens=max_new,
-                      answer_regex=args.answer_regex, limit=args.limit, generate_batch_size=args.generate_batch_size)
+    report = evaluate(model, tokenizer, cfg, eval_set, layout, micro_batch_size=args.batch_size,
+                      max_new_tokens=max_new, answer_regex=args.answer_regex,
+                      generate_batch_size=args.generate_batch_size)
     if layout.is_main:
         text = json.dumps(report, indent=1)
         print(text, flush=True)

@@ -10,11 +10,19 @@ or the random base the run saved in <output_dir>/base) unless --base names it, a
 format is the one the run trained with (bos + prompt + data.prompt_separator for "instruction", the chat template's
 generation prompt for "chat"), read from the checkpoint, from the run config an export carries, or from --config.
 --prompts is a data file in the run's format (its references are shown too) or a .txt file, one prompt per line.
+Bad rows stop the command, quoted by file and line, unless --on-bad-row skip drops them.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+from ..data.config import BAD_ROW_POLICIES
+from .errors import read_data, reports_input_errors
+
+if TYPE_CHECKING:
+    from ..data.rows import Advice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,13 +41,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
-    """The arguments naming the model (shared with miss-ds-eval; see miss_ds.infer.source)."""
+    """The arguments naming the model and the run config it was trained with (shared with miss-ds-eval; see
+    miss_ds.infer.source)."""
     p.add_argument("--checkpoint", help="miss_ds training checkpoint or adapter dir")
     p.add_argument("--adapter", help="PEFT adapter dir (a MiSS or LoRA export)")
     p.add_argument("--base", help="Hugging Face model dir: the base (default: the one the adapter records), "
                                   "or a whole model (a merged export)")
     p.add_argument("--config", help="run config YAML: the prompt format and data, when nothing records them")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the run's model.dtype, else float32")
+    p.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES,
+                   help="bad rows of the files read: stop, quoting them, or drop them (default: the run's "
+                        "data.on_bad_row)")
+
+
+def tool_advice() -> Advice:
+    """What miss-ds-generate and miss-ds-eval say to do about bad rows of the files they read."""
+    from ..data.rows import Advice
+
+    return Advice(skip="pass --on-bad-row skip",
+                  fit="Shorten these rows (the model was trained on sequences of the run's data.seq_len)")
 
 
 def _cuda() -> bool:
@@ -48,6 +68,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     from ..infer.examples import Example, read_examples
     from ..infer.generate import answer, format_samples
@@ -56,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
-    cfg = source.data_config(tokenizer)
+    cfg = source.data_config(tokenizer, args.on_bad_row)
     examples = [Example(text) for text in args.prompt]
     if args.prompts:
-        examples += read_examples(args.prompts, cfg, args.limit)
+        examples += read_data(lambda: read_examples(args.prompts, cfg, args.limit, tokenizer.chat_template,
+                                                    "--prompts", tool_advice()))
     model = load_model(source, args.device, source.dtype(args.dtype))
     print(format_samples(examples, answer(model, tokenizer, examples, cfg, args.max_new_tokens)))
     return 0

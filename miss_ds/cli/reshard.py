@@ -17,23 +17,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import positive_int, reports_input_errors
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="miss-ds-reshard", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint dir (uses its adapter/) or adapter dir")
-    p.add_argument("--tp", type=int, required=True, help="new tensor-parallel size")
+    p.add_argument("--tp", type=positive_int, required=True, help="new tensor-parallel size")
     p.add_argument("--output", required=True, help="new (or empty) adapter directory")
     p.add_argument("--base", help="local base model directory (its config.json decides the split)")
-    p.add_argument("--tp-grain-size", type=int, default=1, help="the new run's parallel.tp_grain_size")
+    p.add_argument("--tp-grain-size", type=positive_int, default=1, help="the new run's parallel.tp_grain_size")
     return p.parse_args(argv)
 
 
+@reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     from ..convert.reshard import reshard_adapter
+    from ..families import UnsupportedModel
 
     args = parse_args(argv)
-    out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base, args.tp_grain_size)
+    try:
+        out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base, args.tp_grain_size)
+    except UnsupportedModel as exc:  # worded for a run config: name this command's flag
+        message = str(exc).replace(f"parallel.tp_size={args.tp}", f"--tp {args.tp}")
+        raise UnsupportedModel(message.replace("parallel.tp_size", "--tp")) from None
     print(f"adapter for tp_size={args.tp} written to {out}")
     return 0
 

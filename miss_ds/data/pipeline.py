@@ -1,4 +1,5 @@
-"""`build_datasets`: config + tokenizer -> fixed-length train/eval sets, and what was used or dropped."""
+"""`build_datasets`: config + tokenizer -> fixed-length train/eval sets, and what was used or dropped;
+`build_eval_set`: one file -> the eval set of a trained model (miss-ds-eval)."""
 
 import logging
 import math
@@ -14,9 +15,10 @@ from transformers import PreTrainedTokenizerBase
 from miss_ds.data.config import DataConfig
 from miss_ds.data.encode import IGNORE_INDEX, check_tokenizer, encode_batch
 from miss_ds.data.mixing import mix
-from miss_ds.data.rows import ORIGIN, PROBLEM, BadRow, bad_rows_message, split_off_bad_rows
+from miss_ds.data.rows import (ORIGIN, PROBLEM, Advice, BadRow, bad_rows_message, split_off_bad_rows,
+                               with_role_problems)
 from miss_ds.data.sequences import pack_batch, pad_batch
-from miss_ds.data.sources import read_rows
+from miss_ds.data.sources import Role, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def build_datasets(
     """
     cfg.validate()
     sources = cfg.per_source()
-    encoded = [_source_examples(source, tokenizer) for source, _ in sources]
+    encoded = [_source_examples(source, tokenizer, _keys(cfg, index)) for index, (source, _) in enumerate(sources)]
     weights = [weight for _, weight in sources]
     trains = [train for train, _ in encoded]
     mixed, taken = mix([train.examples for train in trains], weights, cfg.seed)
@@ -108,16 +110,54 @@ def build_datasets(
     return train, evaluation, DataStats(train_stats, eval_stats, source_stats)
 
 
+def build_eval_set(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, key: str, advice: Advice
+                   ) -> tuple[Dataset, SplitStats]:
+    """The sequences of the rows of `path` (named by the setting `key`), built as training builds its eval set, in
+    `cfg`'s format; `advice` says in the caller's terms how to deal with bad rows."""
+    check_tokenizer(tokenizer, cfg)
+    rows, bad = usable_rows(path, cfg, "eval", key, tokenizer.chat_template, advice)
+    examples = _fitting_examples(rows, len(bad), tokenizer, cfg, f"eval rows of {path}", advice)
+    return _sequences(examples, tokenizer, cfg, "eval")
+
+
+def usable_rows(path: str, cfg: DataConfig, role: Role, key: str, template: str | dict[str, str] | None,
+                advice: Advice = Advice()) -> tuple[Dataset, list[BadRow]]:
+    """The good rows of `path` and its bad ones (`cfg.on_bad_row="error"`: a `ValueError` quoting them).
+
+    Chat roles are checked against `template`, the tokenizer's chat template; None leaves them unchecked (rows
+    already checked when they were trained on).
+    """
+    rows = read_rows(path, cfg, role, key)
+    if template is not None:
+        rows = with_role_problems(rows, cfg, template)
+    rows, bad = split_off_bad_rows(rows, cfg, advice)
+    if bad:
+        logger.warning("skipped bad rows of %s: %s", path, bad_rows_message(bad))
+    if len(rows) == 0:
+        raise ValueError(f"all {len(bad)} rows of {path} are bad; nothing is left to use")
+    return rows, bad
+
+
+def _keys(cfg: DataConfig, index: int) -> tuple[str, str]:
+    """The settings that name source `index`'s train and eval paths, for messages."""
+    if cfg.sources:
+        return f"data.sources[{index}].path", f"data.sources[{index}].eval_path"
+    return "data.train_path", "data.eval_path"
+
+
 def _joined(parts: list[_Examples], examples: Dataset) -> _Examples:
     """`examples` drawn from `parts`, with the rows the parts dropped."""
     return _Examples(examples, sum(p.bad_rows for p in parts), sum(p.too_long_rows for p in parts))
 
 
-def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[_Examples, _Examples | None]:
-    """One source's train and eval examples (eval None without `eval_path` or `eval_fraction`)."""
+def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, keys: tuple[str, str]
+                     ) -> tuple[_Examples, _Examples | None]:
+    """One source's train and eval examples (eval None without `eval_path` or `eval_fraction`); `keys` name its
+    train and eval paths."""
     check_tokenizer(tokenizer, cfg)
-    train_rows, train_bad = _usable_rows(cfg.train_path, cfg.train_split, cfg)
-    eval_rows, eval_bad = _usable_rows(cfg.eval_path, cfg.eval_split, cfg) if cfg.eval_path else (None, [])
+    template = tokenizer.chat_template
+    train_rows, train_bad = usable_rows(cfg.train_path, cfg, "train", keys[0], template)
+    eval_rows, eval_bad = usable_rows(cfg.eval_path, cfg, "eval", keys[1], template) if cfg.eval_path else (None, [])
     if cfg.eval_fraction > 0:
         held_out = train_rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
         train_rows, eval_rows = held_out["train"], held_out["test"]
@@ -128,18 +168,8 @@ def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tup
     return train, _fitting_examples(eval_rows, len(eval_bad), tokenizer, cfg, f"eval rows of {source}")
 
 
-def _usable_rows(path: str, split: str, cfg: DataConfig) -> tuple[Dataset, list[BadRow]]:
-    rows, bad = split_off_bad_rows(read_rows(path, split, cfg), cfg)
-    if bad:
-        logger.warning("skipped bad rows of %s: %s", path, bad_rows_message(bad))
-    if len(rows) == 0:
-        raise ValueError(f"all {len(bad)} rows of {path} are bad; nothing left to train on")
-    return rows, bad
-
-
-def _fitting_examples(
-    rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str
-) -> _Examples:
+def _fitting_examples(rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str,
+                      advice: Advice = Advice()) -> _Examples:
     """Encode rows, then reject or drop (per `cfg.on_bad_row`) those longer than `seq_len`."""
     encoded = rows.map(
         partial(encode_batch, tokenizer=tokenizer, cfg=cfg),
@@ -153,7 +183,7 @@ def _fitting_examples(
         input_columns="length",
         batched=True,
     )
-    encoded, too_long = split_off_bad_rows(encoded, cfg, fix="Raise data.seq_len or shorten these rows")
+    encoded, too_long = split_off_bad_rows(encoded, cfg, advice, fix=advice.fit)
     if too_long:
         logger.warning("skipped over-long %s: %s", name, bad_rows_message(too_long))
     if len(encoded) == 0:

@@ -5,17 +5,33 @@ A checked row keeps only the fields its format needs, plus where it came from
 when nothing is), so later stages can report or drop bad rows by name.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 from datasets import Dataset, Features, List, Value
 
-from miss_ds.data.config import DataConfig
+from miss_ds.data.config import FORMATS, DataConfig
 
 ORIGIN = "_origin"
 PROBLEM = "_problem"
 MAX_REPORTED = 5  # bad rows quoted in one error message
+# Chat roles every conversation may use; a template adds those it tests a message's role against.
+STANDARD_ROLES = ("system", "user", "assistant")
+# `message['role'] == 'tool'`, `message.role != "ipython"`, `message['role'] in ['tool', 'ipython']`
+_ROLE_TEST = re.compile(r"""role['"]?\]?\s*(?:[!=]=\s*(['"][^'"]+['"])|(?:not\s+)?in\s*[\[(]([^\])]*)[\])])""")
+_QUOTED = re.compile(r"""['"]([^'"]+)['"]""")
+
+
+class Advice(NamedTuple):
+    """What a reader of bad rows is told to do, in the terms of the command that read them."""
+
+    skip: str = 'set data.on_bad_row: "skip"'
+    """How to drop bad rows instead of stopping."""
+    fit: str = "Raise data.seq_len or shorten these rows"
+    """How to make rows longer than `seq_len` fit."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +60,10 @@ def row_problem(row: Any, cfg: DataConfig) -> str | None:
     """Why `row` is unusable for `cfg.format`, or None when it is fine."""
     if not isinstance(row, Mapping):
         return f"expected an object with fields, got {type(row).__name__}"
+    missing = _missing_problem(row, cfg)
+    if missing:
+        return missing
     if cfg.format == "chat":
-        if cfg.messages_field not in row:
-            return f"missing field {cfg.messages_field!r}"
         return _messages_problem(row[cfg.messages_field], cfg.messages_field)
     if cfg.format == "instruction":
         return _string_problem(row, cfg.prompt_field, allow_empty=True) or _string_problem(row, cfg.response_field)
@@ -69,10 +86,32 @@ def checked_row(row: Any, origin: str, cfg: DataConfig, problem: str | None = No
     return {**fields, ORIGIN: origin, PROBLEM: problem or ""}
 
 
-def split_off_bad_rows(rows: Dataset, cfg: DataConfig, fix: str = "Fix these rows") -> tuple[Dataset, list[BadRow]]:
+def with_role_problems(rows: Dataset, cfg: DataConfig, template: str | dict[str, str] | None) -> Dataset:
+    """Checked chat rows with a message whose role `template` does not know (`template_roles`) marked bad too.
+
+    A template renders an unknown role however it happens to (under its own name, as nothing, or with an error),
+    so such a turn would train the model on a conversation it is never shown.
+    """
+    if cfg.format != "chat":
+        return rows
+    roles = template_roles(template)
+    return rows.map(partial(_role_problems, field=cfg.messages_field, roles=roles), batched=True,
+                    input_columns=[cfg.messages_field, PROBLEM], desc="checking the roles")
+
+
+def template_roles(template: str | dict[str, str] | None) -> tuple[str, ...]:
+    """The chat roles a row may use: `STANDARD_ROLES` and every role `template` (or its named templates) tests for."""
+    sources = template.values() if isinstance(template, dict) else [template or ""]
+    named = {role for source in sources for test in _ROLE_TEST.finditer(source)
+             for role in _QUOTED.findall(test.group(1) or test.group(2))}
+    return tuple(sorted(named | set(STANDARD_ROLES)))
+
+
+def split_off_bad_rows(rows: Dataset, cfg: DataConfig, advice: Advice = Advice(), fix: str = "Fix these rows"
+                       ) -> tuple[Dataset, list[BadRow]]:
     """Rows whose `PROBLEM` is empty, and the bad ones.
 
-    With `on_bad_row="error"` bad rows raise `ValueError` instead; `fix` starts its advice.
+    With `on_bad_row="error"` bad rows raise `ValueError` instead; `fix` starts its advice, `advice.skip` ends it.
     """
     columns = rows.with_format("arrow")
     problems = columns[PROBLEM].to_pylist()
@@ -82,7 +121,7 @@ def split_off_bad_rows(rows: Dataset, cfg: DataConfig, fix: str = "Fix these row
     origins = columns[ORIGIN]
     bad = [BadRow(origins[i].as_py(), problems[i]) for i in bad_indices]
     if cfg.on_bad_row == "error":
-        raise ValueError(f'{bad_rows_message(bad)}\n{fix}, or set data.on_bad_row: "skip" to drop them.')
+        raise ValueError(f"{bad_rows_message(bad)}\n{fix}, or {advice.skip} to drop them.")
     return rows.filter(lambda problem: not problem, input_columns=PROBLEM), bad
 
 
@@ -94,9 +133,29 @@ def bad_rows_message(bad: list[BadRow]) -> str:
     return "\n".join(lines)
 
 
+def _format_fields(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
+    """The fields a row of format `fmt` needs, under `cfg`'s names."""
+    if fmt == "chat":
+        return (cfg.messages_field,)
+    if fmt == "instruction":
+        return (cfg.prompt_field, cfg.response_field)
+    return (cfg.text_field,)
+
+
+def _missing_problem(row: Mapping, cfg: DataConfig) -> str | None:
+    """The first field of `cfg.format` that `row` lacks, and which format the row's fields are of, if another's."""
+    missing = [name for name in _format_fields(cfg.format, cfg) if name not in row]
+    if not missing:
+        return None
+    others = [fmt for fmt in FORMATS if fmt != cfg.format and all(name in row for name in _format_fields(fmt, cfg))]
+    if not others:
+        return f"missing field {missing[0]!r}"
+    fields = ", ".join(repr(name) for name in _format_fields(others[0], cfg))
+    return (f"missing field {missing[0]!r}: the row has {fields}, as {others[0]!r} rows do, but rows are read as "
+            f"data.format {cfg.format!r}")
+
+
 def _string_problem(row: Mapping, field: str, allow_empty: bool = False) -> str | None:
-    if field not in row:
-        return f"missing field {field!r}"
     value = row[field]
     if value is None:
         return f"field {field!r} is null"
@@ -116,6 +175,24 @@ def _messages_problem(messages: Any, field: str) -> str | None:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 return f"{field}[{number}] needs a string {key!r}"
+        if message["role"] == "assistant" and not message["content"].strip():
+            return f"{field}[{number}] is an assistant message with empty content, so nothing to learn from"
     if not any(message["role"] == "assistant" for message in messages):
         return f"field {field!r} has no assistant message, so nothing to learn from"
     return None
+
+
+def _role_problems(messages: list[list[dict[str, str]]], problems: list[str], field: str, roles: tuple[str, ...]
+                   ) -> dict[str, list[str]]:
+    """`datasets.map` function: each row's problem, or the first of its messages whose role is not in `roles`."""
+    return {PROBLEM: [problem or _role_problem(conversation, field, roles)
+                      for conversation, problem in zip(messages, problems, strict=True)]}
+
+
+def _role_problem(messages: list[dict[str, str]], field: str, roles: tuple[str, ...]) -> str:
+    """Why a conversation is unusable for its roles ("" when every role is in `roles`)."""
+    for number, message in enumerate(messages):
+        if message["role"] not in roles:
+            return (f"{field}[{number}] has role {message['role']!r}, which the chat template does not know: "
+                    f"use one of {', '.join(roles)}")
+    return ""

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from datasets import Dataset
 from torch import nn
 
 from ..data.config import DataConfig
 from ..data.encode import IGNORE_INDEX
+from ..data.rows import Advice
 from ..distributed import ParallelLayout
 from .examples import Example, read_examples
 from .generate import answer
@@ -31,15 +33,34 @@ from .generate import answer
 SAMPLES = 5  # rows shown in the report
 
 
-@torch.no_grad()
-def loss_sums(model: nn.Module, tokenizer: Any, cfg: DataConfig, path: str, layout: ParallelLayout,
-              micro_batch_size: int, limit: Optional[int] = None) -> tuple[float, int]:
-    """(summed cross-entropy, label tokens) of this rank's rows of ``path``, built as training builds them."""
-    from ..data import build_datasets
+@dataclass
+class EvalSet:
+    """What ``evaluate`` reads of a data file, all of it checked before a model is loaded."""
 
-    sequences, _, _ = build_datasets(replace(cfg, train_path=str(path), eval_path=None, eval_fraction=0.0), tokenizer)
+    path: str
+    sequences: Dataset
+    """The rows built as training builds its eval set (the loss)."""
+    examples: list[Example]
+    """The rows with a reference answer, as prompts (exact match)."""
+
+
+def read_eval_set(tokenizer: Any, cfg: DataConfig, path: str, limit: Optional[int], key: str,
+                  advice: Advice) -> EvalSet:
+    """The first ``limit`` (all: None) rows of ``path`` (named by the setting ``key``) in ``cfg``'s format; bad rows
+    raise ``ValueError`` (``advice`` says what to do) or are dropped, as ``cfg.on_bad_row`` says."""
+    from ..data.pipeline import build_eval_set
+
+    sequences, _ = build_eval_set(cfg, tokenizer, path, key, advice)
     if limit is not None:
         sequences = sequences.select(range(min(limit, len(sequences))))
+    examples = read_examples(path, cfg, limit, tokenizer.chat_template, key, advice)
+    return EvalSet(str(path), sequences, [e for e in examples if e.reference is not None])
+
+
+@torch.no_grad()
+def loss_sums(model: nn.Module, sequences: Dataset, layout: ParallelLayout, micro_batch_size: int
+              ) -> tuple[float, int]:
+    """(summed cross-entropy, label tokens) of this rank's share of ``sequences``."""
     sequences = sequences.with_format("torch")
     device = next(model.parameters()).device
     mine = list(range(layout.dp_rank, len(sequences), layout.dp))
@@ -75,14 +96,13 @@ def match_counts(examples: list[Example], answers: list[str], pattern: Optional[
     return counts
 
 
-def evaluate(model: nn.Module, tokenizer: Any, cfg: DataConfig, path: str, layout: ParallelLayout, *,
+def evaluate(model: nn.Module, tokenizer: Any, cfg: DataConfig, data: EvalSet, layout: ParallelLayout, *,
              micro_batch_size: int = 16, max_new_tokens: int = 64, answer_regex: Optional[str] = None,
-             limit: Optional[int] = None, generate_batch_size: int = 128) -> dict[str, Any]:
-    """The report of ``model`` on ``path`` (every rank calls it; each gets the whole report)."""
+             generate_batch_size: int = 128) -> dict[str, Any]:
+    """The report of ``model`` on ``data`` (every rank calls it; each gets the whole report)."""
     device = next(model.parameters()).device
-    loss, tokens = loss_sums(model, tokenizer, cfg, path, layout, micro_batch_size, limit)
-    examples = [e for e in read_examples(path, cfg, limit) if e.reference is not None]
-    mine = examples[layout.dp_rank::layout.dp]
+    loss, tokens = loss_sums(model, data.sequences, layout, micro_batch_size)
+    mine = data.examples[layout.dp_rank::layout.dp]
     answers = answer(model, tokenizer, mine, cfg, max_new_tokens, generate_batch_size) if mine else []
     pattern = re.compile(answer_regex) if answer_regex else None
     sums = torch.tensor([loss, tokens, *match_counts(mine, answers, pattern)], dtype=torch.float64, device=device)
@@ -91,7 +111,7 @@ def evaluate(model: nn.Module, tokenizer: Any, cfg: DataConfig, path: str, layou
         sums /= layout.tp  # the ranks of a TP group evaluated the same rows
     loss_sum, tokens, rows, exact, found, matched = sums.tolist()
     mean = loss_sum / max(tokens, 1)
-    report: dict[str, Any] = {"data": str(path), "format": cfg.format, "loss": mean, "perplexity": math.exp(mean),
+    report: dict[str, Any] = {"data": data.path, "format": cfg.format, "loss": mean, "perplexity": math.exp(mean),
                               "loss_tokens": int(tokens), "rows": int(rows),
                               "exact_match": exact / rows if rows else None}
     if pattern is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.config import DataConfig
+from ..data.rows import Advice
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,23 @@ def example_of(row: dict, cfg: DataConfig) -> Example:
     return Example(row[cfg.text_field])
 
 
-def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None) -> list[Example]:
+def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None,
+                  template: str | dict[str, str] | None = None, key: str = "data.eval_path",
+                  advice: Advice = Advice()) -> list[Example]:
     """The first ``limit`` (all: None) usable rows of a data file (any source ``data.train_path`` takes) as examples;
-    a ``.txt`` file is one bare prompt per line."""
+    a ``.txt`` file is one bare prompt per line.
+
+    ``template``, the tokenizer's chat template, checks the roles of chat rows (None: rows the run already checked);
+    ``key`` is the setting that named ``path`` and ``advice`` what to do about bad rows, for errors.
+    """
     if Path(path).suffix == ".txt":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{key} = {path} does not exist (relative paths start at {Path.cwd()})")
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
         return [Example(line) for line in lines[:limit]]
-    from ..data.rows import split_off_bad_rows
-    from ..data.sources import read_rows
+    from ..data.pipeline import usable_rows
 
-    rows, _ = split_off_bad_rows(read_rows(str(path), cfg.eval_split, cfg), cfg)
+    rows, _ = usable_rows(str(path), cfg, "eval", key, template, advice)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     return [example_of(row, cfg) for row in rows]

@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..adapter_io import ADAPTER_CONFIG
+from ..checkpoint_files import ADAPTER_DIR
 from ..convert.output import RUN_CONFIG_FILE
-from ..convert.source import Adapter, known_base, read_adapter
+from ..convert.source import Adapter, known_base, read_adapter, read_base_config
 from ..data.config import DataConfig
-from ..run_config import RunConfig, config_from_dict, load_config
+from ..families import family_of
+from ..run_config import ConfigError, RunConfig, config_from_dict, load_config
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer_config.json"
+PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter directory's config (as convert.peft, which imports PEFT)
 
 
 @dataclass
@@ -51,14 +55,17 @@ class Source:
                 return AutoTokenizer.from_pretrained(str(candidate))
         raise FileNotFoundError(f"no tokenizer in {self.base}, nor a run config naming one that is here")
 
-    def data_config(self, tokenizer: Any) -> DataConfig:
-        """The data config the model was trained with: its prompt format and data files."""
+    def data_config(self, tokenizer: Any, on_bad_row: Optional[str] = None) -> DataConfig:
+        """The data config the model was trained with (its prompt format and data files), with ``on_bad_row`` when
+        given."""
         if self.run_config is not None:
-            return self.run_config.data
-        fmt = "chat" if getattr(tokenizer, "chat_template", None) else "text"
-        logger.warning("no run config recorded with %s: prompting in the '%s' format (pass --config RUN.yaml for the "
-                       "format the model was trained with)", self.peft_adapter or self.base, fmt)
-        return DataConfig(format=fmt)
+            cfg = self.run_config.data
+        else:
+            fmt = "chat" if getattr(tokenizer, "chat_template", None) else "text"
+            logger.warning("no run config recorded with %s: prompting in the '%s' format (pass --config RUN.yaml for "
+                           "the format the model was trained with)", self.peft_adapter or self.base, fmt)
+            cfg = DataConfig(format=fmt)
+        return replace(cfg, on_bad_row=on_bad_row) if on_bad_row else cfg
 
     def dtype(self, override: Optional[str]) -> torch.dtype:
         """``override``, else the dtype the run trained in, else float32."""
@@ -69,28 +76,49 @@ class Source:
 
 def resolve(checkpoint: Optional[str] = None, adapter: Optional[str] = None, base: Optional[str] = None,
             config: Optional[str] = None) -> Source:
-    """The source the commands' ``--checkpoint`` / ``--adapter`` / ``--base`` / ``--config`` name."""
+    """The source the commands' ``--checkpoint`` / ``--adapter`` / ``--base`` / ``--config`` name; a base of a model
+    family miss_ds does not support is refused (``UnsupportedModel``), as training refuses it."""
     if checkpoint and adapter:
-        raise ValueError("--checkpoint (a miss_ds adapter) and --adapter (a PEFT adapter) exclude each other")
+        raise ConfigError("--checkpoint (a miss_ds adapter) and --adapter (a PEFT adapter) exclude each other")
     run_config = load_config(config, check_files=False) if config else None
     if checkpoint:
         miss_adapter = read_adapter(checkpoint)
         known = known_base(miss_adapter, base)
         if known is None:
-            raise ValueError(f"{miss_adapter.directory} records no base model that is here: pass --base")
+            raise ConfigError(f"{miss_adapter.directory} records no base model that is here: pass --base")
         if run_config is None and miss_adapter.run_config is not None:
             run_config = config_from_dict(miss_adapter.run_config, str(miss_adapter.directory.parent))
         return Source(known, adapter=miss_adapter, run_config=run_config)
     if adapter:
         adapter_dir = Path(adapter)
-        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        recorded = _read_peft_config(adapter_dir).get("base_model_name_or_path")
         if not (base or recorded):
-            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass --base")
-        return Source(Path(base or recorded), peft_adapter=adapter_dir,
+            raise ConfigError(f"{adapter_dir / PEFT_CONFIG} names no base model: pass --base")
+        return Source(_supported(Path(base or recorded)), peft_adapter=adapter_dir,
                       run_config=run_config or _recorded_run_config(adapter_dir))
     if not base:
-        raise ValueError("name the model: --checkpoint (with --base), --adapter (with --base), or --base alone")
-    return Source(Path(base), run_config=run_config or _recorded_run_config(Path(base)))
+        raise ConfigError("name the model: --checkpoint (with --base), --adapter (with --base), or --base alone")
+    return Source(_supported(Path(base)), run_config=run_config or _recorded_run_config(Path(base)))
+
+
+def _read_peft_config(directory: Path) -> dict[str, Any]:
+    """The adapter_config.json of the PEFT adapter ``--adapter`` names; a miss_ds checkpoint or adapter (no
+    ``peft_type``) is sent to ``--checkpoint``."""
+    file = directory / PEFT_CONFIG
+    raw = json.loads(file.read_text()) if file.is_file() else {}
+    if "peft_type" in raw:
+        return raw
+    if file.is_file() or (directory / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"--adapter {directory} is a miss_ds checkpoint or adapter, not a PEFT export: pass it as "
+                          "--checkpoint")
+    raise FileNotFoundError(f"--adapter {directory}: {file} is missing; name a PEFT adapter directory (a MiSS or LoRA "
+                            "export of miss-ds-convert)")
+
+
+def _supported(base: Path) -> Path:
+    """``base``, a local model directory of a family miss_ds supports (``families.family_of`` refuses others)."""
+    family_of(read_base_config(base))
+    return base
 
 
 def _recorded_run_config(directory: Path) -> Optional[RunConfig]:

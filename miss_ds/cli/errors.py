@@ -1,0 +1,68 @@
+"""The tools' contract for bad input, as miss-ds-train's: a known input error prints one ``error: ...`` line and the
+tool exits 2, before heavy work where it can be found early; any other failure keeps its traceback (exit 1).
+
+Known input errors are the project's own error classes (each says what is wrong and what to do), the files and
+directories the user named that are missing or in the way, and what ``read_data`` finds wrong with the data.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from typing import Callable, Optional, TypeVar
+
+Main = Callable[[Optional[list[str]]], int]
+T = TypeVar("T")
+
+
+def reports_input_errors(main: Main) -> Main:
+    """``main`` under the contract above. In a multi-rank job the error is printed once, by the first rank that
+    found it (``distributed.agree`` records which ranks failed)."""
+    @functools.wraps(main)
+    def checked(argv: Optional[list[str]] = None) -> int:
+        try:
+            return main(argv)
+        except Exception as exc:
+            if not isinstance(exc, input_errors()):
+                raise
+            if int(os.environ.get("RANK", "0")) == min(getattr(exc, "failed_ranks", [0])):
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
+    return checked
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The exception classes that mean bad input (imported when needed: most import torch)."""
+    from ..atomic import CheckpointError
+    from ..families import UnsupportedModel
+    from ..fingerprint import OtherBaseError
+    from ..functional import MissShapeError
+    from ..run_config import ConfigError
+
+    return (ConfigError, UnsupportedModel, MissShapeError, OtherBaseError, CheckpointError, FileNotFoundError,
+            FileExistsError)
+
+
+def read_data(read: Callable[[], T]) -> T:
+    """``read()``, which reads the data files a tool was given; their problems (bad rows, empty or missing sources, a
+    tokenizer unfit for the format: ``ValueError`` from miss_ds.data) become ``ConfigError``, as in training."""
+    from ..run_config import ConfigError
+
+    try:
+        return read()
+    except ValueError as exc:
+        if isinstance(exc, input_errors()):
+            raise
+        raise ConfigError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
