@@ -83,6 +83,11 @@ def write_adapter_shard(directory: Path, tensors: dict[str, torch.Tensor], tp_ra
                      directory / shard_file(tp_rank, tp_size))
 
 
+class AdapterMismatch(ValueError):
+    """An adapter that is malformed, or does not fit the base or config it is applied to (keys, shapes, base model,
+    mode): bad input, which the tools report in one line."""
+
+
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
@@ -90,7 +95,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): the adapter is corrupt") from None
+        raise AdapterMismatch(f"{path} is not valid JSON ({exc}): the adapter is corrupt") from None
 
 
 def read_full_adapter(directory: Path, keys: Optional[Iterable[str]] = None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -108,13 +113,13 @@ def read_full_adapter(directory: Path, keys: Optional[Iterable[str]] = None) -> 
     for key in (keys if keys is not None else meta["layouts"]):
         layout = meta["layouts"].get(key)
         if layout is None:
-            raise KeyError(f"{directory / ADAPTER_CONFIG} has no layout for '{key}'")
+            raise AdapterMismatch(f"{directory / ADAPTER_CONFIG} has no layout for '{key}'")
         missing = [r for r, s in enumerate(shards) if key not in s]
         if missing:
-            raise KeyError(f"'{key}' is missing from {directory / shard_file(missing[0], tp_size)}")
+            raise AdapterMismatch(f"'{key}' is missing from {directory / shard_file(missing[0], tp_size)}")
         tensor = DLayout.from_json(layout).join([s[key] for s in shards])
         if list(tensor.shape) != layout["full_shape"]:
-            raise ValueError(f"'{key}' reassembles to {list(tensor.shape)}, adapter_config.json says "
+            raise AdapterMismatch(f"'{key}' reassembles to {list(tensor.shape)}, adapter_config.json says "
                              f"{layout['full_shape']}: the adapter files are inconsistent")
         full[key] = tensor
     return meta, full
@@ -126,7 +131,7 @@ def check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
     diffs = [f"{k}: adapter {v} vs model {ours[k]}" for k, v in meta.get("base_model", {}).items()
              if k != "name_or_path" and k in ours and ours[k] != v]
     if diffs:
-        raise ValueError(f"{source} was trained on another base model ({'; '.join(diffs)})")
+        raise AdapterMismatch(f"{source} was trained on another base model ({'; '.join(diffs)})")
 
 
 def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -138,15 +143,15 @@ def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) ->
     for name, layer in layers.items():
         key = f"{name}.{D_NAME}"
         if key not in full:
-            raise KeyError(f"{source} has no D for '{key}': trained with other target_modules?")
+            raise AdapterMismatch(f"{source} has no D for '{key}': trained with other target_modules?")
         want = list(layer.full_geometry.d_shape)
         if list(full[key].shape) != want:
-            raise ValueError(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
+            raise AdapterMismatch(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
                              "different r or mode?")
         parts[key] = layer.shard_d(full[key])
     for key in sorted(set(full) - set(parts)):  # modules_to_save, replicated
         if key not in params or tuple(params[key].shape) != tuple(full[key].shape):
-            raise KeyError(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "
+            raise AdapterMismatch(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "
                            "with that shape: wrong base model or config?")
         parts[key] = full[key]
     return parts

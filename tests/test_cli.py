@@ -171,3 +171,18 @@ def test_submit_without_a_cluster_says_sbatch_failed(tmp_path, monkeypatch, capf
     err = capfd.readouterr().err
     assert err.endswith("sbatch: fatal: Could not establish a configuration source\nerror: sbatch failed with exit "
                         "code 3 (its message is above); nothing was submitted\n") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, base_case", [("--lora", "bat"), ("--merge", "qwen2")])
+def test_convert_refuses_an_adapter_that_does_not_fit_in_one_line(export_tp2, tmp_path, capsys, flag, base_case):
+    """An adapter the export cannot take (``--lora`` of a bat adapter) or applied to another model (a Llama adapter
+    onto the Qwen2 base) is bad input: one ``error:`` line naming the problem and exit 2, no traceback."""
+    from miss_ds.cli import convert
+    from tests.dist.export_make import STEP
+
+    run = export_tp2 / "bat"
+    code = convert.main(["--checkpoint", str(run / STEP), "--base", str(export_tp2 / base_case / "base"),
+                         "--output", str(tmp_path / "out"), flag])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err

@@ -336,7 +336,7 @@ def test_wrong_base_is_named(runs, tmp_path):
     state = load_file(str(_small_base(tmp_path / "same") / "model.safetensors"))
     del state["model.layers.1.mlp.down_proj.weight"]
     save_file(state, str(tmp_path / "same" / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(KeyError, match=r"no base tensor 'model\.layers\.1\.mlp\.down_proj\.weight'"):
+    with pytest.raises(adapter_io.AdapterMismatch, match=r"no base tensor 'model\.layers\.1\.mlp\.down_proj\.weight'"):
         merge_to_hf(ckpt, tmp_path / "same", tmp_path / "out")
 
     meta_model = build_model_on_meta(tiny_llama_config(hidden_size=32))

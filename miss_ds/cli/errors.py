@@ -34,14 +34,15 @@ def reports_input_errors(main: Main) -> Main:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """The exception classes that mean bad input (imported when needed: most import torch)."""
+    from ..adapter_io import AdapterMismatch
     from ..atomic import CheckpointError
     from ..families import UnsupportedModel
     from ..fingerprint import OtherBaseError
     from ..functional import MissShapeError
     from ..run_config import ConfigError
 
-    return (ConfigError, UnsupportedModel, MissShapeError, OtherBaseError, CheckpointError, FileNotFoundError,
-            FileExistsError)
+    return (ConfigError, UnsupportedModel, MissShapeError, OtherBaseError, CheckpointError, AdapterMismatch,
+            FileNotFoundError, FileExistsError)
 
 
 def read_data(read: Callable[[], T]) -> T:

@@ -24,6 +24,7 @@ from peft import LoraConfig
 from torch import nn
 
 from .. import functional as MF
+from ..adapter_io import AdapterMismatch
 from ..hf_checkpoint import save_safetensors
 from ..loading import build_model_on_meta
 from .output import new_output_dir, write_run_config
@@ -40,7 +41,7 @@ SERVER_WARNING = ("the adapter holds modules_to_save {names}: PEFT loads them, b
 def lora_factors(d: torch.Tensor, geometry: MF.MissGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's (A, B) for one full D: B A == ``functional.delta_weight`` (``miss`` and ``mini``)."""
     if geometry.mode == "bat":
-        raise ValueError("mode='bat' has no LoRA form: its update depends on the base weight")
+        raise AdapterMismatch("mode='bat' has no LoRA form: its update depends on the base weight")
     a = MF.chunk_matrix(geometry.r, geometry.in_features, dtype=d.dtype, device=d.device).clone()
     return a, MF.expand_d(d, geometry).T.contiguous()
 
@@ -52,7 +53,7 @@ def write_lora_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     shapes. Warns when the adapter holds modules_to_save (``SERVER_WARNING``)."""
     adapter = read_adapter(checkpoint)
     if adapter.config.mode == "bat":
-        raise ValueError(f"{adapter.directory} is a mode='bat' adapter: bat's update W_ab D_a + D_a depends on the "
+        raise AdapterMismatch(f"{adapter.directory} is a mode='bat' adapter: bat's update W_ab D_a + D_a depends on the "
                          "base weight and is not low-rank, so it has no LoRA form; export it merged (--merge)")
     known = known_base(adapter, base)
     config = read_base_config(known) if known is not None else config_from_summary(adapter.meta["base_model"],
@@ -62,7 +63,7 @@ def write_lora_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     for key, d in adapter.d.items():
         module = module_of(key)
         if module not in linears:
-            raise KeyError(f"'{key}' of {adapter.directory} adapts '{module}', which the base has not as a linear")
+            raise AdapterMismatch(f"'{key}' of {adapter.directory} adapts '{module}', which the base has not as a linear")
         a, b = lora_factors(d.to(torch.float32), full_geometry(adapter.config, module, tuple(linears[module].weight.shape)))
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b

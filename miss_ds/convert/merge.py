@@ -16,6 +16,7 @@ import torch
 from transformers.utils.hub import convert_file_size_to_int
 
 from .. import functional as MF
+from ..adapter_io import AdapterMismatch
 from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint, ShardedWriter
 from .output import copy_model_files, new_output_dir, write_run_config
@@ -42,7 +43,7 @@ def merge_to_hf(checkpoint: Path | str, base: Optional[Path | str], output: Path
     adapter = read_adapter(checkpoint)
     base = known_base(adapter, base)
     if base is None:
-        raise ValueError(f"{adapter.directory} records no base model that is here: pass --base")
+        raise AdapterMismatch(f"{adapter.directory} records no base model that is here: pass --base")
     with HFCheckpoint(base) as weights:
         out = new_output_dir(output)
         writer = ShardedWriter(out, convert_file_size_to_int(max_shard_size))
@@ -73,6 +74,6 @@ def merged_weight(adapter: Adapter, d_key: str, weight: torch.Tensor) -> torch.T
     geometry = full_geometry(adapter.config, module_of(d_key), tuple(weight.shape))
     merged = MF.merge(weight, adapter.tensors[d_key].to(torch.float32), geometry)
     if not torch.isfinite(merged).all():
-        raise ValueError(f"merging '{d_key}' into its {weight.dtype} base weight produced inf/NaN: "
+        raise AdapterMismatch(f"merging '{d_key}' into its {weight.dtype} base weight produced inf/NaN: "
                          "D is broken or too large for the base dtype")
     return merged

@@ -15,6 +15,7 @@ import torch
 from peft import MissConfig as PeftMissConfig
 from safetensors.torch import load_file
 
+from ..adapter_io import AdapterMismatch
 from ..config import MissConfig
 from ..hf_checkpoint import save_safetensors
 from ..layers import D_NAME
@@ -45,7 +46,7 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
         base_model_name_or_path=base_name(adapter, known_base(adapter, base)))
     stray = [key for key in adapter.tensors if not _held(key, cfg)]
     if stray:
-        raise ValueError(f"{adapter.directory} holds {stray[:3]}, neither MiSS blocks nor parameters of "
+        raise AdapterMismatch(f"{adapter.directory} holds {stray[:3]}, neither MiSS blocks nor parameters of "
                          f"modules_to_save={cfg.modules_to_save}: PEFT would not load them")
     out = new_output_dir(output)
     peft_config.save_pretrained(str(out))
@@ -81,11 +82,11 @@ def _read_peft_config(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc})") from None
+        raise AdapterMismatch(f"{file} is not valid JSON ({exc})") from None
     if "peft_type" not in raw and "miss" in raw and "tp_size" in raw:
-        raise ValueError(f"{file} belongs to a miss_ds adapter, not a PEFT one: use it directly as a miss_ds adapter")
+        raise AdapterMismatch(f"{file} belongs to a miss_ds adapter, not a PEFT one: use it directly as a miss_ds adapter")
     if raw.get("peft_type") != "MISS":
-        raise ValueError(f"{file} describes a PEFT adapter of type {raw.get('peft_type')!r}, not MiSS "
+        raise AdapterMismatch(f"{file} describes a PEFT adapter of type {raw.get('peft_type')!r}, not MiSS "
                          "(peft_type 'MISS'): only MiSS adapters can be imported")
     return raw
 
@@ -95,16 +96,16 @@ def miss_config_from_peft(raw: dict[str, Any], source: Path) -> MissConfig:
     unsupported = {"layers_to_transform": None, "layers_pattern": None, "bias": "none"}
     for field, default in unsupported.items():
         if raw.get(field, default) not in (default, []):
-            raise ValueError(f"{source}: {field}={raw[field]!r} is not supported by miss_ds (needs {default!r})")
+            raise AdapterMismatch(f"{source}: {field}={raw[field]!r} is not supported by miss_ds (needs {default!r})")
     if raw.get("target_modules") is None:
-        raise ValueError(f"{source} has no target_modules: name the adapted modules explicitly")
+        raise AdapterMismatch(f"{source} has no target_modules: name the adapted modules explicitly")
     init = raw.get("init_weights", True)
     if isinstance(init, bool):
         mode = "miss"  # True (zeros) and False (random) differ only in how PEFT initialises D
     elif init in ("mini", "bat"):
         mode = init
     else:
-        raise ValueError(f"{source}: init_weights={init!r} is not a MiSS variant (true, 'mini' or 'bat')")
+        raise AdapterMismatch(f"{source}: init_weights={init!r} is not a MiSS variant (true, 'mini' or 'bat')")
     # PEFT ignores dropout in bat mode (bat rewrites the weight); miss_ds rejects it there.
     dropout = 0.0 if mode == "bat" else float(raw.get("miss_dropout", 0.0))
     return MissConfig(r=int(raw["r"]), mode=mode, mini_r=int(raw.get("mini_r", 1)), init_weights=True,
@@ -123,13 +124,13 @@ def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor
     for key, tensor in state.items():
         name = key[len(PEFT_PREFIX):]
         if not key.startswith(PEFT_PREFIX) or not _held(name, config):
-            raise KeyError(f"{path}: '{key}' is neither a MiSS block ('{PEFT_PREFIX}<module>.{D_NAME}') "
+            raise AdapterMismatch(f"{path}: '{key}' is neither a MiSS block ('{PEFT_PREFIX}<module>.{D_NAME}') "
                            f"nor a parameter of modules_to_save={config.modules_to_save}")
         if is_d_key(name):
             _check_d_shape(key, tuple(tensor.shape), config, path)
         tensors[name] = tensor.to(torch.float32)
     if not any(is_d_key(name) for name in tensors):
-        raise ValueError(f"{path} holds no MiSS blocks")
+        raise AdapterMismatch(f"{path} holds no MiSS blocks")
     return tensors
 
 
@@ -144,5 +145,5 @@ def _check_d_shape(key: str, shape: tuple[int, ...], config: MissConfig, path: P
           "mini": shape == (r, config.mini_r),
           "bat": len(shape) == 3 and shape[1:] == (r, r)}[config.mode]
     if not ok:
-        raise ValueError(f"{path}: '{key}' has shape {list(shape)}, which mode={config.mode!r} with r={r}"
+        raise AdapterMismatch(f"{path}: '{key}' has shape {list(shape)}, which mode={config.mode!r} with r={r}"
                          f"{f', mini_r={config.mini_r}' if config.mode == 'mini' else ''} cannot have")

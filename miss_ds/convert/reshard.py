@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from .. import adapter_io, ds_compat
+from ..adapter_io import AdapterMismatch
 from ..config import MissConfig
 from ..families import check_tp
 from ..fingerprint import Fingerprint
@@ -49,11 +50,11 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
     view = tp_view(config, adapter.config, [module_of(key) for key in adapter.d], tp_size, tp_grain_size)
     layouts = adapter_io.layouts(view, adapter.config)
     if set(layouts) != set(adapter.tensors):
-        raise ValueError(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
+        raise AdapterMismatch(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
                          f"{sorted(set(adapter.tensors) ^ set(layouts))[:3]}: inconsistent adapter")
     for key, tensor in adapter.tensors.items():
         if layouts[key]["full_shape"] != list(tensor.shape):
-            raise ValueError(f"'{key}' has shape {list(tensor.shape)} but the base config makes it "
+            raise AdapterMismatch(f"'{key}' has shape {list(tensor.shape)} but the base config makes it "
                              f"{layouts[key]['full_shape']}: pass the real base model with --base")
     out = new_output_dir(output)
     recorded = adapter.meta.get("base_fingerprint")
@@ -69,7 +70,7 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
     """A config with the shape fields the adapter recorded about its base (enough for standard models). No padding
     token: the class's default id may lie outside a small vocabulary, and the view needs none."""
     if "model_type" not in summary:
-        raise ValueError(f"{source} records no base model_type: pass the base model with --base")
+        raise AdapterMismatch(f"{source} records no base model_type: pass the base model with --base")
     fields = {k: v for k, v in summary.items() if k not in ("model_type", "name_or_path")}
     config = AutoConfig.for_model(summary["model_type"], **fields, pad_token_id=None)
     config._name_or_path = summary.get("name_or_path", "")
@@ -86,7 +87,7 @@ def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], 
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise KeyError(f"the adapter adapts '{name}', which the base model does not have: wrong base?") from None
+            raise AdapterMismatch(f"the adapter adapts '{name}', which the base model does not have: wrong base?") from None
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'{name}' is a {type(linear).__name__} in the base model, not a linear layer")
         parent_name, _, child = name.rpartition(".")
