@@ -167,19 +167,19 @@ def default_targets(config: Any) -> list[str]:
     return list(family_of(config).targets)
 
 
-def check_tp(config: Any, tp: int, world: Optional[int] = None) -> None:
+def check_tp(config: Any, tp: int, world: Optional[int] = None, key: str = "parallel.tp_size") -> None:
     """Refuse a TP size the family's attention cannot be split over: each rank needs at least one whole key/value
     head with its query heads (uneven head counts are fine; KV heads are not replicated). Names the sizes that
-    work (those dividing ``world`` when given)."""
+    work (those dividing ``world`` when given), calling the size ``key`` (a config key, or a tool's flag)."""
     family = family_of(config)
     heads, kv, _ = head_counts(config)
     if tp <= kv:
         return
     fits = [t for t in range(1, kv + 1) if world is None or world % t == 0]
     raise UnsupportedModel(
-        f"parallel.tp_size={tp} is more than the {kv} key/value heads of this {family.name} model ({heads} query "
+        f"{key}={tp} is more than the {kv} key/value heads of this {family.name} model ({heads} query "
         f"heads): each TP rank needs at least one whole key/value head with its query heads, and miss_ds does not "
-        f"replicate key/value heads. Use parallel.tp_size in {fits}" + (f" (on {world} ranks)" if world else ""))
+        f"replicate key/value heads. Use {key} in {fits}" + (f" (on {world} ranks)" if world else ""))
 
 
 def routed_experts(config: Any) -> int:

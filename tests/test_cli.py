@@ -105,7 +105,7 @@ def test_reshard_refuses_a_tp_size_naming_its_flag(tmp_path, capsys):
     adapter_io.write_adapter_shard(adapter, adapter_state_dict(model, miss), 0, 1)
     assert reshard(["--checkpoint", str(adapter), "--tp", "5", "--output", str(tmp_path / "out")]) == 2
     err = _error_line(capsys)
-    assert err.startswith("error: --tp 5 is more than the 4 key/value heads") and "Use --tp in [1, 2, 3, 4]" in err
+    assert err.startswith("error: --tp=5 is more than the 4 key/value heads") and "Use --tp in [1, 2, 3, 4]" in err
     assert "parallel.tp_size" not in err and not (tmp_path / "out").exists()
 
 

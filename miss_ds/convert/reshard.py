@@ -80,7 +80,7 @@ def config_from_summary(summary: dict[str, Any], source: Path) -> PretrainedConf
 def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], tp_size: int,
             tp_grain_size: int = 1) -> nn.Module:
     """The base model on meta with each of ``modules`` replaced by the MiSS layer TP rank 0 would build."""
-    check_tp(config, tp_size)
+    check_tp(config, tp_size, key="--tp")
     model = build_model_on_meta(config)
     tp_meta = ds_compat.autotp_meta(config, tp_grain_size)
     for name in modules:
