@@ -120,7 +120,7 @@ def read_full_adapter(directory: Path, keys: Optional[Iterable[str]] = None) -> 
         tensor = DLayout.from_json(layout).join([s[key] for s in shards])
         if list(tensor.shape) != layout["full_shape"]:
             raise AdapterMismatch(f"'{key}' reassembles to {list(tensor.shape)}, adapter_config.json says "
-                             f"{layout['full_shape']}: the adapter files are inconsistent")
+                                  f"{layout['full_shape']}: the adapter files are inconsistent")
         full[key] = tensor
     return meta, full
 
@@ -147,12 +147,12 @@ def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) ->
         want = list(layer.full_geometry.d_shape)
         if list(full[key].shape) != want:
             raise AdapterMismatch(f"{source}: '{key}' has shape {list(full[key].shape)}, this model needs {want}: "
-                             "different r or mode?")
+                                  "different r or mode?")
         parts[key] = layer.shard_d(full[key])
     for key in sorted(set(full) - set(parts)):  # modules_to_save, replicated
         if key not in params or tuple(params[key].shape) != tuple(full[key].shape):
             raise AdapterMismatch(f"{source} holds '{key}' {list(full[key].shape)}, which this model does not have "
-                           "with that shape: wrong base model or config?")
+                                  "with that shape: wrong base model or config?")
         parts[key] = full[key]
     return parts
 

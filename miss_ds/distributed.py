@@ -246,6 +246,10 @@ def init_distributed(timeout_s: int = 1800) -> RankInfo:
         from .ds_compat import skip_cpu_shm_op
 
         skip_cpu_shm_op()
+    elif accelerator.device_name() == "cpu" and info.rank == 0:  # a silent minute otherwise, on the first run
+        logging.getLogger(__name__).info(
+            "starting DeepSpeed's CPU backend: the first multi-rank CPU run on a machine builds its shared-memory "
+            "all-reduce op (a C++ build of up to a minute, cached for later runs)")
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=info.rank, world_size=info.world_size)
     if accelerator.device_name() == "cpu":

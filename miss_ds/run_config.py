@@ -422,6 +422,10 @@ def _build(cls: type, raw: Any, origins: Origins, prefix: str) -> Any:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{origins.of(f'{prefix}{key}')}: unknown key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, origins, f"{prefix}{key}")
+    missing = [f.name for f in fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{origins.of(section)}: '{prefix}{missing[0]}' is required and not set")
     try:
         return cls(**kwargs)
     except ConfigError:

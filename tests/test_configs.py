@@ -150,6 +150,10 @@ def test_errors_name_the_set_argument_or_the_file(tmp_path):
     assert refusal("train.lr=0.1", config=config).startswith(f"{config}: unknown key 'train.lr_max'")
     config.write_text(TINY_CPU.read_text().replace("  r: 16", "  r: 0"))
     assert refusal("miss.mode=mini", config=config).startswith(f"{config}: miss.r=0 must be a positive integer")
+    config.write_text("\n".join(line for line in TINY_CPU.read_text().splitlines()
+                                 if not line.startswith("output_dir:")))
+    with pytest.raises(ConfigError, match=f"^{config}: 'output_dir' is required and not set$"):
+        load_config(config, check_files=False)
 
 
 @pytest.mark.parametrize("override, key, instead", [

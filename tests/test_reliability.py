@@ -511,9 +511,10 @@ def test_resume_with_another_base_model_is_refused(scenarios):
 
 
 def test_init_adapter_from_another_base_model_is_refused(scenarios):
-    """``init_adapter`` of a checkpoint of another base: refused, naming the adapter and the differing field."""
+    """``init_adapter`` of a checkpoint of another base: refused as bad input (ConfigError: one line, exit 2),
+    naming the adapter and the differing field."""
     outcome = scenarios["init_adapter_other_base"]
-    assert outcome["error_type"] == "ValueError" and outcome["step"] is None
+    assert outcome["error_type"] == "ConfigError" and outcome["step"] is None, outcome
     assert "step_00000004/adapter was trained on another base model" in outcome["error"]
     assert "hidden_size: adapter 128 vs model 64" in outcome["error"]
 

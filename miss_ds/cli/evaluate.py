@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="data file in the run's format (default: the run's data.eval_path)")
     p.add_argument("--answer-regex", type=_regex,
                    help="extract the answer to compare, e.g. 'The answer is (-?[0-9]+)'")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: the run's data.seq_len, else 128")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass of the loss")

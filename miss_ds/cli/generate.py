@@ -19,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..data.config import BAD_ROW_POLICIES
-from .errors import read_data, reports_input_errors
+from .errors import positive_int, read_data, reports_input_errors
 
 if TYPE_CHECKING:
     from ..data.rows import Advice
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_source_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a data file in the run's format, or a .txt file of one prompt per line")
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows of --prompts")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of --prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = p.parse_args(argv)

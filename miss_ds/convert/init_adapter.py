@@ -28,8 +28,15 @@ def check_init_adapter(path: Path | str) -> None:
 
 def load_init_adapter(model: nn.Module, path: Path | str) -> None:
     """Set D (and modules_to_save) of a built model from an existing adapter (``init_adapter``): a PEFT MiSS adapter
-    or a miss_ds adapter or training checkpoint, checked against the model's base."""
-    source = Path(path)
+    or a miss_ds adapter or training checkpoint, checked against the model's base. An adapter that does not fit
+    (another base's shapes, other targets, r or mode) is a ConfigError naming it."""
+    try:
+        _load(model, Path(path))
+    except adapter_io.AdapterMismatch as exc:
+        raise ConfigError(f"init_adapter={path}: {exc}") from None
+
+
+def _load(model: nn.Module, source: Path) -> None:
     if (source / PEFT_WEIGHTS).is_file():
         _, full = read_peft_adapter(source)
     else:

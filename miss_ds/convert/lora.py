@@ -53,8 +53,9 @@ def write_lora_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     shapes. Warns when the adapter holds modules_to_save (``SERVER_WARNING``)."""
     adapter = read_adapter(checkpoint)
     if adapter.config.mode == "bat":
-        raise AdapterMismatch(f"{adapter.directory} is a mode='bat' adapter: bat's update W_ab D_a + D_a depends on the "
-                         "base weight and is not low-rank, so it has no LoRA form; export it merged (--merge)")
+        raise AdapterMismatch(f"{adapter.directory} is a mode='bat' adapter: bat's update W_ab D_a + D_a depends on "
+                              "the base weight and is not low-rank, so it has no LoRA form; export it merged "
+                              "(--merge)")
     known = known_base(adapter, base)
     config = read_base_config(known) if known is not None else config_from_summary(adapter.meta["base_model"],
                                                                                    adapter.directory)
@@ -63,7 +64,8 @@ def write_lora_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     for key, d in adapter.d.items():
         module = module_of(key)
         if module not in linears:
-            raise AdapterMismatch(f"'{key}' of {adapter.directory} adapts '{module}', which the base has not as a linear")
+            raise AdapterMismatch(f"'{key}' of {adapter.directory} adapts '{module}', which the base has not as a "
+                                  "linear")
         a, b = lora_factors(d.to(torch.float32), full_geometry(adapter.config, module, tuple(linears[module].weight.shape)))
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b

@@ -75,5 +75,5 @@ def merged_weight(adapter: Adapter, d_key: str, weight: torch.Tensor) -> torch.T
     merged = MF.merge(weight, adapter.tensors[d_key].to(torch.float32), geometry)
     if not torch.isfinite(merged).all():
         raise AdapterMismatch(f"merging '{d_key}' into its {weight.dtype} base weight produced inf/NaN: "
-                         "D is broken or too large for the base dtype")
+                              "D is broken or too large for the base dtype")
     return merged

@@ -47,7 +47,7 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     stray = [key for key in adapter.tensors if not _held(key, cfg)]
     if stray:
         raise AdapterMismatch(f"{adapter.directory} holds {stray[:3]}, neither MiSS blocks nor parameters of "
-                         f"modules_to_save={cfg.modules_to_save}: PEFT would not load them")
+                              f"modules_to_save={cfg.modules_to_save}: PEFT would not load them")
     out = new_output_dir(output)
     peft_config.save_pretrained(str(out))
     tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
@@ -84,10 +84,11 @@ def _read_peft_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise AdapterMismatch(f"{file} is not valid JSON ({exc})") from None
     if "peft_type" not in raw and "miss" in raw and "tp_size" in raw:
-        raise AdapterMismatch(f"{file} belongs to a miss_ds adapter, not a PEFT one: use it directly as a miss_ds adapter")
+        raise AdapterMismatch(f"{file} belongs to a miss_ds adapter, not a PEFT one: use it directly as a miss_ds "
+                              "adapter")
     if raw.get("peft_type") != "MISS":
         raise AdapterMismatch(f"{file} describes a PEFT adapter of type {raw.get('peft_type')!r}, not MiSS "
-                         "(peft_type 'MISS'): only MiSS adapters can be imported")
+                              "(peft_type 'MISS'): only MiSS adapters can be imported")
     return raw
 
 
@@ -125,7 +126,7 @@ def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor
         name = key[len(PEFT_PREFIX):]
         if not key.startswith(PEFT_PREFIX) or not _held(name, config):
             raise AdapterMismatch(f"{path}: '{key}' is neither a MiSS block ('{PEFT_PREFIX}<module>.{D_NAME}') "
-                           f"nor a parameter of modules_to_save={config.modules_to_save}")
+                                  f"nor a parameter of modules_to_save={config.modules_to_save}")
         if is_d_key(name):
             _check_d_shape(key, tuple(tensor.shape), config, path)
         tensors[name] = tensor.to(torch.float32)
@@ -146,4 +147,4 @@ def _check_d_shape(key: str, shape: tuple[int, ...], config: MissConfig, path: P
           "bat": len(shape) == 3 and shape[1:] == (r, r)}[config.mode]
     if not ok:
         raise AdapterMismatch(f"{path}: '{key}' has shape {list(shape)}, which mode={config.mode!r} with r={r}"
-                         f"{f', mini_r={config.mini_r}' if config.mode == 'mini' else ''} cannot have")
+                              f"{f', mini_r={config.mini_r}' if config.mode == 'mini' else ''} cannot have")

@@ -51,11 +51,11 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
     layouts = adapter_io.layouts(view, adapter.config)
     if set(layouts) != set(adapter.tensors):
         raise AdapterMismatch(f"{adapter.directory}: its tensors and those a run with its config holds differ in "
-                         f"{sorted(set(adapter.tensors) ^ set(layouts))[:3]}: inconsistent adapter")
+                              f"{sorted(set(adapter.tensors) ^ set(layouts))[:3]}: inconsistent adapter")
     for key, tensor in adapter.tensors.items():
         if layouts[key]["full_shape"] != list(tensor.shape):
             raise AdapterMismatch(f"'{key}' has shape {list(tensor.shape)} but the base config makes it "
-                             f"{layouts[key]['full_shape']}: pass the real base model with --base")
+                                  f"{layouts[key]['full_shape']}: pass the real base model with --base")
     out = new_output_dir(output)
     recorded = adapter.meta.get("base_fingerprint")
     adapter_io.write_adapter_config(out, adapter.config, view, tp_size,
@@ -87,7 +87,8 @@ def tp_view(config: PretrainedConfig, miss: MissConfig, modules: Iterable[str], 
         try:
             linear = model.get_submodule(name)
         except AttributeError:
-            raise AdapterMismatch(f"the adapter adapts '{name}', which the base model does not have: wrong base?") from None
+            raise AdapterMismatch(f"the adapter adapts '{name}', which the base model does not have: wrong "
+                                  "base?") from None
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'{name}' is a {type(linear).__name__} in the base model, not a linear layer")
         parent_name, _, child = name.rpartition(".")

@@ -86,12 +86,12 @@ def check_fits_base(adapter: Adapter, base_config: PretrainedConfig, weights: HF
         base_key = family.file_key(weight_key_of(key) if is_d_key(key) else key)
         if base_key not in weights.key_file:
             raise AdapterMismatch(f"'{key}' of {adapter.directory} has no base tensor '{base_key}' in "
-                           f"{weights.directory}: wrong base model?")
+                                  f"{weights.directory}: wrong base model?")
         base_shape = weights.shape(base_key)
         want = full_geometry(adapter.config, module_of(key), base_shape).d_shape if is_d_key(key) else base_shape
         if tuple(tensor.shape) != tuple(want):
             raise AdapterMismatch(f"'{key}' has shape {list(tensor.shape)} but base tensor '{base_key}' "
-                             f"{list(base_shape)} needs {list(want)}: wrong base model?")
+                                  f"{list(base_shape)} needs {list(want)}: wrong base model?")
     fingerprint.check(adapter.meta.get("base_fingerprint"), lambda positions: fingerprint.read_checkpoint(
         weights, positions), str(adapter.directory), str(weights.directory))
 
@@ -113,7 +113,8 @@ def weight_key_of(d_key: str) -> str:
 def full_geometry(config: MissConfig, module: str, weight_shape: tuple[int, ...]) -> MF.MissGeometry:
     """The TP=1 geometry of ``module`` whose full weight has ``weight_shape``; MissShapeError if it can't fit."""
     if len(weight_shape) != 2:
-        raise AdapterMismatch(f"base weight of '{module}' has shape {list(weight_shape)}: MiSS adapts 2-D linear weights")
+        raise AdapterMismatch(f"base weight of '{module}' has shape {list(weight_shape)}: MiSS adapts 2-D linear "
+                              "weights")
     out_features, in_features = weight_shape
     MF.check_layer(module, config.mode, config.r, config.mini_r, in_features, out_features)
     return MF.MissGeometry(config.mode, config.r, config.mini_r, in_features, out_features)
