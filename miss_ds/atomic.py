@@ -76,12 +76,14 @@ def verify(path: PathLike, full: bool = True, only: Optional[Sequence[str]] = No
     its sha256; return the manifest. Raises CheckpointError naming the first bad file.
 
     ``only`` (relative paths: files, or directories meaning every file under them) limits the check to the files
-    a reader uses; each must match a file of the manifest, so nothing a reader reads goes unchecked."""
+    a reader uses; each that is on disk must match a file of the manifest, so nothing a reader reads goes
+    unchecked (one on neither is not read: an adapter-only checkpoint has no trainer state)."""
     path = Path(path)
     manifest = read_manifest(path)
     entries = manifest["files"]
     if only is not None:
-        unlisted = [name for name in only if not any(_under(entry["path"], name) for entry in entries)]
+        unlisted = [name for name in only if (path / name).exists()
+                    and not any(_under(entry["path"], name) for entry in entries)]
         if unlisted:
             raise CheckpointError(f"checkpoint {path} is incomplete: its {MANIFEST} lists no file "
                                   f"{unlisted[0]!r}")

@@ -195,7 +195,8 @@ def test_a_bad_resume_path_lists_the_complete_checkpoints_of_its_own_directory(t
 
 def test_verify_only_checks_the_files_named_and_needs_them_listed(tmp_path):
     """``only`` limits verification to what a reader reads (a directory means the files under it, not a file whose
-    name merely starts the same), and a name the manifest lacks is an error, not a silent pass."""
+    name merely starts the same), and a file on disk the manifest lacks is an error, not a silent pass (one on
+    neither is not read, so not an error)."""
     path = CheckpointManager(tmp_path).save(1, writer({"adapter/d.bin": b"d" * 64, "adapterx.bin": b"x" * 64,
                                                        "optimizer/m.bin": b"m" * 64}))
     flip(path / "adapterx.bin")
@@ -206,6 +207,8 @@ def test_verify_only_checks_the_files_named_and_needs_them_listed(tmp_path):
         verify(path, only=["adapter"])
     with pytest.raises(CheckpointError, match=r"'optimizer/m.bin' does not match its sha256"):
         verify(path, only=["optimizer/m.bin"])
+    verify(path, only=["trainer_state.json"])  # on neither: not read
+    (path / "trainer_state.json").write_text("{}")  # put there after the save: read, but never checked
     with pytest.raises(CheckpointError, match=r"lists no file 'trainer_state.json'"):
         verify(path, only=["trainer_state.json"])
 
