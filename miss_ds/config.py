@@ -6,6 +6,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used, with what to do about it: bad input, which the commands
+    report in one line (exit code 2). Defined with the lowest config, so that every layer can raise it;
+    ``miss_ds.run_config`` re-exports it."""
+
+
 Mode = Literal["miss", "mini", "bat"]
 MODES: tuple[str, ...] = ("miss", "mini", "bat")
 

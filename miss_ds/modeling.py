@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from . import recompute
 from .families import UnsupportedModel, family_of
-from .run_config import ConfigError, ModelConfig
+from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Attention implementations and the flag a transformers model class declares its support with.
@@ -28,7 +28,16 @@ ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_fla
                    "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int | None = None,
+class ModelSection(Protocol):
+    """What :func:`hf_config` reads of a run config's ``model`` section (``run_config.ModelConfig``, which reads the
+    model's config through this module when it is loaded)."""
+
+    path: Optional[str]
+    config: dict[str, Any]
+    attn_implementation: Optional[str]
+
+
+def hf_config(cfg: ModelSection, vocab_size: int | None = None,
               where: Optional[Callable[[str], str]] = None) -> PretrainedConfig:
     """The model's config: ``path``'s config.json with ``config`` overrides, or ``config`` alone (model_type required).
 
@@ -63,7 +72,7 @@ def hf_config(cfg: ModelConfig, vocab_size: int | None = None,
     return config
 
 
-def _model_type(cfg: ModelConfig, given: Any, stored: Any, at: Callable[[str], str]) -> str:
+def _model_type(cfg: ModelSection, given: Any, stored: Any, at: Callable[[str], str]) -> str:
     """The model type: ``model.config``'s (``given``), else the checkpoint's config.json's (``stored``); refused,
     naming where it was set, when missing, unknown to transformers or of a family miss_ds does not support."""
     file = Path(cfg.path or "") / "config.json"

@@ -21,16 +21,12 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
-from .config import MissConfig
+from .config import ConfigError, MissConfig
 from .data.config import DataConfig
 
 
 #: Suffixes of local data files: a path with one of them must exist (other strings may name a cached dataset).
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that cannot be used, with what to do about it."""
 
 
 class FieldError(ValueError):
