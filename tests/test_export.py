@@ -381,7 +381,7 @@ def test_non_miss_peft_adapters_are_rejected(runs, tmp_path):
 
 def test_incompatible_tp_size_is_refused(runs, tmp_path):
     # 4 KV heads cannot be split over 5 ranks (a bat split that cuts r x r blocks: test_tensor_parallel, test_train).
-    with pytest.raises(ValueError, match=r"tp_size=5 is more than the 4 key/value heads.*tp_size in \[1, 2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"--tp=5 is more than the 4 key/value heads.*--tp in \[1, 2, 3, 4\]"):
         reshard_adapter(runs / "tp4" / "bat" / STEP, 5, tmp_path / "tp5")
     assert not (tmp_path / "tp5").exists()
     (tmp_path / "busy").mkdir()

@@ -95,11 +95,12 @@ def test_lora_export_of_a_tp2_checkpoint_gives_the_merged_and_the_tp_models_logi
     assert not torch.allclose(lora, torch.load(run / "logits_base.pt"), atol=1e-3), "the adapter changed nothing"
 
 
-def test_lora_export_refuses_bat_and_names_the_merged_export(export_tp2, tmp_path):
+def test_lora_export_refuses_bat_and_names_the_merged_export(export_tp2, tmp_path, capsys):
     from miss_ds.cli.convert import main as convert
 
-    with pytest.raises(ValueError, match=r"mode='bat'.*not low-rank.*--merge"):
-        convert(["--checkpoint", str(export_tp2 / "bat" / STEP), "--output", str(tmp_path / "lora"), "--lora"])
+    code = convert(["--checkpoint", str(export_tp2 / "bat" / STEP), "--output", str(tmp_path / "lora"), "--lora"])
+    assert code == 2  # bad input: one error line
+    assert re.match(r"error: .*mode='bat'.*not low-rank.*--merge", capsys.readouterr().err)
     assert not (tmp_path / "lora").exists()
 
 
