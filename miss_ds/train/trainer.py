@@ -117,8 +117,6 @@ class Trainer:
         self.engine, _, self.scheduler = miss_engine.initialize(
             model, miss_engine.deepspeed_config(cfg, self.device.type), tp_size=self.layout.tp,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        if self.layout.is_main:
-            logger.info("%s", self.report)
         self.guard = NonFiniteGuard(self.engine, self.device, t.max_bad_steps, self.state)
         self.run_step = StepRunner(self.engine, lambda: next(self.batches), self.layout, self.device,
                                    t.grad_accum_steps, self.guard)
@@ -192,8 +190,6 @@ class Trainer:
         first = agree("building the data", lambda: build() if self.layout.is_main else None)
         built = agree("reading the data", lambda: first if self.layout.is_main else build())
         train_ds, self.eval_ds, stats = built
-        if self.layout.is_main:
-            logger.info("data: %s", stats)
         self.padding_fraction = stats.train.padding_fraction
         agree("checking the data", lambda: self._check_splits_fill_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
