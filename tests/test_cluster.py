@@ -137,15 +137,34 @@ def test_init_distributed_single_process(tmp_path):
 
 def test_submit_dry_run(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("cluster:\n  nodes: 2\n  gpus_per_node: 4\n  time: '01:00:00'\n")
+    config.write_text((cu.REPO / "configs/tiny-cpu.yaml").read_text()
+                      + "cluster:\n  nodes: 2\n  gpus_per_node: 4\n  time: '01:00:00'\n")
     proc = subprocess.run([sys.executable, str(cu.REPO / "launch/slurm/submit.py"), "--config", str(config),
-                           "--partition", "p1", "--dry-run", "--", "--set", "a=b"],
-                          capture_output=True, text=True, check=True)
+                           "--partition", "p1", "--dry-run", "--", "--set", "train.lr=0.01"],
+                          capture_output=True, text=True, check=True, cwd=cu.REPO)
     cmd = proc.stdout.split()
     assert cmd[0] == f"CONFIG={config}" and cmd[1] == "sbatch"
     for flag in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=01:00:00", "--partition=p1"):
         assert flag in cmd
-    assert cmd[-3:] == [str(cu.TRAIN_SBATCH), "--set", "a=b"]
+    assert cmd[-3:] == [str(cu.TRAIN_SBATCH), "--set", "train.lr=0.01"]
+
+
+@pytest.mark.parametrize("edit, train_args, expect", [
+    (("", ""), ["--set", "trian.lr=3"], "--set 'trian.lr=3': unknown key 'trian'; did you mean 'train'?"),
+    (("logging:\n  every_steps: 5", "logging:\n  every_steps: 0"), [],
+     "'logging.every_steps' is 0; it must be at least 1"),
+])
+def test_submit_refuses_a_config_the_trainer_would_refuse(tmp_path, edit, train_args, expect):
+    """A typo must not wait in the queue to fail: submit.py reads the config as the trainer will (its --set
+    overrides included) and refuses it in one line, exit 2, before sbatch runs."""
+    text = (cu.REPO / "configs/tiny-cpu.yaml").read_text()
+    assert edit[0] in text
+    config = tmp_path / "c.yaml"
+    config.write_text(text.replace(*edit))
+    proc = subprocess.run([sys.executable, str(cu.REPO / "launch/slurm/submit.py"), "--config", str(config), "--",
+                           *train_args], capture_output=True, text=True, cwd=cu.REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and expect in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ---- the launch scripts on a local Slurm and mpirun ---------------------------------------------------------

@@ -305,6 +305,18 @@ def test_the_default_job_shows_its_answers_and_they_are_what_every_export_genera
     assert _generate(capsys, "--adapter", str(tmp_path / "lora")) == printed
 
 
+def test_generate_prints_only_answers_on_stdout(tiny_run):
+    """With the accelerator left to DeepSpeed to detect, its log line goes to stderr: stdout holds the answers alone
+    (what a script piping miss-ds-generate reads)."""
+    detect = {k: v for k, v in env().items() if k != "DS_ACCELERATOR"}
+    proc = subprocess.run([sys.executable, "-m", "miss_ds.cli.generate", "--checkpoint", str(tiny_run["checkpoint"]),
+                           "--prompt", "Eva had 18 pencils. How many pencils does Eva have?"], cwd=ROOT, env=detect,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "real_accelerator" in proc.stderr and "real_accelerator" not in proc.stdout, proc.stdout
+    assert len(_printed_answers(proc.stdout)) == 1
+
+
 def _eval_report(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout

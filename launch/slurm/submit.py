@@ -5,7 +5,9 @@
 
 The config's optional ``cluster:`` section gives ``nodes``, ``gpus_per_node``, ``time``, ``partition`` and
 ``account``; a flag given here wins over it, and what neither gives keeps the script's #SBATCH default.
-Arguments after ``--`` go to the trainer. Prints the job id (or, with --dry-run, the command).
+Arguments after ``--`` go to the trainer. The config, with the trainer's ``--set`` overrides, is checked here first
+(``miss_ds.run_config.load_config``), so that a typo is refused now (one ``error:`` line, exit 2) and not after the
+job waited in the queue. Prints the job id (or, with --dry-run, the command).
 """
 from __future__ import annotations
 
@@ -41,6 +43,21 @@ def build_command(config: Path, overrides: dict[str, object], job_name: str | No
     return cmd + extra_sbatch + [str(SBATCH_SCRIPT)] + train_args
 
 
+def config_problem(config: Path, train_args: list[str]) -> str | None:
+    """Why the trainer would refuse ``config`` with the ``--set`` overrides in ``train_args``, or None. The files it
+    names are not checked: the compute nodes may see other paths than this login node."""
+    sys.path.insert(0, str(ROOT))
+    from miss_ds.run_config import ConfigError, load_config
+
+    sets = [value for flag, value in zip(train_args, train_args[1:]) if flag == "--set"]
+    sets += [arg.partition("=")[2] for arg in train_args if arg.startswith("--set=")]
+    try:
+        load_config(config, sets, check_files=False)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def run_sbatch(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
     """sbatch's exit code and stdout (--parsable: "id" or "id;cluster"). Its errors go straight to our stderr; a
     failure adds one line saying so, not a traceback."""
@@ -73,6 +90,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     config = args.config.resolve()
+    problem = config_problem(config, train_args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     overrides = {key: getattr(args, key) for key in CLUSTER_KEYS}
     cmd = build_command(config, overrides, args.job_name, args.sbatch_arg, train_args)
     # train.sbatch reads the config path from the environment; sbatch exports the environment by default.

@@ -17,7 +17,6 @@ before the model is loaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import positive_int, read_data, reports_input_errors
-from .generate import add_source_args, tool_advice
+from .generate import add_source_args, deepspeed_logs_to_stderr, tool_advice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,14 +69,6 @@ def check_output(path: str | None) -> None:
         raise ConfigError(f"--output {path}: the directory {folder} does not exist: create it or choose another path")
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"--output {path}: the directory {folder} is not writable: choose another path")
-
-
-def deepspeed_logs_to_stderr() -> None:
-    """Send DeepSpeed's log lines (the accelerator it detects, at import) to stderr, so that stdout carries the
-    report alone: DeepSpeed's logger writes to the stream that is ``sys.stdout`` when DeepSpeed is first imported,
-    which is here (this command imports nothing of it before)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
 
 
 @reports_input_errors

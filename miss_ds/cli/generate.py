@@ -15,6 +15,7 @@ Bad rows stop the command, quoted by file and line, unless --on-bad-row skip dro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,14 @@ def tool_advice() -> Advice:
                   fit="Shorten these rows (the model was trained on sequences of the run's data.seq_len)")
 
 
+def deepspeed_logs_to_stderr() -> None:
+    """Send DeepSpeed's log lines (the accelerator it detects, at import) to stderr, so that stdout carries the
+    command's output alone (answers, a report): DeepSpeed's logger writes to the stream that is ``sys.stdout`` when
+    DeepSpeed is first imported, which is here (the commands import nothing of it before)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed  # noqa: F401
+
+
 def _cuda() -> bool:
     import torch
 
@@ -75,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..infer.source import load_model, resolve
 
     args = parse_args(argv)
+    deepspeed_logs_to_stderr()
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer, args.on_bad_row)
