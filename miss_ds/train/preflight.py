@@ -21,8 +21,6 @@ from ..data.batch import check_resumable
 from ..families import UnsupportedModel, check_tp
 from ..fused_kernels import kernels_problem
 from ..run_config import ConfigError, RunConfig, to_dict
-from ..atomic import CheckpointManager
-from ..checkpoint_files import STATE_FILE, read_state
 from .checkpoint import check_base_layout
 
 logger = logging.getLogger(__name__)
@@ -123,16 +121,10 @@ def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -
     return aside
 
 
-def check_resume_matches(cfg: RunConfig, resume: Optional[str], tp: int, dp: int) -> None:
-    """A resumed checkpoint must hold the adapter this config builds (same r, mode, targets...), fit this run's base
-    on this layout, and stop where this layout's micro-steps can start: checked on the checkpoint's recorded state
-    (rank 0, sizes-only verification; the full check comes with the resume)."""
-    if resume is None:
-        return
-    path = CheckpointManager(Path(cfg.output_dir) / "checkpoints").resolve(resume, full=False)
-    if path is None or not (path / STATE_FILE).is_file():
-        return
-    state = read_state(path)
+def check_resume_matches(cfg: RunConfig, path: Path, state: dict[str, Any], tp: int, dp: int) -> None:
+    """The checkpoint at ``path`` (found and verified by ``checkpoint.find_checkpoint``), whose recorded ``state``
+    is given, must hold the adapter this config builds (same r, mode, targets...), fit this run's base on this
+    layout, and stop where this layout's micro-steps can start (rank 0, before the model is built)."""
     try:
         check_base_layout(state, tp, to_dict(cfg), path)
         check_resumable(state["data"], cfg.train.micro_batch_size * dp)

@@ -164,8 +164,9 @@ class Trainer:
         path = find_checkpoint(self.out / "checkpoints", resume)
         if path is None:
             return None
-        check_resume_matches(self.cfg, str(path), self.layout.tp, self.layout.dp)
-        return str(path), read_state(path)["train"]["step"]
+        state = read_state(path)
+        check_resume_matches(self.cfg, path, state, self.layout.tp, self.layout.dp)
+        return str(path), state["train"]["step"]
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
