@@ -18,8 +18,8 @@ from typing import Any
 #: Public name -> submodule. Imported on first use, so that ``miss_ds.train.preemption`` (the first import of
 #: launch/train.py, whose signal handler must be in place within milliseconds) does not pull in torch.
 _EXPORTS = {"MissConfig": "config", "MissShapeError": "functional", "MissLinear": "layers",
-            **{name: "inject" for name in ("apply_miss", "adapter_state_dict", "load_adapter_state_dict",
-                                           "merge_and_unload", "miss_layers")}}
+            "load_full_adapter_into": "adapter_io",
+            **{name: "inject" for name in ("apply_miss", "adapter_state_dict", "merge_and_unload", "miss_layers")}}
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import MissConfig
-from .ds_compat import full_shape
 from .fingerprint import Fingerprint
 from .hf_checkpoint import save_safetensors
 from .inject import adapter_state_dict, miss_layers
@@ -58,7 +57,7 @@ def layouts(model: nn.Module, config: MissConfig) -> dict[str, dict[str, Any]]:
     """Per adapter tensor: how this run splits it over TP ranks, and its full shape."""
     out = {}
     for name, p in adapter_parameters(model, config).items():
-        out[name] = {**DLayout().to_json(), "full_shape": list(full_shape(p))}
+        out[name] = {**DLayout().to_json(), "full_shape": list(p.shape)}
     for name, layer in miss_layers(model):
         out[f"{name}.{D_NAME}"] = {**layer.d_layout.to_json(), "full_shape": list(layer.full_geometry.d_shape)}
     return out
@@ -157,8 +156,10 @@ def local_parts(model: nn.Module, full: dict[str, torch.Tensor], source: str) ->
     return parts
 
 
-def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str) -> None:
-    """Copy full adapter tensors into a (possibly TP-split) model: each layer keeps its own part of D."""
+def load_full_adapter_into(model: nn.Module, full: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy full adapter tensors (``adapter_state_dict`` of a single-device model, or ``read_full_adapter``'s) into
+    a model with MiSS applied, possibly TP-split: each layer keeps its own part of D. Names and shapes are checked
+    first (``AdapterMismatch`` naming ``source``)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, local in local_parts(model, full, source).items():

@@ -88,16 +88,6 @@ def autotp_split(layer: nn.Module) -> AutoTPSplit:
 
 
 # ----------------------------------------------------------------------------------------------- ZeRO and optimizer
-def full_numel(param: torch.Tensor) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it (then ``numel()`` is 0 on this rank)."""
-    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-
-
-def full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    """Shape of a parameter, also when ZeRO-3 has partitioned it."""
-    return tuple(getattr(param, "ds_shape", param.shape))
-
-
 def checks_overflow(optimizer: Any) -> bool:
     """Whether the engine's optimizer skips steps with non-finite gradients itself (ZeRO and bf16 wrappers do;
     the plain torch optimizer of ZeRO-0 in fp32 does not)."""

@@ -7,6 +7,8 @@ the engine over the trainable parameters only.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 from typing import Any, Optional
 
 import deepspeed
@@ -16,8 +18,11 @@ from torch.distributed import ProcessGroup
 
 from . import ds_compat
 from .config import MissConfig
+from .distributed import ParallelLayout
 from .inject import TrainableReport, apply_miss, check_entries_match
 from .run_config import RunConfig
+
+logger = logging.getLogger(__name__)
 
 
 def deepspeed_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
@@ -53,12 +58,11 @@ def merge_configs(base: dict, extra: dict) -> dict:
 
 
 def tensor_parallel_group(tp_size: int) -> Optional[ProcessGroup]:
-    """The TP group of this rank (DeepSpeed's mesh: ranks ``[k*tp, (k+1)*tp)`` form a group), or None for TP=1."""
+    """The TP group of this rank (DeepSpeed's mesh: ranks ``[k*tp, (k+1)*tp)`` form a group), or None for TP=1.
+    ``ParallelLayout`` checks that ``tp_size`` divides the world size."""
     if tp_size <= 1:
         return None
-    world = torch.distributed.get_world_size()
-    if world % tp_size:
-        raise ValueError(f"tensor_parallel.size={tp_size} does not divide the world size {world}")
+    ParallelLayout(torch.distributed.get_rank(), torch.distributed.get_world_size(), tp_size)
     return ds_compat.init_tp_group(tp_size)
 
 
@@ -71,10 +75,12 @@ def prepare_model(model: nn.Module, miss: MissConfig, tp_size: int, tp_grain_siz
         from .parallel.autotp import shard_model
 
         shard_model(model, tensor_parallel_group(tp_size), grain=tp_grain_size)
-    return apply_miss(model, miss)
+    report = dataclasses.replace(apply_miss(model, miss), tp_size=tp_size)
+    logger.info("%s", report)
+    return report
 
 
-def with_tensor_parallel(ds_config: dict[str, Any], model: nn.Module, tp_size: int) -> dict[str, Any]:
+def with_tensor_parallel(ds_config: dict[str, Any], tp_size: int) -> dict[str, Any]:
     """The DeepSpeed config for a model prepared by ``prepare_model``.
 
     Adds ``tensor_parallel.autotp_size``: DeepSpeed then builds its DP groups across TP groups and skips its own
@@ -92,5 +98,5 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], tp_size: int = 1, **
     ds_compat.check_version()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=with_tensor_parallel(ds_config, model, tp_size), **kwargs)
+        model=model, model_parameters=params, config=with_tensor_parallel(ds_config, tp_size), **kwargs)
     return engine, optimizer, scheduler

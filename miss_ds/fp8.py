@@ -109,7 +109,7 @@ class FP8Weight:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.unit))
 
     def dequantized(self) -> torch.Tensor:
-        """The weight both GEMMs multiply by, (out, in) fp32."""
+        """The weight both GEMMs multiply by, (out, in) fp32 (tests and references, as :func:`dequantize_rows`)."""
         return dequantize_rows(self.data, self.scale.t())
 
 

@@ -23,6 +23,10 @@ from . import fp8, recompute
 #: A frozen weight as a MiSS product reads it: a tensor, or its FP8 copy.
 Base = Union[torch.Tensor, fp8.FP8Weight]
 
+#: Why ``bat`` refuses an FP8 base (:func:`adapted_linear`); the quantiser and ``MissLayer.to_fp8`` refuse with it.
+BAT_FP8_REFUSAL = ("miss.mode='bat' multiplies by the merged weight, which changes every step: it cannot read an "
+                   "FP8 base (use model.base_precision: bf16)")
+
 
 class MissShapeError(ValueError):
     """A layer's shape (or its tensor-parallel shard) cannot carry the requested MiSS mode."""
@@ -328,8 +332,7 @@ def adapted_linear(x: torch.Tensor, w: Base, d: torch.Tensor, g: MissGeometry,
     """
     if g.mode == "bat":
         if isinstance(w, fp8.FP8Weight):
-            raise ValueError("miss.mode='bat' multiplies by the merged weight, which changes every step: it cannot "
-                             "read an FP8 base (use model.base_precision: bf16)")
+            raise ValueError(BAT_FP8_REFUSAL)
         return F.linear(x, bat_merged_weight(w.to(x.dtype), d.to(x.dtype), g.r))
     if dropout is not None and dropout.training and dropout.p > 0:
         return frozen_product(x, w) + aggregate(dropout(x), g.r, g.in_offset) @ expand_d(d, g).to(x.dtype)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from .config import MissConfig
-from .ds_compat import full_numel
 from .families import FAMILIES
 from .layers import D_NAME, MissLayer
 from .registry import factory_for
@@ -32,13 +31,17 @@ class TrainableReport:
     experts_not_adapted: int = 0
     """Parameters of routed experts (MoE) that get no MiSS: transformers keeps them as fused 3-D parameters, not
     linears, so neither MiSS here nor PEFT's ``miss`` tuner can wrap them."""
+    tp_size: int = 1
+    """The model's tensor-parallel size (``engine.prepare_model`` sets it): above 1 the counts are this rank's
+    shards, and say so."""
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
         experts = (f" || routed experts not adapted: {self.experts_not_adapted:,} params (fused 3-D expert weights; "
                    "attention and dense/shared MLPs carry MiSS)" if self.experts_not_adapted else "")
+        shards = f" (this rank's shards at TP={self.tp_size})" if self.tp_size > 1 else ""
         return (f"MiSS on {self.adapted_modules} modules: trainable params {self.trainable:,} || "
-                f"all params {self.total:,} || trainable {pct:.4f}%{experts}")
+                f"all params {self.total:,} || trainable {pct:.4f}%{shards}{experts}")
 
 
 def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
@@ -68,9 +71,7 @@ def apply_miss(model: nn.Module, config: MissConfig) -> TrainableReport:
         wrapped += 1
     _link_shared_inputs(model)
     _set_trainable(model, config)
-    report = TrainableReport(wrapped, *_count(model), experts_not_adapted=_routed_expert_params(model))
-    logger.info("%s", report)
-    return report
+    return TrainableReport(wrapped, *_count(model), experts_not_adapted=_routed_expert_params(model))
 
 
 def check_entries_match(model: nn.Module, config: MissConfig) -> None:
@@ -118,23 +119,6 @@ def distinct_parameters(model: nn.Module) -> Iterator[tuple[list[str], nn.Parame
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
     return ((names[pid], p) for pid, p in params.items())
-
-
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
-    """Copy D tensors (and saved modules) into ``model``; every key must exist with the same shape."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    missing = [k for k in params if k.endswith("." + D_NAME) and k not in state]
-    if missing:
-        raise KeyError(f"{source} has no D for {missing[0]} (and {len(missing) - 1} more): "
-                       "was it trained with the same target_modules?")
-    for key, value in state.items():
-        if key not in params:
-            raise KeyError(f"{source} holds '{key}', which this model does not have: wrong base model or config?")
-        if tuple(params[key].shape) != tuple(value.shape):
-            raise ValueError(f"{source}: '{key}' has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(params[key].shape)}: different r, mode or tensor-parallel size?")
-        with torch.no_grad():
-            params[key].copy_(value)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -190,13 +174,13 @@ def _routed_expert_params(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in FAMILIES or FAMILIES[config.model_type].experts is None:
         return 0
-    return sum(full_numel(p) for name, p in model.named_parameters() if ".experts." in name and not p.requires_grad)
+    return sum(p.numel() for name, p in model.named_parameters() if ".experts." in name and not p.requires_grad)
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
-        n = full_numel(p)
+        n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

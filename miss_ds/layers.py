@@ -285,10 +285,10 @@ class MissLayer(nn.Module):
         stay readable through :meth:`base_value` (the base fingerprint's samples)."""
         if self.base_fp8 is not None:
             return
-        if self.geometry.mode == "bat" or self.merged:
-            raise ValueError(f"'{self.name}' cannot take an FP8 base: "
-                             + ("miss.mode='bat' multiplies by the merged weight, which changes every step"
-                                if self.geometry.mode == "bat" else "it is merged"))
+        if self.geometry.mode == "bat":
+            raise ValueError(f"'{self.name}': {MF.BAT_FP8_REFUSAL}")
+        if self.merged:
+            raise ValueError(f"'{self.name}' cannot take an FP8 base: it is merged")
         self._base_samples = {(row, col): self.weight[row, col].clone() for row, col in keep}
         self.base_fp8 = FP8Weight.from_weight(self.weight)
         weight, self.weight = self.weight, None

@@ -46,7 +46,6 @@ class LoadStats:
     """What one rank read from the checkpoint for its parameters (bytes as stored, before any cast)."""
 
     bytes_read: int = 0
-    tensors_read: int = 0
     tensors_sliced: int = 0
 
 
@@ -69,7 +68,7 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
     Base parameters are cast to ``dtype``. D keeps the dtype ``apply_miss`` gave it and is initialised as
     ``miss_config.init_weights`` says (zeros without a config; a random D draws from the global RNG like
     ``apply_miss``), then, with ``adapter`` (full tensors by parameter name, as ``adapter_io.read_full_adapter``
-    or ``export.peft.read_peft_adapter`` return them), set from it along with any ``modules_to_save`` parameters.
+    or ``convert.peft.read_peft_adapter`` return them), set from it along with any ``modules_to_save`` parameters.
     ``loaded(name)`` is called as each base parameter is materialised (``quantize.BaseQuantizer.loaded``).
     """
     stats = LoadStats()
@@ -79,7 +78,6 @@ def load_sharded_weights(model: nn.Module, checkpoint_dir: Path | str, device: t
             split = split_of(model, names[0])
             value = _read(ckpt, _stored(ckpt, family, model.config, names), names[0], tuple(param.shape), split)
             stats.bytes_read += value.numel() * value.element_size()
-            stats.tensors_read += 1
             stats.tensors_sliced += split is not None
             # copy=True: a tensor read from safetensors may share the file's memory map; parameters must own theirs.
             _swap_in(param, value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype,

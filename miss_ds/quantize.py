@@ -24,6 +24,7 @@ from torch import nn
 
 from . import fingerprint
 from .fp8 import fp8_capable
+from .functional import BAT_FP8_REFUSAL
 from .inject import miss_layers
 from .layers import MissLayer
 
@@ -45,13 +46,11 @@ class BaseQuantizer:
     """Puts this rank's MiSS layers' frozen weights in FP8, layer by layer (see the module docstring)."""
 
     def __init__(self, model: nn.Module) -> None:
-        """Plan on ``model`` (meta or materialised): ``bat`` layers are refused, since they multiply by the merged
-        weight, which changes every step."""
+        """Plan on ``model`` (meta or materialised): ``bat`` layers are refused (``functional.BAT_FP8_REFUSAL``)."""
         self.layers: dict[str, MissLayer] = dict(miss_layers(model))
         bat = [name for name, layer in self.layers.items() if layer.geometry.mode == "bat"]
         if bat:
-            raise ValueError(f"miss.mode='bat' cannot run on an FP8 base ({bat[0]}...): it multiplies by the merged "
-                             "weight, which changes every step. Use model.base_precision: bf16")
+            raise ValueError(f"'{bat[0]}' ({len(bat)} bat layers): {BAT_FP8_REFUSAL}")
         self.kept = self._kept()
         self.samples: dict[str, list[tuple[int, int]]] = {}
         for key, row, col in fingerprint.model_positions(model):

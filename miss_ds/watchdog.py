@@ -29,7 +29,6 @@ class PeerWatchdog:
     def __init__(self, timeout_s: float, interval_s: Optional[float] = None) -> None:
         self.timeout_s = timeout_s
         self.interval_s = interval_s or max(0.5, min(5.0, timeout_s / 5))
-        self.lost: list[int] = []
         self._store = None
         self._thread: Optional[threading.Thread] = None
 
@@ -83,7 +82,6 @@ class PeerWatchdog:
 
     def _stop(self, ranks: list[int], why: str) -> None:
         """Report the lost ranks and end this process (the main thread may be stuck in a collective)."""
-        self.lost = ranks
         hosts = []
         for r in ranks:
             try:

@@ -9,7 +9,7 @@ from torch import nn
 
 from miss_ds import MissConfig, MissLinear, MissShapeError, adapter_state_dict, apply_miss, merge_and_unload
 from miss_ds import functional as MF
-from miss_ds.inject import load_adapter_state_dict
+from miss_ds.adapter_io import load_full_adapter_into
 from miss_ds.layers import MissLayer
 from tests.conftest import tiny_llama_config
 
@@ -172,14 +172,14 @@ def test_only_d_trains_and_adapter_state_round_trips():
     assert set(state) == trainable
     fresh = _llama()
     apply_miss(fresh, MissConfig(r=8))
-    load_adapter_state_dict(fresh, state)
+    load_full_adapter_into(fresh, state, "adapter")
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="shape"):
         other = _llama()
         apply_miss(other, MissConfig(r=4))
-        load_adapter_state_dict(other, state)
+        load_full_adapter_into(other, state, "adapter")
 
 
 def test_modules_to_save_train_and_are_saved():
