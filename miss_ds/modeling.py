@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import json
 import re
@@ -23,6 +24,8 @@ from .families import UnsupportedModel, family_of
 from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: An attention kernel on the Hugging Face Hub: ``org/name``, optionally ``@revision`` and ``:function``.
+HUB_KERNEL = re.compile(r"^[^/:@]+/[^/:@]+(@[^/:@]+)?(:[^/:@]+)?$")
 #: Attention implementations and the flag a transformers model class declares its support with.
 ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
                    "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
@@ -45,7 +48,7 @@ def hf_config(cfg: ModelSection, vocab_size: int | None = None,
     given ones (Llama's head_dim is hidden_size / num_attention_heads unless set). A field the class does not know
     is refused with the nearest valid name, a family miss_ds does not support by name, and the attention
     implementation is the family's default (``sdpa`` where transformers supports it, else ``eager``) unless set.
-    ``where(key)`` says where a run config key was set (``run_config.Origins.of``): given, a refusal of a ``model.``
+    ``where(key)`` says where a run config key was set (``config_loader.Origins.of``): given, a refusal of a ``model.``
     key starts with it; a problem of ``path``'s own config.json names that file.
     """
     def at(key: str) -> str:
@@ -150,11 +153,27 @@ def attention_implementation(config: PretrainedConfig, requested: Optional[str],
     supported = ["eager"] + [name for name, flag in ATTENTION_FLAGS.items() if getattr(model_class, flag, False)]
     if requested is None:
         return "sdpa" if "sdpa" in supported else "eager"
+    if "/" in requested:
+        return _hub_kernel(requested, supported, origin)
     if requested in ATTENTION_FLAGS and requested not in supported:
         family = family_of(config)
         why = f" ({family.attention_note})" if family.attention_note else ""
         raise ConfigError(f"{origin}model.attn_implementation={requested!r}: {family.name} does not support it in "
                           f"transformers{why}; use one of {supported}, or leave it unset for the default")
+    return requested
+
+
+def _hub_kernel(requested: str, supported: list[str], origin: str) -> str:
+    """``requested``, an attention kernel on the Hugging Face Hub (``org/name[@revision][:function]``, as
+    transformers' ``is_kernel`` reads it), once its form and the ``kernels`` package that loads it are checked."""
+    if not HUB_KERNEL.match(requested):
+        raise ConfigError(f"{origin}model.attn_implementation={requested!r} is neither one of {supported} nor a Hub "
+                          "kernel 'org/name' (optionally '@revision', ':function'), e.g. "
+                          "'kernels-community/flash-attn3'")
+    if importlib.util.find_spec("kernels") is None:
+        raise ConfigError(f"{origin}model.attn_implementation={requested!r} is a Hub attention kernel, which "
+                          "transformers loads with the kernels package: pip install kernels (on offline nodes the "
+                          f"kernel must be in the Hub cache), or use one of {supported}")
     return requested
 
 

@@ -3,7 +3,7 @@
 Every problem is reported before any rank does heavy work, naming where the value came from (the file, or the
 ``--set`` argument) and the dotted key, with the nearest valid key or value suggested for typos. Each field's range
 is checked where the field is defined (the dataclasses' ``__post_init__``); ``validate`` checks what spans sections
-and the files the run reads.
+and the files the run reads. This module is the schema; ``miss_ds.config_loader`` reads YAML into it.
 """
 from __future__ import annotations
 
@@ -11,90 +11,27 @@ import copy
 import dataclasses
 import difflib
 import json
-import math
-import re
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
 from .config import ConfigError, MissConfig
-from .data.config import DataConfig
+from .config_loader import (FieldError, Origins, apply_override, at_least, build, finite, is_under, section_error,
+                            yaml_position)
+from .data.config import FILE_SUFFIXES, DataConfig
 
 
-#: Suffixes of local data files: a path with one of them must exist (other strings may name a cached dataset).
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+#: transformers' own attention implementations (``modeling.ATTENTION_FLAGS`` says which model classes support
+#: which); ``model.attn_implementation`` also takes a Hub kernel, ``org/name`` (``modeling.attention_implementation``).
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-class FieldError(ValueError):
-    """One field's value is out of its range: raised by the dataclasses below, located by ``_build`` (which knows
-    whether the file or a ``--set`` argument gave it)."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"'{key}' {problem}")
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Origins:
-    """Where the keys of a run config came from, for error messages: a file (or a stored config) and the ``--set``
-    arguments applied over it."""
-
-    source: str
-    overrides: tuple[str, ...] = ()
-    file: dict[str, Any] = field(default_factory=dict)
-    """The mapping the source held before the overrides."""
-
-    def of(self, key: str) -> str:
-        """What set ``key`` (dotted, ``[i]`` for list items; a section too): the last ``--set`` of it or of a section
-        above it; else the source, with the ``--set`` arguments that changed keys below it (those alone when the
-        source lacks the key)."""
-        key = key.rstrip(".")
-        sets = [(item.partition("=")[0], f"--set {item!r}") for item in self.overrides]
-        for set_key, where in reversed(sets):
-            if _is_under(key, set_key):
-                return where
-        below = ", ".join(where for set_key, where in sets if key and _is_under(set_key, key))
-        if not below:
-            return self.source
-        return f"{self.source} with {below}" if _holds(self.file, key) else below
-
-
-def _is_under(key: str, section: str) -> bool:
-    """Whether dotted ``key`` is ``section`` or inside it."""
-    return key == section or key.startswith((section + ".", section + "["))
-
-
-def _holds(tree: Any, key: str) -> bool:
-    """Whether the nested mappings and lists ``tree`` hold dotted ``key`` (``data.sources[1].path``)."""
-    for part in re.findall(r"[^.\[\]]+", key):
-        if isinstance(tree, dict) and part in tree:
-            tree = tree[part]
-        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
-            tree = tree[int(part)]
-        else:
-            return False
-    return True
-
-
-def _at_least(key: str, value: int, low: int) -> None:
-    """Refuse an integer ``value`` of ``key`` below ``low``."""
-    if value < low:
-        raise FieldError(key, f"is {value}; it must be at least {low}")
-
-
-def _finite(key: str, value: float, ok: bool, valid: str) -> None:
-    """Refuse a number ``value`` of ``key`` that is not finite or not ``ok``; ``valid`` says the range."""
-    if not (math.isfinite(value) and ok):
-        raise FieldError(key, f"is {value}; it must be {valid}")
-
-
-#: transformers' attention implementations a run can ask for (``modeling.ATTENTION_FLAGS`` says which model classes
-#: support which).
-AttentionImplementation = Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+def draws_random_weights(path: Optional[str], random_init: bool) -> bool:
+    """Whether a model section with ``model.path`` ``path`` and ``model.random_init`` draws its base weights (per TP
+    shard, from the seed: ``loading.materialize_random``) instead of loading them."""
+    return path is None or random_init
 
 
 @dataclass
@@ -130,23 +67,35 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
-    """With gradient_checkpointing: how many decoder layers recompute, 0 or more (null: all; 0: none, like
-    ``gradient_checkpointing: false``; more than the model has: all). Fewer is faster and needs more memory.
+    """With gradient_checkpointing (set without it: refused): how many decoder layers recompute, 0 or more (null:
+    all; 0: none, like ``gradient_checkpointing: false``; more than the model has: all). Fewer is faster and needs more memory.
     ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
     ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
-    attn_implementation: Optional[AttentionImplementation] = None
+    attn_implementation: Optional[str] = None
     """transformers' attention implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ``flash_attention_3`` or
-    ``flex_attention``, where the model class supports it. Unset: the family's default, ``sdpa`` where transformers
-    supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
+    ``flex_attention``, where the model class supports it, or an attention kernel from the Hugging Face Hub
+    (``kernels-community/flash-attn3``, ``org/name@revision``), which transformers fetches with the ``kernels``
+    package (``pip install kernels``; on offline nodes it must be in the Hub cache). Unset: the family's default,
+    ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recompute_layers, int):
-            _at_least("model.recompute_layers", self.recompute_layers, 0)
+            at_least("model.recompute_layers", self.recompute_layers, 0)
+        attention = self.attn_implementation
+        if attention is not None and attention not in ATTENTION_IMPLEMENTATIONS and "/" not in attention:
+            close = difflib.get_close_matches(attention, ATTENTION_IMPLEMENTATIONS, n=1)
+            raise FieldError("model.attn_implementation", f"is {attention!r}; choose one of "
+                             f"{list(ATTENTION_IMPLEMENTATIONS)} or a Hub kernel ('org/name', e.g. "
+                             "'kernels-community/flash-attn3')" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if self.recompute_layers is not None and not self.gradient_checkpointing:
+            raise FieldError("model.recompute_layers", f"is {self.recompute_layers!r} but model.gradient_checkpointing "
+                             "is false, so no layer recomputes: set model.gradient_checkpointing=true, or unset "
+                             "model.recompute_layers")
 
     @property
     def random_weights(self) -> bool:
-        """Whether the run draws its base weights (per TP shard: ``loading.materialize_random``), not loads them."""
-        return self.path is None or self.random_init
+        """Whether the run draws its base weights (``draws_random_weights``)."""
+        return draws_random_weights(self.path, self.random_init)
 
 
 ZERO3_REFUSAL = (
@@ -180,9 +129,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.zero_stage == 3:
             raise FieldError("parallel.zero_stage", f"is 3, which miss_ds refuses: {ZERO3_REFUSAL}")
-        _at_least("parallel.tp_size", self.tp_size, 1)
-        _at_least("parallel.tp_grain_size", self.tp_grain_size, 1)
-        _finite("parallel.peer_timeout_s", self.peer_timeout_s, self.peer_timeout_s > 0, "a finite number > 0")
+        at_least("parallel.tp_size", self.tp_size, 1)
+        at_least("parallel.tp_grain_size", self.tp_grain_size, 1)
+        finite("parallel.peer_timeout_s", self.peer_timeout_s, self.peer_timeout_s > 0, "a finite number > 0")
 
 
 @dataclass
@@ -196,7 +145,8 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate of AdamW over D, > 0."""
     min_lr_ratio: float = 0.1
-    """The schedule decays to lr * min_lr_ratio, in [0, 1] (1: no decay)."""
+    """The ``cosine`` and ``linear`` schedules decay to lr * min_lr_ratio, in [0, 1] (1: no decay); ``constant``
+    keeps lr."""
     warmup_steps: int = 0
     """Steps of linear warm-up to ``lr``, in [0, max_steps)."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -216,17 +166,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "max_bad_steps"):
-            _at_least(f"train.{key}", getattr(self, key), 1)
+            at_least(f"train.{key}", getattr(self, key), 1)
         if not 0 <= self.warmup_steps < self.max_steps:
             raise FieldError("train.warmup_steps", f"is {self.warmup_steps}; it must be in [0, train.max_steps="
                                                    f"{self.max_steps})")
-        _finite("train.lr", self.lr, self.lr > 0, "a finite number > 0")
-        _finite("train.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
-        _finite("train.weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number >= 0")
+        finite("train.lr", self.lr, self.lr > 0, "a finite number > 0")
+        finite("train.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        finite("train.weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number >= 0")
         for i, beta in enumerate(self.betas):
-            _finite(f"train.betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
-        _finite("train.eps", self.eps, self.eps > 0, "a finite number > 0")
-        _finite("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a finite number >= 0 (0 disables clipping)")
+            finite(f"train.betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
+        finite("train.eps", self.eps, self.eps > 0, "a finite number > 0")
+        finite("train.grad_clip", self.grad_clip, self.grad_clip >= 0, "a finite number >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -234,27 +184,32 @@ class EvalConfig:
     every_steps: int = 0
     """Evaluate on the held-out split every N steps, N >= 0 (0: only at the end)."""
     max_batches: int = 0
-    """Cap on eval micro-batches per evaluation, >= 0 (0: the whole split)."""
+    """Cap on an evaluation: its first ``max_batches x train.micro_batch_size`` sequences of the held-out split (the
+    same sequences on any number of ranks), >= 0 (0: the whole split)."""
     samples: int = 0
-    """After training, print this many rows of ``data.eval_path`` with the model's greedy answers, >= 0 (0: none)."""
+    """After training, print this many rows of the first eval file (``data.eval_path``, or the first source's
+    ``eval_path``; without one, a warning at start and no samples) with the model's greedy answers, >= 0 (0:
+    none)."""
 
     def __post_init__(self) -> None:
         for key in ("every_steps", "max_batches", "samples"):
-            _at_least(f"eval.{key}", getattr(self, key), 0)
+            at_least(f"eval.{key}", getattr(self, key), 0)
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0
     """Save every N steps, N >= 0 (0: only at the end and on preemption)."""
-    keep_last: int = 3
-    """Complete checkpoints kept (older ones are deleted), at least 1: the newest is what a resume reads."""
+    keep_last: Optional[int] = 3
+    """Complete checkpoints kept (older ones are deleted), at least 1: the newest is what a resume reads. ``null``
+    keeps every checkpoint."""
     resume: Optional[str] = None
     """``auto`` (latest complete checkpoint, if any) or a checkpoint path; ``--resume`` overrides."""
 
     def __post_init__(self) -> None:
-        _at_least("checkpoint.every_steps", self.every_steps, 0)
-        _at_least("checkpoint.keep_last", self.keep_last, 1)
+        at_least("checkpoint.every_steps", self.every_steps, 0)
+        if self.keep_last is not None:
+            at_least("checkpoint.keep_last", self.keep_last, 1)
 
 
 @dataclass
@@ -264,10 +219,34 @@ class LoggingConfig:
     tensorboard: bool = True
     """Also write the metrics as TensorBoard events."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress on rank 0: a progress bar on a terminal; in a log file (Slurm, mpirun, nohup), a line per
+    logged step."""
 
     def __post_init__(self) -> None:
-        _at_least("logging.every_steps", self.every_steps, 1)
+        at_least("logging.every_steps", self.every_steps, 1)
+
+
+@dataclass
+class ClusterConfig:
+    """The Slurm job ``launch/slurm/submit.py`` asks for (each key is the sbatch flag of its name, ``_`` as ``-``;
+    a flag given to submit.py wins, and what neither sets keeps ``launch/slurm/train.sbatch``'s #SBATCH default)."""
+
+    nodes: Optional[int] = None
+    """Nodes, at least 1 (``--nodes``)."""
+    gpus_per_node: Optional[int] = None
+    """GPUs per node, at least 1 (``--gpus-per-node``; one rank per GPU, so also ``--ntasks-per-node``)."""
+    time: Optional[str] = None
+    """Time limit, e.g. ``"24:00:00"`` or ``"1-00:00:00"`` (quoted: YAML reads 24:00:00 as a number)
+    (``--time``)."""
+    partition: Optional[str] = None
+    """Partition (``--partition``)."""
+    account: Optional[str] = None
+    """Account to charge (``--account``)."""
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "gpus_per_node"):
+            if getattr(self, key) is not None:
+                at_least(f"cluster.{key}", getattr(self, key), 1)
 
 
 #: Entries of the DeepSpeed config that ``engine.deepspeed_config`` derives from the run config, with what to set
@@ -316,8 +295,8 @@ class RunConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed config merged over the generated one (e.g. comms_logger, flops_profiler,
     optimizer.params.fused); the entries miss_ds derives from the other sections (``DEEPSPEED_OWNED``) are refused."""
-    cluster: dict[str, Any] = field(default_factory=dict)
-    """Job-script settings read by ``launch/slurm/submit.py`` (nodes, gpus_per_node, time, partition, account)."""
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig())
+    """Slurm job settings for ``launch/slurm/submit.py``; the trainer does not read them."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**64:
@@ -329,7 +308,7 @@ def _check_deepspeed(extra: dict[str, Any]) -> None:
     """Refuse a ``deepspeed:`` entry that sets, or replaces a section holding, an entry of ``DEEPSPEED_OWNED``."""
     for path, value in _leaves(extra):
         for owned, advice in DEEPSPEED_OWNED.items():
-            if _is_under(path, owned) or _is_under(owned, path):
+            if is_under(path, owned) or is_under(owned, path):
                 what = "" if path == owned else f", which replaces deepspeed.{owned}"
                 raise FieldError(f"deepspeed.{path}", f"is {value!r}{what}: miss_ds sets that from the run config; "
                                                       f"{advice} instead, and remove it from the deepspeed: section")
@@ -357,13 +336,13 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}{_yaml_position(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}{yaml_position(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, miss:, data:, ...)")
     origins = Origins(str(path), tuple(overrides), copy.deepcopy(raw))
     for item in overrides:
-        _apply_override(raw, item)
-    cfg = _build(RunConfig, raw, origins, "")
+        apply_override(raw, item)
+    cfg = build(RunConfig, raw, origins, "")
     validate(cfg, origins, check_files)
     return cfg
 
@@ -372,126 +351,13 @@ def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
     """A run config stored as a dict (``to_dict``: a checkpoint's trainer_state.json, an export's run config), built
     and checked like a YAML file, its files unchecked (they were the training machine's)."""
     origins = Origins(source)
-    cfg = _build(RunConfig, raw, origins, "")
+    cfg = build(RunConfig, raw, origins, "")
     validate(cfg, origins, check_files=False)
     return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _yaml_position(exc: yaml.YAMLError) -> str:
-    """' at line L, column C' of a YAML error, where it says."""
-    mark = getattr(exc, "problem_mark", None)
-    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r} must look like section.key=value")
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-    try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML{_yaml_position(exc)}: "
-                          f"{getattr(exc, 'problem', exc)} (quote a string, close a list's brackets)") from None
-
-
-def _build(cls: type, raw: Any, origins: Origins, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
-    section = prefix.rstrip(".")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origins.of(section)}: '{section or 'top level'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{origins.of(f'{prefix}{key}')}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, origins, f"{prefix}{key}")
-    missing = [f.name for f in fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{origins.of(section)}: '{prefix}{missing[0]}' is required and not set")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except FieldError as exc:
-        raise ConfigError(f"{origins.of(exc.key)}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise _section_error(origins, section, exc) from None
-
-
-def _section_error(origins: Origins, section: str, exc: Exception) -> ConfigError:
-    """A section's own refusal, located at the key its message starts with (``MissConfig.validate`` and
-    ``DataConfig.validate`` name the key first), else at the section."""
-    match = re.match(r"[\w.\[\]]+", str(exc))
-    if section and match and _is_under(match[0], section):
-        return ConfigError(f"{origins.of(match[0])}: {exc}")
-    return ConfigError(f"{origins.of(section)}: section '{section or 'top level'}': {exc}")
-
-
-def _coerce(hint: Any, value: Any, origins: Origins, key: str) -> Any:
-    if is_dataclass(hint):
-        return _build(hint, value, origins, key + ".")
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    where = origins.of(key)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, origins, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(value, [a for a in args if isinstance(a, str)], n=1) \
-                if isinstance(value, str) else []
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: '{key}' is {value!r}; choose one of {list(args)}{hint}")
-        return value
-    if origin in (list, tuple):
-        return _coerce_items(origin, args, value, origins, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        return value
-    if hint is float:
-        return _as_float(value, where, key)
-    if hint in (int, str, bool) and not (type(value) is hint):
-        raise ConfigError(f"{where}: '{key}' must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def _coerce_items(origin: type, args: tuple, value: Any, origins: Origins, key: str) -> Any:
-    """A list (``list[X]``: any length) or a tuple (``tuple[X, Y]``: that many items), each item coerced to its
-    type."""
-    where = origins.of(key)
-    if isinstance(value, str) and origin is list:
-        raise ConfigError(f"{where}: '{key}' must be a list, got the string {value!r}")
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
-    if origin is tuple and args and ... not in args:
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: '{key}' must be a list of {len(args)} values, got {value!r}")
-        hints = args
-    else:
-        hints = (args[0] if args else Any,) * len(value)
-    items = [_coerce(hint, item, origins, f"{key}[{i}]") for i, (hint, item) in enumerate(zip(hints, value))]
-    return tuple(items) if origin is tuple else items
 
 
 def validate(cfg: RunConfig, origins: Origins, check_files: bool = True) -> None:
@@ -509,19 +375,17 @@ def validate(cfg: RunConfig, origins: Origins, check_files: bool = True) -> None
         fail("tokenizer", "is not set and model.path is null: name a tokenizer directory")
     if check_files and tokenizer is not None and not Path(tokenizer).is_dir():
         fail("tokenizer", f"= {tokenizer} is not a directory")
-    if not cfg.data.train_path and not cfg.data.sources and not cfg.data.synthetic:
-        fail("data.train_path", "is empty: name the training data (or list several under data.sources)")
+    try:
+        cfg.data.validate()
+    except ValueError as exc:
+        raise section_error(origins, "data", exc) from None
     paths = [("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)]
     paths += [(f"data.sources[{i}].{key}", getattr(source, key)) for i, source in enumerate(cfg.data.sources)
               for key in ("path", "eval_path")]
     for key, path in paths:
-        if check_files and path and not cfg.data.synthetic and Path(path).suffix in DATA_SUFFIXES \
+        if check_files and path and not cfg.data.synthetic and Path(path).suffix in FILE_SUFFIXES \
                 and not Path(path).exists():
             fail(key, f"= {path} does not exist (relative paths start at {Path.cwd()})")
-    try:
-        cfg.data.validate()
-    except ValueError as exc:
-        raise _section_error(origins, "data", exc) from None
     if check_files and cfg.init_adapter is not None and not Path(cfg.init_adapter).exists():
         fail("init_adapter", f"= {cfg.init_adapter} does not exist")
     if cfg.parallel.offload_optimizer and cfg.parallel.zero_stage == 0:
@@ -553,11 +417,3 @@ def _check_model_dir(model: ModelConfig, fail: Callable[[str, str], None]) -> No
              "safe_serialization=True)); or set model.random_init=true for random weights")
 
 
-def _as_float(value: Any, where: str, key: str) -> float:
-    """Numbers, and strings such as '1e-4' (YAML 1.1 reads an exponent without a dot as a string)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}") from None

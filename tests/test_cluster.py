@@ -136,21 +136,29 @@ def test_init_distributed_single_process(tmp_path):
 
 
 def test_submit_dry_run(tmp_path):
+    """The sbatch line takes the config's cluster section, the trainer's --set cluster.* over it and submit.py's
+    flags over both."""
     config = tmp_path / "c.yaml"
     config.write_text((cu.REPO / "configs/tiny-cpu.yaml").read_text()
-                      + "cluster:\n  nodes: 2\n  gpus_per_node: 4\n  time: '01:00:00'\n")
+                      + "cluster:\n  nodes: 2\n  gpus_per_node: 4\n  time: '01:00:00'\n  account: a1\n")
     proc = subprocess.run([sys.executable, str(cu.REPO / "launch/slurm/submit.py"), "--config", str(config),
-                           "--partition", "p1", "--dry-run", "--", "--set", "train.lr=0.01"],
+                           "--partition", "p1", "--time", "02:00:00", "--dry-run", "--", "--set", "train.lr=0.01",
+                           "--set", "cluster.nodes=3", "--set", "cluster.account=a2"],
                           capture_output=True, text=True, check=True, cwd=cu.REPO)
     cmd = proc.stdout.split()
     assert cmd[0] == f"CONFIG={config}" and cmd[1] == "sbatch"
-    for flag in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=01:00:00", "--partition=p1"):
+    for flag in ("--nodes=3", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=02:00:00", "--partition=p1",
+                 "--account=a2"):
         assert flag in cmd
-    assert cmd[-3:] == [str(cu.TRAIN_SBATCH), "--set", "train.lr=0.01"]
+    assert cmd[-7:] == [str(cu.TRAIN_SBATCH), "--set", "train.lr=0.01", "--set", "cluster.nodes=3", "--set",
+                        "cluster.account=a2"]
 
 
 @pytest.mark.parametrize("edit, train_args, expect", [
     (("", ""), ["--set", "trian.lr=3"], "--set 'trian.lr=3': unknown key 'trian'; did you mean 'train'?"),
+    (("", ""), ["--set", "cluster.node=3"], "unknown key 'cluster.node'; did you mean 'cluster.nodes'?"),
+    (("logging:", "cluster:\n  time: 24:00:00\nlogging:"), [],
+     "'cluster.time' must be str, got 86400 (quote it: YAML read it as a number)"),
     (("logging:\n  every_steps: 5", "logging:\n  every_steps: 0"), [],
      "'logging.every_steps' is 0; it must be at least 1"),
 ])

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from miss_ds.engine import deepspeed_config, prepare_model
 from miss_ds.loading import build_model_on_meta
 from miss_ds.model_shape import ModelShape
 from miss_ds.modeling import ATTENTION_FLAGS
-from miss_ds.run_config import DEEPSPEED_OWNED, AttentionImplementation, ConfigError, _leaves, load_config
+from miss_ds.run_config import ATTENTION_IMPLEMENTATIONS, DEEPSPEED_OWNED, ConfigError, _leaves, load_config
 from tests.conftest import tiny_llama_config
 from tests.launch_utils import ROOT
 from tests.tiny_models import tiny_config
@@ -120,6 +119,7 @@ def refusal(*overrides: str, config: Path = TINY_CPU, check_files: bool = False)
     ("parallel.peer_timeout_s=0", "'parallel.peer_timeout_s' is 0.0; it must be a finite number > 0"),
     ("parallel.tp_grain_size=0", "'parallel.tp_grain_size' is 0; it must be at least 1"),
     ("model.recompute_layers=-1", "'model.recompute_layers' is -1; it must be at least 0"),
+    ("model.recompute_layers=auto", "'model.recompute_layers' is 'auto' but model.gradient_checkpointing is false"),
     ("seed=-1", "'seed' is -1; it must be in [0, 2**64)"),
     ("data.seed=-3", "data.seed is -3: use an integer in [0, 2**32)"),
     ("miss.mini_r=0", "miss.mini_r=0 must be a positive integer"),
@@ -135,7 +135,8 @@ def test_zero_is_accepted_where_it_means_never_none_or_all():
     no clipping, no decay, no recomputed layer."""
     cfg = load_config(TINY_CPU, ["output_dir=unused", "eval.every_steps=0", "eval.max_batches=0", "eval.samples=0",
                                  "checkpoint.every_steps=0", "train.grad_clip=0", "train.weight_decay=0",
-                                 "train.min_lr_ratio=0", "model.recompute_layers=0", "train.betas=[0, 0.5]"],
+                                 "train.min_lr_ratio=0", "model.gradient_checkpointing=true",
+                                 "model.recompute_layers=0", "train.betas=[0, 0.5]"],
                       check_files=False)
     assert cfg.train.betas == (0.0, 0.5) and cfg.model.recompute_layers == 0
 
@@ -208,7 +209,24 @@ def test_model_config_problems_are_refused_when_read(tmp_path):
                                              "LlamaConfig; did you mean 'model.config.num_hidden_layers'?")
     config.write_text(TINY_CPU.read_text().replace("model_type: llama", "model_type: gpt2"))
     assert refusal(config=config).startswith(f"{config}: model_type 'gpt2' is not supported")
-    assert set(typing.get_args(AttentionImplementation)) == {"eager", *ATTENTION_FLAGS}
+    assert set(ATTENTION_IMPLEMENTATIONS) == {"eager", *ATTENTION_FLAGS}
+
+
+def test_a_hub_attention_kernel_is_taken_in_its_form_and_needs_the_kernels_package(monkeypatch):
+    """``org/name[@revision]`` is passed to transformers, once the kernels package that loads it is found; another
+    string with a slash is refused naming the form."""
+    import importlib.util
+
+    message = refusal("model.attn_implementation=kernels-community/flash-attn3@v1")
+    assert "is a Hub attention kernel, which transformers loads with the kernels package: pip install kernels" \
+        in message, message
+    assert "is neither one of ['eager', 'sdpa'" in refusal("model.attn_implementation=a/b/c")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "kernels" else
+                        find_spec(name, *a))
+    cfg = load_config(TINY_CPU, ["output_dir=unused", "model.attn_implementation=kernels-community/flash-attn3@v1"],
+                      check_files=False)
+    assert cfg.model.attn_implementation == "kernels-community/flash-attn3@v1"
 
 
 @pytest.mark.parametrize("case, expect", [
@@ -270,7 +288,55 @@ def test_train_cli_refuses_bad_input_in_one_line_and_help_is_plain(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: miss.modules_to_save entry 'lm_haed' matches no module of this LlamaForCausalLM (an "
                       "entry matches every module whose name ends with it); closest module names: 'lm_head'"], errors
-    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "base").exists()
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # a refused run writes nothing
     proc = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "preemption handler" not in proc.stdout + proc.stderr
+
+
+def test_output_dir_is_checked_without_writing_and_claimed_once_the_checks_pass(tmp_path):
+    """``check_output_dir`` writes nothing (a run refused later leaves no directory, and --overwrite moves the old
+    run only when ``claim_output_dir`` creates the new one); a file in the way or a run without --overwrite/--resume
+    is refused."""
+    from miss_ds.train.preflight import check_output_dir, claim_output_dir
+
+    def cfg(out: Path):
+        return load_config(TINY_CPU, [f"output_dir={out}"], check_files=False)
+
+    fresh = tmp_path / "a" / "fresh"
+    assert check_output_dir(cfg(fresh), None, overwrite=False) is False and not (tmp_path / "a").exists()
+    assert claim_output_dir(fresh, move_aside=False) is None and fresh.is_dir()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run .metrics.jsonl.: continue it with --resume auto"):
+        check_output_dir(cfg(old), None, overwrite=False)
+    assert check_output_dir(cfg(old), "auto", overwrite=False) is False
+    assert check_output_dir(cfg(old), None, overwrite=True) is True and (old / "metrics.jsonl").exists()
+    aside = claim_output_dir(old, move_aside=True)
+    assert (aside / "metrics.jsonl").exists() and old.is_dir() and not any(old.iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        check_output_dir(cfg(tmp_path / "file" / "run"), None, overwrite=False)
+
+
+def test_eval_options_with_nothing_to_do_are_warned_about(caplog):
+    """eval.every_steps without an eval split and eval.samples without an eval file are warned about at start (they
+    used to be ignored silently); samples come from the first source that has an eval file."""
+    from miss_ds.train.preflight import sample_file, warn_idle_eval_options
+
+    def warnings(*overrides: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            warn_idle_eval_options(load_config(TINY_CPU, ["output_dir=unused", *overrides], check_files=False))
+        return [record.getMessage().split(":")[0] for record in caplog.records]
+
+    assert warnings() == []
+    assert warnings("data.eval_path=null", "eval.every_steps=5") == ["eval.every_steps=5", "eval.samples=3"]
+    assert warnings("data.eval_path=null", "data.eval_fraction=0.1", "eval.every_steps=5") == ["eval.samples=3"]
+    sources = ("data.sources=[{path: data/arith/train_chat.jsonl, format: chat}, "
+               "{path: data/arith/train.jsonl, eval_path: data/arith/eval.jsonl}]")
+    cfg = load_config(TINY_CPU, ["output_dir=unused", "data.train_path=''", "data.eval_path=null", sources],
+                      check_files=False)
+    assert sample_file(cfg).eval_path == "data/arith/eval.jsonl" and sample_file(cfg).format == "instruction"
+    assert warnings("data.train_path=''", "data.eval_path=null", sources, "eval.every_steps=5") == []

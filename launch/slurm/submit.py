@@ -3,39 +3,43 @@
 
     launch/slurm/submit.py --config configs/my.yaml [--nodes 2] [--dry-run] [-- --set train.lr=1e-4 ...]
 
-The config's optional ``cluster:`` section gives ``nodes``, ``gpus_per_node``, ``time``, ``partition`` and
-``account``; a flag given here wins over it, and what neither gives keeps the script's #SBATCH default.
-Arguments after ``--`` go to the trainer. The config, with the trainer's ``--set`` overrides, is checked here first
-(``miss_ds.run_config.load_config``), so that a typo is refused now (one ``error:`` line, exit 2) and not after the
-job waited in the queue. Prints the job id (or, with --dry-run, the command).
+The config's optional ``cluster:`` section (``run_config.ClusterConfig``: ``nodes``, ``gpus_per_node``, ``time``,
+``partition``, ``account``) gives the job's size and limits; a flag given here (``--nodes``, ``--gpus-per-node``, ...)
+wins over it, as does a trainer ``--set cluster.KEY=...``, and what none gives keeps the script's #SBATCH default.
+Arguments after ``--`` go to the trainer. The config, with the trainer's ``--set`` overrides and these flags, is
+checked here first (``miss_ds.run_config.load_config``), so that a typo is refused now (one ``error:`` line, exit 2)
+and not after the job waited in the queue. Prints the job id (or, with --dry-run, the command).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import shlex
 import subprocess
 import sys
+import typing
 from pathlib import Path
-
-import yaml
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = ROOT / "launch" / "slurm" / "train.sbatch"
-# config key -> sbatch flag; tasks per node always follow gpus_per_node (one process per GPU).
-CLUSTER_KEYS = {"nodes": "--nodes", "gpus_per_node": "--gpus-per-node", "time": "--time",
-                "partition": "--partition", "account": "--account"}
+sys.path.insert(0, str(ROOT))
+from miss_ds.run_config import ClusterConfig, ConfigError, RunConfig, load_config  # noqa: E402
+
+#: ``cluster:`` key -> its sbatch flag (``_`` as ``-``); tasks per node always follow gpus_per_node (one process
+#: per GPU).
+CLUSTER_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(ClusterConfig)}
 
 
-def build_command(config: Path, overrides: dict[str, object], job_name: str | None,
-                  extra_sbatch: list[str], train_args: list[str]) -> list[str]:
-    """The sbatch command line: values from ``overrides`` (flags) first, then the config's cluster section."""
-    cluster = (yaml.safe_load(config.read_text()) or {}).get("cluster") or {}
+def build_command(config: Path, cluster: ClusterConfig, job_name: str | None, extra_sbatch: list[str],
+                  train_args: list[str]) -> list[str]:
+    """The sbatch command line for ``cluster`` (the config's section, this command's flags already over it)."""
     cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={ROOT}/logs/%x-%j.out",
            f"--job-name={job_name or config.stem}"]
-    for key, flag in CLUSTER_KEYS.items():
-        value = overrides.get(key)
-        value = cluster.get(key) if value is None else value
+    for key, flag in CLUSTER_FLAGS.items():
+        value = getattr(cluster, key)
         if value is not None:
             cmd.append(f"{flag}={value}")
             if key == "gpus_per_node":
@@ -43,19 +47,13 @@ def build_command(config: Path, overrides: dict[str, object], job_name: str | No
     return cmd + extra_sbatch + [str(SBATCH_SCRIPT)] + train_args
 
 
-def config_problem(config: Path, train_args: list[str]) -> str | None:
-    """Why the trainer would refuse ``config`` with the ``--set`` overrides in ``train_args``, or None. The files it
-    names are not checked: the compute nodes may see other paths than this login node."""
-    sys.path.insert(0, str(ROOT))
-    from miss_ds.run_config import ConfigError, load_config
-
+def read_config(config: Path, train_args: list[str]) -> RunConfig:
+    """``config`` read as the trainer will, with the ``--set`` overrides in ``train_args`` (ConfigError if the
+    trainer would refuse it). The files it names are not checked: the compute nodes may see other paths than this
+    login node."""
     sets = [value for flag, value in zip(train_args, train_args[1:]) if flag == "--set"]
     sets += [arg.partition("=")[2] for arg in train_args if arg.startswith("--set=")]
-    try:
-        load_config(config, sets, check_files=False)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return load_config(config, sets, check_files=False)
 
 
 def run_sbatch(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -79,23 +77,23 @@ def main(argv: list[str]) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--nodes", type=int)
-    parser.add_argument("--gpus-per-node", type=int)
-    parser.add_argument("--time", help="Slurm time limit, e.g. 04:00:00 or 1-00:00:00")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
+    hints = typing.get_type_hints(ClusterConfig)
+    for key, flag in CLUSTER_FLAGS.items():
+        parser.add_argument(flag, dest=key, type=int if hints[key] == Optional[int] else str,
+                            help=f"overrides the config's cluster.{key}")
     parser.add_argument("--job-name", help="default: the config file's name")
     parser.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch flag (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of submitting")
     args = parser.parse_args(argv)
 
     config = args.config.resolve()
-    problem = config_problem(config, train_args)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    flags = [f"cluster.{key}={json.dumps(value)}" for key in CLUSTER_FLAGS if (value := getattr(args, key)) is not None]
+    try:  # this command's flags are read as --set overrides of the cluster section, and checked as such
+        cluster = read_config(config, [*train_args, *(a for flag in flags for a in ("--set", flag))]).cluster
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides = {key: getattr(args, key) for key in CLUSTER_KEYS}
-    cmd = build_command(config, overrides, args.job_name, args.sbatch_arg, train_args)
+    cmd = build_command(config, cluster, args.job_name, args.sbatch_arg, train_args)
     # train.sbatch reads the config path from the environment; sbatch exports the environment by default.
     env = {**os.environ, "CONFIG": str(config)}
     if args.dry_run:

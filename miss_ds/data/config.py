@@ -7,6 +7,9 @@ from typing import Literal
 FORMATS = ("text", "instruction", "chat")
 BAD_ROW_POLICIES = ("error", "skip")
 FIELD_NAMES = ("text_field", "prompt_field", "response_field", "messages_field")
+#: Data files read by suffix (anything else is a directory of them, a ``save_to_disk`` directory or a ``datasets``
+#: name).
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
 @dataclass
@@ -72,7 +75,9 @@ class DataConfig:
     Either way an example longer than `seq_len` is a bad row."""
 
     on_bad_row: Literal["error", "skip"] = "error"
-    """"error": raise, quoting the bad rows by file and line; "skip": drop them and count them in the stats."""
+    """What to do with bad rows (malformed, longer than `seq_len`, a chat with a role or turn order the tokenizer's
+    chat template refuses): "error": raise, quoting them by file and line; "skip": drop them and count them in the
+    stats."""
 
     eval_fraction: float = 0.0
     """When `eval_path` is None, hold out this fraction of the train rows as eval, in [0, 1) (0 = none); with
@@ -113,9 +118,9 @@ class DataConfig:
         """Raise `ValueError` naming the offending field and how to fix it."""
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"data.seed is {self.seed!r}: use an integer in [0, 2**32)")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
         if self.synthetic:
-            if not isinstance(self.seq_len, int) or self.seq_len < 2:
-                raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
             return
         if self.sources:
             self._validate_sources()
@@ -126,11 +131,9 @@ class DataConfig:
             raise ValueError(f"data.format is {self.format!r}: use one of {', '.join(FORMATS)}")
         if self.on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"data.on_bad_row is {self.on_bad_row!r}: use one of {', '.join(BAD_ROW_POLICIES)}")
-        for name in ("text_field", "prompt_field", "response_field", "messages_field", "train_split", "eval_split"):
+        for name in (*FIELD_NAMES, "train_split", "eval_split"):
             if not getattr(self, name):
                 raise ValueError(f"data.{name} is empty: set it to the column name in your data")
-        if not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ValueError(f"data.seq_len is {self.seq_len!r}: use an integer of at least 2")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction is {self.eval_fraction}: use a value in [0, 1)")
         if self.eval_path and self.eval_fraction > 0:

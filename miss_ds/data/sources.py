@@ -16,11 +16,11 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, config, load_da
 from datasets.fingerprint import Hasher
 from datasets.naming import camelcase_to_snakecase
 
-from miss_ds.data.config import DataConfig
+from miss_ds.data.config import FILE_SUFFIXES, DataConfig
 from miss_ds.data.rows import checked_row, row_features
 
-ARROW_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json"}
-SUFFIXES = (".jsonl", *ARROW_BUILDERS)
+#: The `datasets` builder of each data file suffix but ".jsonl" (which is read line by line): its name.
+ARROW_BUILDERS = {suffix: suffix[1:] for suffix in FILE_SUFFIXES if suffix != ".jsonl"}
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 Role = Literal["train", "eval"]
@@ -41,11 +41,11 @@ def read_rows(path: str, cfg: DataConfig, role: Role, key: str) -> Dataset:
     elif local.is_dir() and any((local / marker).exists() for marker in SAVED_DATASET_MARKERS):
         parts = [_check(_pick_split(load_from_disk(path), split, path), path, cfg)]
     elif local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
         if not files:
-            raise ValueError(f"{path} is a directory with no {'/'.join(SUFFIXES)} files")
+            raise ValueError(f"{path} is a directory with no {'/'.join(FILE_SUFFIXES)} files")
         parts = [_read_file(file, cfg, role) for file in files]
-    elif local.suffix in SUFFIXES:
+    elif local.suffix in FILE_SUFFIXES:
         raise FileNotFoundError(f"{key} = {path} does not exist (relative paths start at {Path.cwd()})")
     elif not _in_datasets_cache(path):
         raise FileNotFoundError(f"{key} = {path} does not exist here (relative paths start at {Path.cwd()}) and is "
@@ -78,7 +78,7 @@ def _read_file(path: Path, cfg: DataConfig, role: Role) -> Dataset:
         if path.suffix == ".jsonl" or first != b"[":  # a .json file may hold one JSON array instead of lines
             return _read_json_lines(path, cfg, role)
     if path.suffix not in ARROW_BUILDERS:
-        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+        raise ValueError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
     rows = load_dataset(ARROW_BUILDERS[path.suffix], data_files={role: str(path)}, split=role)
     return _check(rows, str(path), cfg)
 
