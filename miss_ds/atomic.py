@@ -139,8 +139,7 @@ class CheckpointManager:
         self.world_size = world_size
         self.tp_size = tp_size
         self._barrier = barrier or (lambda: None)
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and self.root.is_dir():  # created by the first save: a manager that only reads writes nothing
             self._remove_stale_temp_dirs()
 
     def step_path(self, step: int) -> Path:
@@ -239,6 +238,7 @@ class CheckpointManager:
         if temp.exists():
             logger.warning("removing stale temp dir %s", temp)
             shutil.rmtree(temp)
+        self.root.mkdir(parents=True, exist_ok=True)
         temp.mkdir()
         (temp / _SAVE_ID).write_text(save_id)
 

@@ -28,7 +28,7 @@ from miss_ds import atomic as checkpoint
 from miss_ds.atomic import (CheckpointError, CheckpointManager, DiskFullError, read_manifest, rng_state,
                                 set_rng_state, verify)
 from miss_ds.checkpoint_files import adapter_dir
-from miss_ds.train.checkpoint import check_base_layout
+from miss_ds.train.preflight import check_base_layout
 from miss_ds.train.schedule import schedule_change
 
 HAS_DEV_FULL = os.path.exists("/dev/full")
@@ -84,6 +84,18 @@ def test_keep_last_prunes_oldest_and_latest_is_newest(tmp_path):
     assert names(manager.checkpoints()) == ["step_00000003", "step_00000004"]
     assert manager.latest() == tmp_path / "step_00000004"
     assert temp_dirs(tmp_path) == []
+
+
+def test_keep_last_null_in_the_run_config_keeps_every_checkpoint(tmp_path):
+    """``checkpoint.keep_last: null`` reaches the manager as None, which deletes nothing."""
+    from miss_ds.run_config import load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    keep_last = load_config(config, ["checkpoint.keep_last=null"]).checkpoint.keep_last
+    manager = CheckpointManager(tmp_path, keep_last=keep_last)
+    for step in (1, 2, 3, 4):
+        manager.save(step, writer({"w.bin": bytes([step]) * 10}))
+    assert keep_last is None and len(manager.checkpoints()) == 4
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -271,6 +283,18 @@ def test_a_resume_that_draws_another_random_base_is_refused_naming_each_setting(
         assert part in message, part
     real = {"seed": 0, "model": {"path": "/models/llama", "random_init": False, "config": {}}}
     check_base_layout({"tp_size": 1, "config": real}, 1, {**real, "seed": 1}, Path("ckpt"))  # the seed draws nothing
+
+
+def test_a_random_base_run_resumes_on_another_tp_size_from_the_base_it_saved():
+    """Drawing the random base again at another TP size builds another base: refused, pointing at the base the run
+    saved; loading that base (model.path) resumes at any TP size (its fingerprint is checked after loading)."""
+    state = {"tp_size": 1, "config": RANDOM}
+    with pytest.raises(ValueError, match=r"with parallel.tp_size=2: this config draws random base weights .* load the "
+                                         r"base from a checkpoint \(the run saved its random base: "
+                                         r"model.path=run/base\)"):
+        check_base_layout(state, 2, json.loads(json.dumps(RANDOM)), Path("run/checkpoints/step_00000004"))
+    saved_base = {**RANDOM, "model": {**RANDOM["model"], "path": "run/base"}}
+    check_base_layout(state, 2, saved_base, Path("run/checkpoints/step_00000004"))
 
 
 def _cosine(step: int, max_steps: int, lr: float = 0.01, warmup: int = 1, floor: float = 0.1) -> float:

@@ -268,15 +268,15 @@ def test_tp2_resume_of_a_tp1_checkpoint_continues_as_tp1_would(sigterm_run, hf_b
 
 def test_tp_change_on_a_random_base_is_refused(sigterm_run, tmp_path):
     """A random base is drawn per TP shard, so under another tp_size it is another model and D, loaded onto it
-    silently, is meaningless: a resume that changes tp_size with a random base (here this run's; the checkpoint's
-    counts too) must refuse and say why. (Without the refusal the run stops one step later.)"""
+    silently, is meaningless: a resume that changes tp_size and draws a random base must refuse and say why.
+    (Without the refusal the run stops one step later.)"""
     out = shutil.copytree(sigterm_run[0], tmp_path / "run")
     stopped_at = step_of(step_dirs(out)[0])
     proc = run_2ranks(train_cmd(2, out, *SIGTERM_RUN, f"train.max_steps={stopped_at + 1}", "parallel.tp_size=2",
                                 "model.path=null", resume="auto"))
     assert proc.returncode != 0
-    assert "(written with tp_size=1) with parallel.tp_size=2: the base model has random weights" in proc.stderr
-    assert "Resume with parallel.tp_size=1, or train on a base checkpoint (model.path)" in proc.stderr
+    assert "(written with tp_size=1) with parallel.tp_size=2: this config draws random base weights" in proc.stderr
+    assert "Resume with parallel.tp_size=1, or load the base from a checkpoint" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------- in-process scenarios
@@ -317,7 +317,6 @@ def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
     (tokenizer / "chat_template.jinja").unlink()
     rows = (ROOT / "data/arith/train.jsonl").read_text().splitlines(keepends=True)
     (root / "ten.jsonl").write_text("".join(rows[:10]))
-    (root / "five.jsonl").write_text("".join(rows[:5]))
     nan_run = ("train.max_steps=6", "train.max_bad_steps=3")
     jobs = [
         job("base", "train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=3"),
@@ -333,8 +332,6 @@ def scenarios(tmp_path_factory, sigterm_run, hf_base) -> dict:
         job("chat_without_template", f"tokenizer={tokenizer}", "data.format=chat",
             "data.train_path=data/arith/train_chat.jsonl", "data.eval_path=null"),
         job("train_smaller_than_a_batch", f"data.train_path={root / 'ten.jsonl'}", "data.eval_path=null"),
-        job("eval_smaller_than_a_batch", f"data.eval_path={root / 'five.jsonl'}", "eval.every_steps=1",
-            "train.max_steps=3"),
         resume(step4, "truncated", truncate=OPTIM_FILE),
         resume(step4, "flipped", flip=OPTIM_FILE),
         resume("auto", "auto_flipped", flip=OPTIM_FILE),
@@ -461,17 +458,14 @@ def test_chat_format_with_a_tokenizer_without_template_names_the_tokenizer(scena
     assert "tokenizer_without_template" in outcome["error"]
 
 
-@pytest.mark.parametrize("name,key,file", [
-    ("train_smaller_than_a_batch", "data.train_path=", "ten.jsonl"),
-    ("eval_smaller_than_a_batch", "data.eval_path=", "five.jsonl"),
-])
-def test_data_that_cannot_fill_one_batch_fails_before_training(scenarios, name, key, file):
-    """Both splits must fill one batch, checked before the first step: unchecked, eval data too small crashes
-    at the first evaluation, after training steps (with eval only at the end: before the final checkpoint)."""
-    outcome = scenarios[name]
+def test_train_data_that_cannot_fill_one_batch_fails_before_training(scenarios):
+    """The train split must fill one global batch, checked before the first step (the eval split need not:
+    ``eval_batches`` fills its last micro-batches)."""
+    outcome = scenarios["train_smaller_than_a_batch"]
     assert outcome["error_type"] == "ConfigError" and outcome["step"] is None, outcome
-    assert key in outcome["error"] and file in outcome["error"] and "train.micro_batch_size=16" in outcome["error"]
-    assert not (scenarios["root"] / name / "metrics.jsonl").exists()
+    assert "data.train_path=" in outcome["error"] and "ten.jsonl" in outcome["error"]
+    assert "train.micro_batch_size=16 x train.grad_accum_steps=1" in outcome["error"]
+    assert not (scenarios["root"] / "train_smaller_than_a_batch").exists()
 
 
 def test_resume_from_a_truncated_checkpoint_names_the_file(scenarios):
@@ -813,9 +807,9 @@ def test_a_resume_with_another_schedule_warns_and_follows_this_runs_settings(sma
             f"{cosine_rate(5, 4):.6g}") in proc.stderr
     logged = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
     assert sorted(logged) == list(range(1, 9))
-    assert logged[4] == pytest.approx(cosine_rate(4, 4), rel=1e-6)  # the first run's
-    for step in range(5, 9):  # the rate logged at a step is the one the next step uses
-        assert logged[step] == pytest.approx(cosine_rate(step, 8, lr=0.02), rel=1e-6), step
+    assert logged[4] == pytest.approx(cosine_rate(3, 4), rel=1e-6)  # the first run's
+    for step in range(6, 9):  # the rate logged at a step is the one it used (after step - 1 scheduler steps)
+        assert logged[step] == pytest.approx(cosine_rate(step - 1, 8, lr=0.02), rel=1e-6), step
     read = sum(entry["size"] for entry in json.loads((run / "checkpoints/step_00000004/manifest.json").read_text())[
         "files"])
     assert strict_json(run / "summary.json")["checkpoint_gib_read"] == round(read / 2**30, 3) > 0

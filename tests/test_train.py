@@ -69,6 +69,8 @@ def test_default_config_trains_and_loss_falls(tmp_path, monkeypatch, overrides, 
 
     proc = run(train_cmd(2, tmp_path, *overrides))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [line for line in proc.stderr.splitlines() if "trainable params" in line]  # rank 0 logs it once
+    assert len(reports) == 1 and ("this rank's shards at TP=2" in reports[0]) == (dp == 1), reports
     losses = train_losses(tmp_path)
     assert sorted(losses) == list(range(1, 41))
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(38, 41)) / 3
@@ -183,7 +185,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     ("parallel.zero_stage=4", "'parallel.zero_stage' is 4; choose one of [0, 1, 2, 3]"),
     ("parallel.zero_stage=3", "all-gathers its resident parameters after every optimizer step"),
     ("miss.mode=lora", "'miss.mode' is 'lora'; choose one of ['miss', 'mini', 'bat']"),
-    ("data.train_path=''", "'data.train_path' is empty"),
+    ("data.train_path=''", "data.train_path is empty: set it to a .jsonl/.parquet/.arrow file"),
     ("train.warmup_steps=500", "'train.warmup_steps' is 500"),
 ])
 def test_bad_values_are_named(tmp_path, override, expect):
@@ -205,8 +207,8 @@ def test_bad_data_row_names_file_and_line(tmp_path):
 
 def test_packed_mix_of_two_sources_trains(tmp_path):
     """pack: true over two sources in their own formats (one process), model.attn_implementation unset (the
-    family's): the mix is reported at start, the loss falls, only real tokens are counted and the summary gives the
-    padding fraction."""
+    family's): the mix is reported at start, the loss falls, only real tokens are counted, the summary gives the
+    padding fraction, and eval.samples shows rows of the first source's eval file."""
     sources = ("[{path: data/arith/train.jsonl, weight: 3, eval_path: data/arith/eval.jsonl}, "
                "{path: data/arith/train_chat.jsonl, format: chat, weight: 1}]")
     proc = run(train_cmd(1, tmp_path, "data.train_path=''", "data.eval_path=null", f"data.sources={sources}",
@@ -218,6 +220,7 @@ def test_packed_mix_of_two_sources_trains(tmp_path):
            "5500 of 2000" in proc.stderr
     losses = train_losses(tmp_path)
     assert sum(losses[s] for s in range(28, 31)) < 0.7 * sum(losses[s] for s in range(1, 4))
+    assert "the model's answers to 3 rows of data/arith/eval.jsonl" in proc.stdout  # the first source with an eval file
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["padding_fraction"] < 0.15  # unpacked: over 0.6
     capacity = 30 * 8 * 128
@@ -244,3 +247,35 @@ def test_resume_on_another_layout_continues_the_uninterrupted_run(tmp_path, hf_b
         assert sorted(losses) == [5, 6, 7, 8], name
         for step in losses:
             assert losses[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+
+
+@pytest.mark.parametrize("max_batches,rows", [(0, 5), (1, 2)])
+def test_eval_covers_the_same_rows_on_any_layout(tmp_path, max_batches, rows):
+    """5 eval rows, micro-batches of 2 on 2 data-parallel ranks: the trainer's eval loss is the token-weighted loss
+    of all 5 rows (rank 1's second micro-batch holds only filler rows, which take no loss), or with
+    eval.max_batches=1 of the first 2 (not 2 per rank), as miss-ds-eval finds it independently on the final
+    checkpoint."""
+    five = tmp_path / "five.jsonl"
+    five.write_text("".join((ROOT / "data/arith/eval.jsonl").read_text().splitlines(keepends=True)[:5]))
+    out = tmp_path / "run"
+    proc = run(train_cmd(2, out, f"data.eval_path={five}", "train.micro_batch_size=2", "train.max_steps=3",
+                         "train.warmup_steps=1", "eval.every_steps=0", f"eval.max_batches={max_batches}",
+                         "eval.samples=0", "checkpoint.every_steps=0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trained = json.loads((out / "summary.json").read_text())["eval_loss"]
+    report = run([sys.executable, "-m", "miss_ds.cli.evaluate", "--checkpoint", str(out / "checkpoints/step_00000003"),
+                  "--data", str(five), "--batch-size", "1", "--limit", str(rows)])
+    assert report.returncode == 0, report.stderr[-3000:]
+    reference = json.loads(report.stdout)
+    assert reference["rows"] == rows and trained == pytest.approx(reference["loss"], rel=1e-5)
+
+
+def test_progress_in_a_log_file_is_a_line_per_logged_step(tmp_path):
+    """stderr that is not a terminal (a Slurm or mpirun log) gets one line per logged step, not tqdm's carriage
+    returns (a single line of thousands of characters)."""
+    proc = run(train_cmd(1, tmp_path, "logging.progress=true", "logging.every_steps=2", "train.max_steps=4",
+                         "train.warmup_steps=1", "eval.every_steps=0", "eval.samples=0", "checkpoint.every_steps=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr
+    progress = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if "reporter: step " in line]
+    assert [line.split(":")[0] for line in progress] == ["step 2/4", "step 4/4"], progress

@@ -30,9 +30,10 @@ Typical use in a trainer::
   Packed sequences carry `position_ids` restarting at every example instead of `attention_mask`.
 - `BatchIterator(ds, micro_batch_size, dp_rank, dp_size, seed)` (loader.py): endless,
   seeded per epoch, sharded over dp ranks, resumable via `state_dict()`; tensor-parallel
-  peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass.
-- `count_tokens(batch)`, `as_one_row(batch)` (batch.py): real tokens of any batch; a packed
-  micro-batch as one row, for flash attention's varlen path.
+  peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass over every sequence
+  (the last micro-batches filled with rows that take no loss).
+- `count_tokens(batch)`, `loss_tokens(batch)`, `as_one_row(batch)` (batch.py): real tokens of any batch, and
+  those that take a loss; a packed micro-batch as one row, for flash attention's varlen path.
 - `SyntheticBatches(vocab_size, seq_len, micro_batch_size, dp_rank, dp_size, seed)` (synthetic.py): random
   tokens for benchmarks (`data.synthetic: true`), with no files and no `datasets` import.
 """
@@ -43,7 +44,8 @@ import importlib
 # nor `pyarrow` (module name of each public name).
 _EXPORTS = {
     "DataConfig": "config", "SourceConfig": "config", "IGNORE_INDEX": "encode", "Batch": "batch",
-    "as_one_row": "batch", "count_tokens": "batch", "BatchIterator": "loader", "eval_batches": "loader",
+    "as_one_row": "batch", "count_tokens": "batch", "loss_tokens": "batch", "BatchIterator": "loader",
+    "eval_batches": "loader",
     "DataStats": "pipeline", "SourceStats": "pipeline", "SplitStats": "pipeline", "build_datasets": "pipeline",
     "SyntheticBatches": "synthetic",
 }

@@ -1,9 +1,11 @@
 """What a micro-batch is: the model's keyword arguments, as `engine(**batch)` takes them, how many of its tokens
-are real, and where in the global order a resumed iterator may start. No `datasets` import, so synthetic benchmark
-runs can use it."""
+are real and how many take a loss, and where in the global order a resumed iterator may start. No `datasets`
+import, so synthetic benchmark runs can use it."""
 
 import torch
 import torch.nn.functional as F
+
+from miss_ds.data.encode import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 
@@ -20,6 +22,11 @@ def count_tokens(batch: Batch) -> torch.Tensor:
     positions = batch["position_ids"]
     following = F.pad(positions[..., 1:], (0, 1))
     return positions.numel() - ((positions == 0) & (following != 1)).sum()
+
+
+def loss_tokens(batch: Batch) -> torch.Tensor:
+    """The tokens a causal LM takes a loss on: labels after the one-token shift that are not `IGNORE_INDEX`."""
+    return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
 
 
 def as_one_row(batch: Batch) -> Batch:

@@ -12,12 +12,13 @@ next sequence on another layout (more or fewer data-parallel ranks, another micr
 """
 
 from collections.abc import Iterator
-from itertools import islice
 
 import numpy as np
+import torch
 from datasets import Dataset
 
 from miss_ds.data.batch import Batch, as_one_row, check_resumable
+from miss_ds.data.encode import IGNORE_INDEX
 
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
@@ -114,6 +115,21 @@ class BatchIterator:
 
 def eval_batches(dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  one_row: bool = False) -> Iterator[Batch]:
-    """One pass over `dataset` in order, sharded like `BatchIterator` (same count on every rank)."""
-    batches = BatchIterator(dataset, micro_batch_size, dp_rank, dp_size, shuffle=False, one_row=one_row)
-    return islice(batches, batches.batches_per_epoch)
+    """One ordered pass over every sequence of `dataset`, sharded as a `BatchIterator` shards a global batch: rank
+    `r` takes the `r`-th micro-batch of each run of `micro_batch_size * dp_size` sequences. Every rank gets the same
+    number of full-size micro-batches (TP and DP collectives run in step): where the last run falls short, copies
+    of the first sequence with every label `IGNORE_INDEX` fill it, which take no loss (weigh the loss by
+    `loss_tokens`)."""
+    columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+    if one_row and "position_ids" not in columns:
+        raise ValueError("one_row needs packed sequences (a position_ids column)")
+    sequences = dataset.with_format("torch", columns=columns)
+    filler = {name: tensor.long()[None] for name, tensor in sequences[0].items()}
+    filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
+    run = micro_batch_size * dp_size
+    for first in range(dp_rank * micro_batch_size, -(-len(sequences) // run) * run, run):
+        indices = list(range(first, min(first + micro_batch_size, len(sequences))))
+        rows = sequences[indices] if indices else {name: filler[name][:0] for name in columns}
+        missing = micro_batch_size - len(indices)
+        batch = {name: torch.cat([rows[name].long(), filler[name].expand(missing, -1)]) for name in columns}
+        yield as_one_row(batch) if one_row else batch

@@ -44,11 +44,11 @@ class TrainCheckpoint:
     once (collective over TP) and stored with every adapter; a resume checks it first (:func:`check_resumed_base`).
 
     A resume, in the trainer's order: :func:`find_checkpoint` (rank 0, every file's sha256) and
-    :func:`check_base_layout` (the recorded config against this one) before the model is built;
+    ``preflight.check_resume_matches`` (the recorded config against this one) before the model is built;
     :func:`check_resumed_base` once it is materialised, before its random base is saved; then :meth:`resume`.
     """
 
-    def __init__(self, root: Path, keep_last: int, layout: ParallelLayout, *, engine: Any, scheduler: Any,
+    def __init__(self, root: Path, keep_last: Optional[int], layout: ParallelLayout, *, engine: Any, scheduler: Any,
                  miss: MissConfig, train: TrainState, data: Stateful, run_config: dict[str, Any]) -> None:
         self.layout, self.engine, self.scheduler, self.miss = layout, engine, scheduler, miss
         self.train, self.data, self.run_config = train, data, run_config
@@ -159,68 +159,3 @@ def check_resumed_base(path: Path, model: Any) -> None:
     except ValueError as exc:  # OtherBaseError is one
         raise ConfigError(f"cannot resume: {exc}. Resume with the base and model settings of the run that wrote it "
                           f"(its {STATE_FILE} records them), or start a new run in another output_dir") from None
-
-
-def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:
-    """A random base (no ``model.path``, or ``model.random_init``) is drawn from ``seed`` and ``model.config`` per
-    TP shard (``loading.materialize_random``): a resume that changes one of them (or the TP layout) builds another
-    base, which the checkpoint's D does not fit. Refused by name, with the settings that resume it (a checkpoint of a
-    real base resumes on any TP size; its base is checked by :func:`check_resumed_base`)."""
-    saved = state.get("config", {})
-    if state["tp_size"] != tp and (_random_base(saved.get("model", {})) or _random_base(run_config["model"])):
-        raise ValueError(
-            f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size={tp}: the base "
-            "model has random weights (model.path null or model.random_init), drawn per tensor-parallel shard, so "
-            f"another tp_size builds another base and D would not fit it. Resume with parallel.tp_size="
-            f"{state['tp_size']}, or train on a base checkpoint (model.path)")
-    if not (_random_base(saved.get("model", {})) and _random_base(run_config["model"])):
-        return
-    drawn_from = ["seed", "model.config"] + (["parallel.tp_grain_size"] if tp > 1 else [])
-    changed = [difference for key in drawn_from
-               for difference in _differences(key, _lookup(saved, key), _lookup(run_config, key))]
-    if changed:
-        raise ValueError(
-            f"cannot resume {path}: its base has random weights (model.path null or model.random_init), drawn from "
-            "the seed, model.config and the TP layout, and this config draws another base, which D would not fit ("
-            + "; ".join(f"{key}: checkpoint {_shown(old)}, this config {_shown(new)}" for key, old, new in changed)
-            + "). Resume with the checkpoint's settings (" + ", ".join(_restore(key, old) for key, old, _ in changed)
-            + "), or start a new run in another output_dir")
-
-
-class _Absent:
-    """A key one of two compared configs does not have."""
-
-
-_ABSENT = _Absent()
-
-
-def _lookup(config: Any, key: str) -> Any:
-    """The value of a dotted ``key`` in a run config dict, or ``_ABSENT``."""
-    for part in key.split("."):
-        if not isinstance(config, dict) or part not in config:
-            return _ABSENT
-        config = config[part]
-    return config
-
-
-def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
-    """The dotted keys under ``key`` whose values differ between ``old`` and ``new`` (nested dicts compared by key)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [found for sub in sorted(old.keys() | new.keys())
-                for found in _differences(f"{key}.{sub}", old.get(sub, _ABSENT), new.get(sub, _ABSENT))]
-    return [] if old == new else [(key, old, new)]
-
-
-def _shown(value: Any) -> str:
-    """A compared value as the refusal names it."""
-    return "unset" if value is _ABSENT else repr(value)
-
-
-def _restore(key: str, old: Any) -> str:
-    """How to give ``key`` its checkpoint value ``old`` back."""
-    return f"remove {key}" if old is _ABSENT else f"--set {key}={json.dumps(old)}"
-
-
-def _random_base(model: dict[str, Any]) -> bool:
-    """Whether a run config's ``model`` section builds random base weights (they depend on the TP layout)."""
-    return bool(model) and (model.get("path") is None or bool(model.get("random_init")))

@@ -5,10 +5,11 @@ TP shards) by building the model on the meta device (``loading.model_on_meta``).
 job's size or the output directory: the device against the base precision (FP8 tensor cores) and the fused kernels
 (a CUDA GPU, a family they are tested on), the TP size against the attention heads, the sequence length against
 the model's positions, the output directory (writable, and not holding another run unless the user says so), and a
-resumed checkpoint's adapter settings against the config's.
+resumed checkpoint's recorded config against this one: its adapter settings, and what draws a random base.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,10 +19,11 @@ from typing import Any, Optional
 import torch
 
 from ..data.batch import check_resumable
+from ..data.config import DataConfig
 from ..families import UnsupportedModel, check_tp
 from ..fused_kernels import kernels_problem
-from ..run_config import ConfigError, RunConfig, to_dict
-from .checkpoint import check_base_layout
+from ..config_loader import ABSENT, dotted_value
+from ..run_config import ConfigError, RunConfig, draws_random_weights, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -94,30 +96,63 @@ def rope_scaling(model_config: Any) -> Optional[str]:
     return scaled[0] if scaled else None
 
 
-def prepare_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> Optional[Path]:
-    """Make sure ``output_dir`` can take this run (rank 0): create it, check that it is writable, and refuse one that
-    holds another run unless the run resumes (``--resume``) or ``overwrite`` is set, in which case the old run is
-    moved aside (returned), never deleted."""
+def sample_file(cfg: RunConfig) -> Optional[DataConfig]:
+    """The single-source data config whose ``eval_path`` ``eval.samples`` shows rows of: ``data.eval_path``, or the
+    first source's; None when the run has no eval file (synthetic data, or an ``eval_fraction`` hold-out)."""
+    if cfg.data.synthetic:
+        return None
+    return next((part for part, _ in cfg.data.per_source() if part.eval_path), None)
+
+
+def warn_idle_eval_options(cfg: RunConfig) -> None:
+    """Warn about eval options this run's data leaves nothing to do for (rank 0). Warned, not refused: they only
+    measure or show, and a run's data can change while its config keeps them."""
+    data = cfg.data
+    if cfg.eval.every_steps and (data.synthetic or not (data.eval_fraction or sample_file(cfg))):
+        logger.warning("eval.every_steps=%d: this run has no eval split (no data.eval_path, source eval_path or "
+                       "data.eval_fraction), so nothing is evaluated", cfg.eval.every_steps)
+    if cfg.eval.samples and sample_file(cfg) is None:
+        logger.warning("eval.samples=%d: this run has no eval file to show rows of (%s), so no samples are printed",
+                       cfg.eval.samples, "synthetic data" if data.synthetic else "an eval_fraction hold-out is not a "
+                       "file" if data.eval_fraction else "no data.eval_path or source eval_path")
+
+
+def check_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> bool:
+    """Whether ``output_dir`` can take this run (rank 0), writing nothing: it is, or can be created as, a writable
+    directory, and it holds no other run unless the run resumes (``--resume``) or ``overwrite`` is set. Returns
+    whether an old run must be moved aside (``overwrite``), which ``claim_output_dir`` does once the run's checks
+    have passed, so that a refused run changes nothing."""
     out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output_dir={out} cannot be written ({exc.strerror or exc}): choose a writable directory "
-                          "with --set output_dir=...") from None
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={out}: {existing} is a file, not a directory: choose another output_dir with "
+                          "--set output_dir=...")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={out} cannot be written ({existing} is not writable): choose a writable "
+                          "directory with --set output_dir=...")
     found = sorted(name for name in RUN_FILES
                    if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir())))
     if not found or resume is not None:
-        return None
+        return False
     if not overwrite:
         raise ConfigError(f"output_dir={out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
                           "start over with --overwrite (the old run is moved aside, not deleted), or choose another "
                           "output_dir")
-    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.rename(aside)
-    out.mkdir()
+    return True
+
+
+def claim_output_dir(out: Path, move_aside: bool) -> Optional[Path]:
+    """Create ``out`` for the run's first file (rank 0), after moving the old run there aside when ``move_aside``
+    (``check_output_dir``'s answer); returns where the old run went (never deleted)."""
+    aside = None
+    if move_aside:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir={out} cannot be created ({exc.strerror or exc}): choose a writable directory "
+                          "with --set output_dir=...") from None
     return aside
 
 
@@ -141,3 +176,55 @@ def check_resume_matches(cfg: RunConfig, path: Path, state: dict[str, Any], tp: 
 
 def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def check_base_layout(state: dict[str, Any], tp: int, run_config: dict[str, Any], path: Path) -> None:
+    """A random base (no ``model.path``, or ``model.random_init``) is drawn from ``seed`` and ``model.config`` per
+    TP shard (``loading.materialize_random``): a resume that draws one with another TP layout, or changes one of
+    them, builds another base, which the checkpoint's D does not fit. Refused by name, with the settings that resume
+    it. A resume that loads its base (``model.path``: a base checkpoint, or the random base the run saved) resumes on
+    any TP size: ``checkpoint.check_resumed_base`` checks that base's fingerprint."""
+    saved = state.get("config", {})
+    if state["tp_size"] != tp and _random_base(run_config["model"]):
+        saved_base = (f" (the run saved its random base: model.path={Path(path).parents[1] / 'base'})"
+                      if _random_base(saved.get("model", {})) else "")
+        raise ValueError(
+            f"cannot resume {path} (written with tp_size={state['tp_size']}) with parallel.tp_size={tp}: this config "
+            "draws random base weights (model.path null or model.random_init), per tensor-parallel shard, so "
+            f"another tp_size builds another base and D would not fit it. Resume with parallel.tp_size="
+            f"{state['tp_size']}, or load the base from a checkpoint{saved_base}")
+    if not (_random_base(saved.get("model", {})) and _random_base(run_config["model"])):
+        return
+    drawn_from = ["seed", "model.config"] + (["parallel.tp_grain_size"] if tp > 1 else [])
+    changed = [difference for key in drawn_from
+               for difference in _differences(key, dotted_value(saved, key), dotted_value(run_config, key))]
+    if changed:
+        raise ValueError(
+            f"cannot resume {path}: its base has random weights (model.path null or model.random_init), drawn from "
+            "the seed, model.config and the TP layout, and this config draws another base, which D would not fit ("
+            + "; ".join(f"{key}: checkpoint {_shown(old)}, this config {_shown(new)}" for key, old, new in changed)
+            + "). Resume with the checkpoint's settings (" + ", ".join(_restore(key, old) for key, old, _ in changed)
+            + "), or start a new run in another output_dir")
+
+
+def _differences(key: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The dotted keys under ``key`` whose values differ between ``old`` and ``new`` (nested dicts compared by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [found for sub in sorted(old.keys() | new.keys())
+                for found in _differences(f"{key}.{sub}", old.get(sub, ABSENT), new.get(sub, ABSENT))]
+    return [] if old == new else [(key, old, new)]
+
+
+def _shown(value: Any) -> str:
+    """A compared value as the refusal names it."""
+    return "unset" if value is ABSENT else repr(value)
+
+
+def _restore(key: str, old: Any) -> str:
+    """How to give ``key`` its checkpoint value ``old`` back."""
+    return f"remove {key}" if old is ABSENT else f"--set {key}={json.dumps(old)}"
+
+
+def _random_base(model: dict[str, Any]) -> bool:
+    """Whether a run config's ``model`` section (a dict, as a checkpoint records it) draws random base weights."""
+    return bool(model) and draws_random_weights(model.get("path"), bool(model.get("random_init")))

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +18,8 @@ from tqdm import tqdm
 from ..flops import frozen_finetune_flops_per_token, peak_flops
 from .metrics import MetricsLogger
 
+logger = logging.getLogger(__name__)
+
 
 class Reporter:
     """Times steps and turns them into throughput: tokens/s over each logging window, and in ``summary.json`` (its
@@ -27,8 +31,12 @@ class Reporter:
     def __init__(self, metrics: MetricsLogger, *, total_steps: int, initial_step: int, every_steps: int,
                  progress: bool, tokens_seen: int) -> None:
         self.metrics, self.every_steps, self.total_steps = metrics, every_steps, total_steps
+        terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True,
-                        disable=not (metrics.enabled and progress))
+                        disable=not (metrics.enabled and progress and terminal))
+        # A log file (Slurm, mpirun, nohup) gets a line per logged step instead: tqdm's carriage returns would make
+        # one line of thousands of characters of it.
+        self.log_lines = metrics.enabled and progress and not terminal
         self.step_times: list[float] = []
         self.first_step_s = 0.0
         self.start_time, self.start_tokens = time.time(), tokens_seen
@@ -53,6 +61,9 @@ class Reporter:
         self.metrics.log(step, {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "tokens": tokens_seen,
                                 "skipped_batches": skipped_batches})
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if self.log_lines:
+            logger.info("step %d/%d: loss %.4f, lr %.2e, %s tokens/s", step, self.total_steps, loss, lr,
+                        f"{tok_s:,.0f}")
 
     def close_bar(self) -> None:
         self.bar.close()

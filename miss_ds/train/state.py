@@ -7,7 +7,8 @@ from typing import Any
 
 @dataclass
 class TrainState:
-    """Optimizer steps done, tokens trained on (summed over data-parallel ranks) and micro-batches skipped."""
+    """Optimizer steps done, tokens trained on (summed over data-parallel ranks), and global batches skipped: the
+    windows of micro-batches whose loss or gradients were not finite, dropped whole without an optimizer step."""
 
     step: int = 0
     tokens_seen: int = 0
@@ -18,4 +19,4 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.skipped_batches = state.get("skipped_batches", 0)
+        self.skipped_batches = state["skipped_batches"]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..data import IGNORE_INDEX, count_tokens
+from ..data import count_tokens, loss_tokens
 from ..distributed import ParallelLayout, any_rank
 from .guard import NonFiniteGuard
 
@@ -28,11 +28,6 @@ class StepResult:
     """Token-weighted mean loss of the global batch."""
     tokens: int
     """Real (not padding) tokens of the global batch: every data-parallel rank's, counted once per TP group."""
-
-
-def loss_tokens(batch: Batch) -> torch.Tensor:
-    """The tokens a causal LM takes a loss on: labels after the one-token shift that are not ignored."""
-    return (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
 
 
 class StepRunner:

@@ -42,8 +42,8 @@ from .checkpoint import TrainCheckpoint, check_resumed_base, checkpoint_bytes, f
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .preflight import (check_base_precision, check_kernels, check_model_fits_run, check_resume_matches,
-                        prepare_output_dir)
+from .preflight import (check_base_precision, check_kernels, check_model_fits_run, check_output_dir,
+                        check_resume_matches, claim_output_dir, sample_file, warn_idle_eval_options)
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
@@ -67,6 +67,7 @@ class Trainer:
         self.layout = ParallelLayout(info.rank, info.world_size, cfg.parallel.tp_size)
         PeerWatchdog(cfg.parallel.peer_timeout_s).start()
         self.out = Path(cfg.output_dir)
+        self.move_aside = False  # rank 0's check_output_dir: whether --overwrite moves an old run aside
         self.device = torch.device(get_accelerator().current_device_name())
         check_base_precision(cfg.model.base_precision, self.device)
         resume = resume if resume is not None else cfg.checkpoint.resume
@@ -75,6 +76,8 @@ class Trainer:
         agree("reading the tokenizer and model config", self._read_model_config)
         check_model_fits_run(self.model_config, self.layout.tp, self.layout.world, cfg.data.seq_len)
         check_kernels(cfg.model.kernels, self.model_config, self.device)
+        if self.layout.is_main:
+            warn_idle_eval_options(cfg)
         found = _from_main_rank(agree("checking the output directory and the checkpoint to resume",
                                       lambda: self._check_output_dir(resume, overwrite)))
         self.resume_from = None if found is None else Path(found[0])
@@ -102,6 +105,7 @@ class Trainer:
             agree("loading init_adapter", lambda: load_init_adapter(model, cfg.init_adapter))
         if self.resume_from is not None:  # before the random base is saved: a refused resume writes nothing
             agree("checking the checkpoint's base", lambda: check_resumed_base(self.resume_from, model))
+        agree("creating the output directory", self._claim_output_dir)  # the run's checks passed: its first file
         if cfg.model.random_weights:  # drawn per TP shard and stored nowhere else: exports need it
             agree("saving the random base", lambda: save_random_base(model, self.out, self.tokenizer, self.layout,
                                                                      resuming=self.resume_from is not None))
@@ -149,14 +153,12 @@ class Trainer:
             raise ConfigError(str(exc)) from None
 
     def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int]]:
-        """Rank 0: make the output directory ready, check that ``init_adapter`` reads whole, find the checkpoint to
-        resume (every file's sha256 checked) and check it against this config; returns its path and step. Bad input
-        raises ConfigError before any model memory is spent and before anything of the run is written."""
+        """Rank 0: check the output directory (and whether --overwrite moves an old run aside), check that ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and
+        check it against this config; returns its path and step. Bad input raises ConfigError before any model
+        memory is spent and before anything of the run is written."""
         if not self.layout.is_main:
             return None
-        aside = prepare_output_dir(self.cfg, resume, overwrite)
-        if aside is not None:
-            logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
+        self.move_aside = check_output_dir(self.cfg, resume, overwrite)
         if self.cfg.init_adapter:
             from ..convert.init_adapter import check_init_adapter  # imports PEFT: only when it is needed
 
@@ -167,6 +169,13 @@ class Trainer:
         state = read_state(path)
         check_resume_matches(self.cfg, path, state, self.layout.tp, self.layout.dp)
         return str(path), state["train"]["step"]
+
+    def _claim_output_dir(self) -> None:
+        if not self.layout.is_main:
+            return
+        aside = claim_output_dir(self.out, self.move_aside)
+        if aside is not None:
+            logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
 
     def _build_data(self) -> None:
         data, micro = self.cfg.data, self.cfg.train.micro_batch_size
@@ -180,35 +189,33 @@ class Trainer:
                                             self.layout.dp, seed=data.seed)
             return
         from ..data import BatchIterator, build_datasets
+        from ..data.errors import read_data
 
         def build() -> tuple:
-            try:
-                return build_datasets(data, self.tokenizer)
-            except (ValueError, FileNotFoundError) as exc:  # bad rows, missing or empty sources: bad input
-                raise ConfigError(str(exc)) from None
+            return read_data(lambda: build_datasets(data, self.tokenizer))
 
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
         first = agree("building the data", lambda: build() if self.layout.is_main else None)
         built = agree("reading the data", lambda: first if self.layout.is_main else build())
         train_ds, self.eval_ds, stats = built
+        cap = self.cfg.eval.max_batches * micro
+        if self.eval_ds is not None and cap and cap < len(self.eval_ds):  # the same sequences on any layout
+            self.eval_ds = self.eval_ds.select(range(cap))
         self.padding_fraction = stats.train.padding_fraction
-        agree("checking the data", lambda: self._check_splits_fill_a_batch(train_ds))
+        agree("checking the data", lambda: self._check_train_fills_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
                                      one_row=self.one_row, accum_steps=self.cfg.train.grad_accum_steps)
 
-    def _check_splits_fill_a_batch(self, train_ds) -> None:
-        """Both splits must fill one global batch; for eval this would otherwise fail at the first evaluation,
-        after training has run (at the end: before the final checkpoint)."""
-        data, micro, dp = self.cfg.data, self.cfg.train.micro_batch_size, self.layout.dp
-        train_source = "data.sources" if data.sources else f"data.train_path={data.train_path}"
-        eval_source = ("the eval_path and eval_fraction of data.sources" if data.sources else
-                       f"data.eval_path={data.eval_path}" if data.eval_path else
-                       f"the data.eval_fraction={data.eval_fraction} hold-out of data.train_path={data.train_path}")
-        for split, dataset, source in (("train", train_ds, train_source), ("eval", self.eval_ds, eval_source)):
-            if dataset is not None and len(dataset) < micro * dp:
-                raise ConfigError(f"{source}: its {len(dataset)} {split} sequences cannot fill one batch of "
-                                 f"train.micro_batch_size={micro} x {dp} data-parallel ranks; add {split} "
-                                 "rows or lower train.micro_batch_size")
+    def _check_train_fills_a_batch(self, train_ds) -> None:
+        """The train split must fill one global batch (the eval split need not: ``eval_batches`` fills its last
+        micro-batches with rows that take no loss)."""
+        data, t, dp = self.cfg.data, self.cfg.train, self.layout.dp
+        source = "data.sources" if data.sources else f"data.train_path={data.train_path}"
+        if len(train_ds) < t.micro_batch_size * t.grad_accum_steps * dp:
+            raise ConfigError(f"{source}: its {len(train_ds)} train sequences cannot fill one batch of "
+                              f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum_steps="
+                              f"{t.grad_accum_steps} x {dp} data-parallel ranks; add train rows or lower "
+                              "train.micro_batch_size or train.grad_accum_steps")
 
     def _recompute_layers(self) -> Optional[int]:
         """The configured count, or for ``auto`` the fewest recomputed layers that the memory plan fits."""
@@ -253,18 +260,20 @@ class Trainer:
                             tokens_seen=self.state.tokens_seen)
         while self.state.step < t.max_steps:
             reporter.step_started()
+            lr = self.scheduler.get_last_lr()[0]  # this step's rate: the scheduler moves on within the step
             result = self.run_step()
             self.state.step += 1
             self.state.tokens_seen += result.tokens
-            reporter.step_done(self.state.step, result.loss, self.scheduler.get_last_lr()[0], self.state.tokens_seen,
-                               self.state.skipped_batches)
+            reporter.step_done(self.state.step, result.loss, lr, self.state.tokens_seen, self.state.skipped_batches)
             if self._due(self.cfg.eval.every_steps):
                 self.evaluate()
             if self._preempted():
                 reporter.close_bar()
                 self.checkpoint.save()
-                logger.warning("rank %d: signal %s received, checkpoint saved at step %d; exiting with %d",
-                               self.layout.rank, self.preemption.signal, self.state.step, PREEMPTED_EXIT_CODE)
+                got = (f"signal {self.preemption.signal} received" if self.preemption.signal is not None
+                       else "another rank received a preemption signal")
+                logger.warning("rank %d: %s, checkpoint saved at step %d; exiting with %d", self.layout.rank, got,
+                               self.state.step, PREEMPTED_EXIT_CODE)
                 return PREEMPTED_EXIT_CODE
             if self._due(self.cfg.checkpoint.every_steps):
                 self.checkpoint.save()
@@ -281,21 +290,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the held-out split (token-weighted, summed over DP ranks); logged as split 'eval'."""
+        """Mean loss over every sequence of the eval set (the held-out split, capped by ``eval.max_batches``:
+        ``_build_data``), token-weighted over all ranks; logged as split 'eval'."""
         if self.eval_ds is None:
             return None
-        from ..data import eval_batches
+        from ..data import eval_batches, loss_tokens
 
         self.engine.eval()
         total = torch.zeros(2, device=self.device)
         micro = self.cfg.train.micro_batch_size
-        for i, batch in enumerate(eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp,
-                                               one_row=self.one_row)):
-            if self.cfg.eval.max_batches and i >= self.cfg.eval.max_batches:
-                break
+        for batch in eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp, one_row=self.one_row):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            n = (batch["labels"][:, 1:] != -100).sum()
-            total += torch.stack([self.engine(**batch).loss.float() * n, n.float()])
+            n = loss_tokens(batch)  # 0 in a batch of filler rows, whose mean loss is NaN
+            loss_sum = torch.where(n > 0, self.engine(**batch).loss.float() * n, 0.0)
+            total += torch.stack([loss_sum, n.float()])
         self.engine.train()
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp_min(1)).item()
@@ -304,15 +312,15 @@ class Trainer:
 
     @torch.no_grad()
     def _show_samples(self) -> None:
-        """Print the first ``eval.samples`` rows of ``data.eval_path`` with the model's greedy answers (all ranks
-        generate: a TP model needs its whole group)."""
-        count, data = self.cfg.eval.samples, self.cfg.data
-        if not count or data.synthetic or not data.eval_path:
+        """Print the first ``eval.samples`` rows of the first eval file (``preflight.sample_file``) with the model's
+        greedy answers (all ranks generate: a TP model needs its whole group)."""
+        if not self.cfg.eval.samples or sample_file(self.cfg) is None:
             return
         from ..infer.examples import read_examples
         from ..infer.generate import answer, format_samples
 
-        examples = read_examples(data.eval_path, data, count)
+        data = sample_file(self.cfg)
+        examples = read_examples(data.eval_path, data, self.cfg.eval.samples, self.tokenizer.chat_template)
         self.engine.eval()
         answers = answer(self.engine.module, self.tokenizer, examples, data, max_new_tokens=data.seq_len)
         self.engine.train()
