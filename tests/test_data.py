@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from miss_ds.data import (IGNORE_INDEX, BatchIterator, DataConfig, SourceConfig, as_one_row, build_datasets,
-                          count_tokens, eval_batches)
+                          count_tokens, eval_batches, loss_tokens)
 from miss_ds.data.mixing import mix_counts, source_indices
 from miss_ds.data.sequences import best_fit_decreasing
 
@@ -341,12 +341,13 @@ def test_a_data_path_that_is_nowhere_is_refused_at_once_naming_its_key(tmp_path,
 
 def test_an_eval_file_is_read_and_labelled_as_eval(tmp_path, tokenizer, capfd):
     """miss-ds-eval's data: its progress bars say eval, and its bad rows get the advice the caller gives."""
-    from miss_ds.data.pipeline import build_eval_set
+    from miss_ds.data.pipeline import build_eval_splits
     from miss_ds.data.rows import Advice
 
     path = str(write_lines(tmp_path / "held_out.jsonl", PROBLEMS))
     capfd.readouterr()
-    sequences, stats = build_eval_set(DataConfig(seq_len=64), tokenizer, path, "--data", Advice())
+    [split] = build_eval_splits(DataConfig(seq_len=64), tokenizer, Advice(), path=path, key="--data")
+    sequences, stats = split.sequences, split.stats
     bars = capfd.readouterr().err
     assert len(sequences) == stats.rows == 3
     assert "Generating eval split" in bars and f"tokenising eval rows of {path}" in bars and "padding eval" in bars
@@ -354,7 +355,8 @@ def test_an_eval_file_is_read_and_labelled_as_eval(tmp_path, tokenizer, capfd):
     write_lines(tmp_path / "held_out.jsonl", [*PROBLEMS, {"prompt": "q"}])
     with pytest.raises(ValueError, match="held_out.jsonl line 4: missing field 'response'\nFix these rows, or pass "
                                          "--on-bad-row skip to drop them"):
-        build_eval_set(DataConfig(seq_len=64), tokenizer, path, "--data", Advice(skip="pass --on-bad-row skip"))
+        build_eval_splits(DataConfig(seq_len=64), tokenizer, Advice(skip="pass --on-bad-row skip"), path=path,
+                          key="--data")
 
 
 # --- other sources ------------------------------------------------------------------------------
@@ -496,11 +498,16 @@ def test_resume_on_another_layout_takes_the_next_sequences_of_the_global_order()
         BatchIterator(data, micro_batch_size=4, dp_size=3, seed=3).load_state_dict(state)
 
 
-def test_eval_batches_are_one_ordered_pass():
+def test_eval_batches_are_one_ordered_pass_over_every_sequence():
+    """10 sequences in micro-batches of 2 on 2 ranks: 3 micro-batches each, the last run filled with copies of
+    sequence 0 that take no loss; the real rows' labels are kept."""
     data = numbered_sequences(10)
-    rank0 = [int(i) for batch in eval_batches(data, 2, dp_rank=0, dp_size=2) for i in batch["input_ids"][:, 0]]
-    rank1 = [int(i) for batch in eval_batches(data, 2, dp_rank=1, dp_size=2) for i in batch["input_ids"][:, 0]]
-    assert (rank0, rank1) == ([0, 1, 4, 5], [2, 3, 6, 7])
+    ranks = [list(eval_batches(data, 2, dp_rank=rank, dp_size=2)) for rank in (0, 1)]
+    firsts = [[int(i) for batch in batches for i in batch["input_ids"][:, 0]] for batches in ranks]
+    assert firsts == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 0, 0]]
+    assert [int(loss_tokens(batch)) for batch in ranks[1]] == [int(loss_tokens(batch)) for batch in ranks[0][:2]] + [0]
+    assert all(batch["input_ids"].shape == (2, 4) for batch in ranks[0] + ranks[1])
+    assert int(loss_tokens(ranks[0][2])) > 0
 
 
 # --- mixing sources --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Evaluate a trained model on a data file: loss, perplexity and exact match, on one rank or several.
+"""Evaluate a trained model on its eval data or a data file: loss, perplexity and exact match, on one rank or several.
 
     miss-ds-eval --checkpoint runs/tiny-cpu/checkpoints/step_00000150 --answer-regex "The answer is (-?[0-9]+)"
     miss-ds-eval --base merged/ --data data/arith/eval.jsonl --output report.json
@@ -6,9 +6,16 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module miss_ds.cli.evaluate --checkpoint CKPT
 
 The model and its prompt format are named as for miss-ds-generate (--checkpoint / --adapter / --base / --config).
---data defaults to the run's data.eval_path. Loss is the token-weighted cross-entropy of the labels training uses
-(answers only for "instruction" and "chat" data); exact match compares the greedy answer (to eos) with the reference
-answer; --answer-regex also compares what it extracts from both (its first group) and counts the answers it finds.
+Without --data it evaluates what the run's training evaluated: data.eval_path, or with data.sources every source's
+eval_path, each in its source's format; a data.eval_fraction hold-out is rebuilt as training split it (the train
+rows read and checked again, then split with data.seed: the same rows while the train files are unchanged). A run
+that evaluated nothing needs --data, read in the run's data.format. Loss is the token-weighted cross-entropy of the
+labels training uses (answers only for "instruction" and "chat" data); exact match compares the greedy answer (to
+eos) with the reference answer; --answer-regex also compares what it extracts from both (its first group) and counts
+the answers it finds. Both are of the same rows: the usable ones that fit data.seq_len (--limit: the first N of
+each file).
+The report names the files read ("data"), counts the rows used ("rows") and those skipped ("skipped_bad_rows",
+"skipped_too_long_rows"); with several files it gives the figures over all of them, then each file's ("sets").
 Rows are split over data-parallel ranks; --tp splits a base plus miss_ds checkpoint over TP ranks as training does.
 The report (JSON) is printed by rank 0, alone on stdout (logs go to stderr), and written to --output.
 The data (bad rows stop the command unless --on-bad-row skip drops them), --answer-regex and --output are checked
@@ -20,23 +27,24 @@ import argparse
 import json
 import os
 import re
-import sys
 import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import positive_int, read_data, reports_input_errors
-from .generate import add_source_args, deepspeed_logs_to_stderr, tool_advice
+from ..data.errors import read_data
+from .errors import positive_int, reports_input_errors
+from .generate import add_source_args, tool_advice
+from .output import deepspeed_logs_to_stderr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="miss-ds-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
-    p.add_argument("--data", help="data file in the run's format (default: the run's data.eval_path)")
+    p.add_argument("--data", help="data file in the run's format (default: the eval data of the run's training)")
     p.add_argument("--answer-regex", type=_regex,
                    help="extract the answer to compare, e.g. 'The answer is (-?[0-9]+)'")
-    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of each file")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: the run's data.seq_len, else 128")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass of the loss")
@@ -79,24 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from ..distributed import ParallelLayout, agree, init_distributed
-    from ..infer.evaluate import evaluate, read_eval_set
+    from ..data.pipeline import build_eval_splits
+    from ..infer.evaluate import evaluate
+    from ..infer.generate import max_new_tokens
     from ..infer.source import load_model, resolve
     from ..run_config import ConfigError
 
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer, args.on_bad_row)
-    data, key = (args.data, "--data") if args.data else (cfg.eval_path, "data.eval_path")
-    if not data:
-        raise ConfigError("the run has no data.eval_path: pass --data FILE")
     info = init_distributed()
     layout = ParallelLayout(info.rank, info.world_size, args.tp)
-    eval_set = agree("reading the data", lambda: read_data(
-        lambda: read_eval_set(tokenizer, cfg, data, args.limit, key, tool_advice())))
+    eval_sets = agree("reading the data", lambda: read_data(
+        lambda: build_eval_splits(cfg, tokenizer, tool_advice(), args.limit, args.data, "--data")))
+    if not eval_sets:
+        raise ConfigError("the run evaluated no data (no data.eval_path, data.eval_fraction or data.sources[].eval_path"
+                          "): pass --data FILE")
     device, dtype = get_accelerator().current_device_name(), source.dtype(args.dtype)
     model = agree("loading the model", lambda: load_model(source, device, dtype, args.tp))
-    max_new = args.max_new_tokens or (source.run_config.data.seq_len if source.run_config else 128)
-    report = evaluate(model, tokenizer, cfg, eval_set, layout, micro_batch_size=args.batch_size,
+    max_new = args.max_new_tokens or max_new_tokens(source.run_config)
+    report = evaluate(model, tokenizer, eval_sets, layout, micro_batch_size=args.batch_size,
                       max_new_tokens=max_new, answer_regex=args.answer_regex,
                       generate_batch_size=args.generate_batch_size)
     if layout.is_main:

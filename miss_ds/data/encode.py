@@ -9,16 +9,24 @@ and in a packed sequence the previous example's last token must not learn to.
 `prompt_ids` is the one rule for what a model is given to answer: exactly the tokens
 its training examples put before the loss starts. Training (`encode_batch`) and
 generation and evaluation (`miss_ds.infer`) both build prompts with it.
+
+`template_refusal` says which conversations a chat template refuses to render (its
+`raise_exception`, e.g. Gemma 2's and Mistral's for a system turn or turns that do not
+alternate), so that the row checks (`rows.py`) make them bad rows before anything is encoded.
 """
 
 import os
 from typing import Any
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from miss_ds.data.config import DataConfig
 
 IGNORE_INDEX = -100
+# What `template_refusal` renders the special tokens as.
+_NO_SPECIAL_TOKENS = dict.fromkeys(PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES, "")
 
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -115,6 +123,37 @@ def _encode_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
     return ids, labels
 
 
+def template_refusal(messages: list[dict[str, str]], template: str | dict[str, str] | None) -> str:
+    """The message with which `template` (a tokenizer's chat template, or its named templates) refuses one of the
+    renders that encoding `messages` takes (`_renders`), or "" when it refuses none.
+
+    A refusal is the template's `raise_exception`. The template is rendered alone, with every special token empty (a
+    template refuses a conversation for its roles, not for those tokens), so that rows can be checked where only the
+    template is known; any other error of the template is left for encoding to raise.
+    """
+    source = template.get("default") if isinstance(template, dict) else template
+    if not source:
+        return ""
+    for part, generation_prompt in _renders(messages):
+        try:
+            render_jinja_template([part], chat_template=source, add_generation_prompt=generation_prompt,
+                                  **_NO_SPECIAL_TOKENS)
+        except TemplateError as error:
+            return str(error) if type(error) is TemplateError else ""  # subclasses: undefined names, syntax
+    return ""
+
+
+def _renders(messages: list[dict[str, str]], add_generation_prompt: bool = False
+             ) -> list[tuple[list[dict[str, str]], bool]]:
+    """(conversation, add_generation_prompt) of every render `_chat_segments` takes, in its order: the whole
+    conversation, then the conversation before and through each assistant turn."""
+    renders = [(messages, add_generation_prompt)]
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            renders += [(messages[:index], True), (messages[: index + 1], False)]
+    return renders
+
+
 def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
                    add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_turn) pieces.
@@ -129,14 +168,11 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer: PreTrainedTokenize
     common ones do). With `add_generation_prompt` the last piece ends with the
     generation prompt (`prompt_ids`).
     """
-    whole = _render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    whole, *rendered = [_render(part, tokenizer, prompt) for part, prompt in _renders(messages, add_generation_prompt)]
+    assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
     segments: list[tuple[str, bool]] = []
     done = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(messages[:index], tokenizer, add_generation_prompt=True)
-        turn = _render(messages[: index + 1], tokenizer, add_generation_prompt=False)
+    for index, prompt, turn in zip(assistant_turns, rendered[0::2], rendered[1::2], strict=True):
         if not (whole.startswith(prompt) and turn.startswith(prompt) and len(prompt) >= done):
             raise ValueError(f"the chat template does not render message {index} as an extension of the "
                              "conversation before it, so assistant turns cannot be located for loss masking")

@@ -1,9 +1,9 @@
 """`build_datasets`: config + tokenizer -> fixed-length train/eval sets, and what was used or dropped;
-`build_eval_set`: one file -> the eval set of a trained model (miss-ds-eval)."""
+`build_eval_splits`: the eval sets of a trained model (miss-ds-eval): a file, or those its training evaluated."""
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -16,7 +16,7 @@ from miss_ds.data.config import DataConfig
 from miss_ds.data.encode import IGNORE_INDEX, check_tokenizer, encode_batch
 from miss_ds.data.mixing import mix
 from miss_ds.data.rows import (ORIGIN, PROBLEM, Advice, BadRow, bad_rows_message, split_off_bad_rows,
-                               with_role_problems)
+                               with_template_problems)
 from miss_ds.data.sequences import pack_batch, pad_batch
 from miss_ds.data.sources import Role, read_rows
 
@@ -71,6 +71,21 @@ class DataStats:
 
 
 @dataclass
+class EvalSplit:
+    """One eval set of a trained model: a file, or a source's eval_fraction hold-out."""
+
+    name: str
+    """What was read: the file, or which hold-out (`_eval_name`)."""
+    cfg: DataConfig
+    """The config of its source: the format and column names of `rows`."""
+    rows: Dataset
+    """The checked rows in `sequences`, in order: what the answers are asked of, so that the loss and the answers
+    are of the same rows."""
+    sequences: Dataset
+    stats: SplitStats
+
+
+@dataclass
 class _Examples:
     """Encoded examples that fit `seq_len`, and how many rows were dropped on the way."""
 
@@ -104,32 +119,54 @@ def build_datasets(
     evals = [evaluation for _, evaluation in encoded if evaluation is not None]
     if not evals:
         return train, None, DataStats(train_stats, None, source_stats)
-    union = concatenate_datasets([e.examples for e in evals]) if len(evals) > 1 else evals[0].examples
+    # Several sources' eval rows are mixed (seeded), so that an eval capped by eval.max_batches samples every source.
+    union = (concatenate_datasets([e.examples for e in evals]).shuffle(seed=cfg.seed) if len(evals) > 1
+             else evals[0].examples)
     evaluation, eval_stats = _sequences(_joined(evals, union), tokenizer, cfg, "eval")
     logger.info("eval data: %s", eval_stats)
     return train, evaluation, DataStats(train_stats, eval_stats, source_stats)
 
 
-def build_eval_set(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, path: str, key: str, advice: Advice
-                   ) -> tuple[Dataset, SplitStats]:
-    """The sequences of the rows of `path` (named by the setting `key`), built as training builds its eval set, in
-    `cfg`'s format; `advice` says in the caller's terms how to deal with bad rows."""
-    check_tokenizer(tokenizer, cfg)
-    rows, bad = usable_rows(path, cfg, "eval", key, tokenizer.chat_template, advice)
-    examples = _fitting_examples(rows, len(bad), tokenizer, cfg, f"eval rows of {path}", advice)
-    return _sequences(examples, tokenizer, cfg, "eval")
+def build_eval_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, advice: Advice, limit: int | None = None,
+                      path: str | None = None, key: str = "") -> list[EvalSplit]:
+    """The eval sets of a model trained on `cfg`, each built as training builds its eval set: `path` (named by the
+    setting `key`) in `cfg`'s format, else every source's eval set that training evaluated, in its own format (its
+    `eval_path`, or its `eval_fraction` hold-out, split off its usable train rows exactly as training split it);
+    none when training evaluated none.
+
+    Each set keeps its first `limit` (all: None) usable rows that fit `seq_len`; `advice` says in the caller's terms
+    how to deal with bad rows.
+    """
+    if path is not None:
+        check_tokenizer(tokenizer, cfg)
+        rows, bad = usable_rows(path, cfg, "eval", key, tokenizer.chat_template, advice)
+        return [_eval_split(path, cfg, rows, len(bad), tokenizer, advice, limit)]
+    splits = []
+    for index, (source, _) in enumerate(cfg.per_source()):
+        train_key, eval_key = _keys(cfg, index)
+        if not (source.eval_path or source.eval_fraction > 0):
+            continue
+        check_tokenizer(tokenizer, source)
+        if source.eval_path:
+            rows, bad = usable_rows(source.eval_path, source, "eval", eval_key, tokenizer.chat_template, advice)
+        else:  # the rows of the hold-out were checked as train rows: their bad rows are not the hold-out's
+            train_rows, _ = usable_rows(source.train_path, source, "train", train_key, tokenizer.chat_template, advice)
+            rows, bad = _hold_out(train_rows, source)[1], []
+        splits.append(_eval_split(_eval_name(source), source, rows, len(bad), tokenizer, advice, limit))
+    return splits
 
 
 def usable_rows(path: str, cfg: DataConfig, role: Role, key: str, template: str | dict[str, str] | None,
                 advice: Advice = Advice()) -> tuple[Dataset, list[BadRow]]:
     """The good rows of `path` and its bad ones (`cfg.on_bad_row="error"`: a `ValueError` quoting them).
 
-    Chat roles are checked against `template`, the tokenizer's chat template; None leaves them unchecked (rows
-    already checked when they were trained on).
+    Chat rows are checked against `template`, the tokenizer's chat template (`rows.with_template_problems`: roles it
+    does not know, conversations it refuses); None leaves them unchecked (rows already checked when they were
+    trained on).
     """
     rows = read_rows(path, cfg, role, key)
     if template is not None:
-        rows = with_role_problems(rows, cfg, template)
+        rows = with_template_problems(rows, cfg, template)
     rows, bad = split_off_bad_rows(rows, cfg, advice)
     if bad:
         logger.warning("skipped bad rows of %s: %s", path, bad_rows_message(bad))
@@ -159,13 +196,36 @@ def _source_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, keys: 
     train_rows, train_bad = usable_rows(cfg.train_path, cfg, "train", keys[0], template)
     eval_rows, eval_bad = usable_rows(cfg.eval_path, cfg, "eval", keys[1], template) if cfg.eval_path else (None, [])
     if cfg.eval_fraction > 0:
-        held_out = train_rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-        train_rows, eval_rows = held_out["train"], held_out["test"]
+        train_rows, eval_rows = _hold_out(train_rows, cfg)
     train = _fitting_examples(train_rows, len(train_bad), tokenizer, cfg, f"train rows of {cfg.train_path}")
     if eval_rows is None:
         return train, None
-    source = cfg.eval_path or f"the eval_fraction hold-out of {cfg.train_path}"
-    return train, _fitting_examples(eval_rows, len(eval_bad), tokenizer, cfg, f"eval rows of {source}")
+    return train, _fitting_examples(eval_rows, len(eval_bad), tokenizer, cfg, f"eval rows of {_eval_name(cfg)}")
+
+
+def _hold_out(train_rows: Dataset, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """The usable train rows of a source split into (train, eval) by `cfg.eval_fraction`, seeded by `cfg.seed`: the
+    same split whenever the same rows are read."""
+    held_out = train_rows.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+    return held_out["train"], held_out["test"]
+
+
+def _eval_name(cfg: DataConfig) -> str:
+    """What a source's eval rows are read from, for messages and reports."""
+    return cfg.eval_path or f"the eval_fraction hold-out of {cfg.train_path}"
+
+
+def _eval_split(name: str, cfg: DataConfig, rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase,
+                advice: Advice, limit: int | None) -> EvalSplit:
+    """The first `limit` (all: None) of `rows` that fit `seq_len`, as sequences and as rows (selected by their
+    origins, which name one row each)."""
+    examples = _fitting_examples(rows, bad_rows, tokenizer, cfg, f"eval rows of {name}", advice)
+    if limit is not None and limit < len(examples.examples):
+        examples = replace(examples, examples=examples.examples.select(range(limit)))
+    used = set(examples.examples[ORIGIN])
+    rows = rows.filter(lambda origin: origin in used, input_columns=ORIGIN, desc=f"selecting the eval rows of {name}")
+    sequences, stats = _sequences(examples, tokenizer, cfg, "eval")
+    return EvalSplit(name, cfg, rows, sequences, stats)
 
 
 def _fitting_examples(rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str,

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from datasets import Dataset, Features, List, Value
 
 from miss_ds.data.config import FORMATS, DataConfig
+from miss_ds.data.encode import template_refusal
 
 ORIGIN = "_origin"
 PROBLEM = "_problem"
@@ -86,17 +87,18 @@ def checked_row(row: Any, origin: str, cfg: DataConfig, problem: str | None = No
     return {**fields, ORIGIN: origin, PROBLEM: problem or ""}
 
 
-def with_role_problems(rows: Dataset, cfg: DataConfig, template: str | dict[str, str] | None) -> Dataset:
-    """Checked chat rows with a message whose role `template` does not know (`template_roles`) marked bad too.
+def with_template_problems(rows: Dataset, cfg: DataConfig, template: str | dict[str, str] | None) -> Dataset:
+    """Checked chat rows with the conversations `template` cannot train on marked bad too: a message whose role it
+    does not know (`template_roles`), or a conversation it refuses to render (`encode.template_refusal`).
 
     A template renders an unknown role however it happens to (under its own name, as nothing, or with an error),
-    so such a turn would train the model on a conversation it is never shown.
+    so such a turn would train the model on a conversation it is never shown; a refused one cannot be encoded.
     """
     if cfg.format != "chat":
         return rows
-    roles = template_roles(template)
-    return rows.map(partial(_role_problems, field=cfg.messages_field, roles=roles), batched=True,
-                    input_columns=[cfg.messages_field, PROBLEM], desc="checking the roles")
+    check = partial(_template_problems, field=cfg.messages_field, roles=template_roles(template), template=template)
+    return rows.map(check, batched=True, input_columns=[cfg.messages_field, PROBLEM], num_proc=cfg.num_proc,
+                    desc="checking the conversations against the chat template")
 
 
 def template_roles(template: str | dict[str, str] | None) -> tuple[str, ...]:
@@ -182,10 +184,11 @@ def _messages_problem(messages: Any, field: str) -> str | None:
     return None
 
 
-def _role_problems(messages: list[list[dict[str, str]]], problems: list[str], field: str, roles: tuple[str, ...]
-                   ) -> dict[str, list[str]]:
-    """`datasets.map` function: each row's problem, or the first of its messages whose role is not in `roles`."""
-    return {PROBLEM: [problem or _role_problem(conversation, field, roles)
+def _template_problems(messages: list[list[dict[str, str]]], problems: list[str], field: str,
+                       roles: tuple[str, ...], template: str | dict[str, str] | None) -> dict[str, list[str]]:
+    """`datasets.map` function: each row's problem, else its first message whose role is not in `roles`, else the
+    template's refusal of it."""
+    return {PROBLEM: [problem or _role_problem(conversation, field, roles) or _refusal_problem(conversation, template)
                       for conversation, problem in zip(messages, problems, strict=True)]}
 
 
@@ -196,3 +199,12 @@ def _role_problem(messages: list[dict[str, str]], field: str, roles: tuple[str, 
             return (f"{field}[{number}] has role {message['role']!r}, which the chat template does not know: "
                     f"use one of {', '.join(roles)}")
     return ""
+
+
+def _refusal_problem(messages: list[dict[str, str]], template: str | dict[str, str] | None) -> str:
+    """Why `template` refuses to render a conversation ("" when it renders it)."""
+    refusal = template_refusal(messages, template)
+    if not refusal:
+        return ""
+    return (f"the tokenizer's chat template refuses this conversation ({refusal}): merge a system message into the "
+            "first user turn, let user and assistant turns alternate, or choose a tokenizer whose template accepts it")

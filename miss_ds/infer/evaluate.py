@@ -1,11 +1,16 @@
-"""Evaluate a model on a data file: loss/perplexity, and exact match where the format has reference answers.
+"""Evaluate a model on eval sets: loss/perplexity, and exact match where the format has reference answers.
+
+The eval sets (``data.pipeline.build_eval_splits``) are a data file, or those the run's training evaluated (every
+source's ``eval_path`` or ``eval_fraction`` hold-out), each in its own source's format. Both passes read the same
+rows of a set: those that are usable and fit ``data.seq_len`` (the others were skipped and counted, or stopped the
+command, as ``on_bad_row`` says).
 
 Loss: the token-weighted mean cross-entropy of the labels the data pipeline builds for training (answers only for
-"instruction" and "chat", every token for "text"), over every sequence of the file. Exact match: the greedy answer
-(up to eos, special tokens dropped, whitespace stripped) equals the reference answer. With ``answer_regex`` the
-answer is also extracted from both (the regex's first group, or its whole match): ``answer_found`` is the share of
-generated answers the regex finds an answer in (well-formed ones), ``answer_match`` the share whose extracted answer
-equals the reference's.
+"instruction" and "chat", every token for "text"), over every sequence of the set. Exact match: the greedy answer
+(up to eos, special tokens dropped, whitespace stripped) equals the reference answer, over the rows that have one.
+With ``answer_regex`` the answer is also extracted from both (the regex's first group, or its whole match):
+``answer_found`` is the share of generated answers the regex finds an answer in (well-formed ones),
+``answer_match`` the share whose extracted answer equals the reference's.
 
 Rows are split over the data-parallel ranks (rank k takes rows k, k + dp, ...; the ranks of a TP group take the same
 rows) and the sums are all-reduced, so any rank count gives the same report.
@@ -14,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -23,38 +27,13 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 
-from ..data.config import DataConfig
 from ..data.encode import IGNORE_INDEX
-from ..data.rows import Advice
+from ..data.pipeline import EvalSplit
 from ..distributed import ParallelLayout
-from .examples import Example, read_examples
+from .examples import Example, example_of
 from .generate import answer
 
 SAMPLES = 5  # rows shown in the report
-
-
-@dataclass
-class EvalSet:
-    """What ``evaluate`` reads of a data file, all of it checked before a model is loaded."""
-
-    path: str
-    sequences: Dataset
-    """The rows built as training builds its eval set (the loss)."""
-    examples: list[Example]
-    """The rows with a reference answer, as prompts (exact match)."""
-
-
-def read_eval_set(tokenizer: Any, cfg: DataConfig, path: str, limit: Optional[int], key: str,
-                  advice: Advice) -> EvalSet:
-    """The first ``limit`` (all: None) rows of ``path`` (named by the setting ``key``) in ``cfg``'s format; bad rows
-    raise ``ValueError`` (``advice`` says what to do) or are dropped, as ``cfg.on_bad_row`` says."""
-    from ..data.pipeline import build_eval_set
-
-    sequences, _ = build_eval_set(cfg, tokenizer, path, key, advice)
-    if limit is not None:
-        sequences = sequences.select(range(min(limit, len(sequences))))
-    examples = read_examples(path, cfg, limit, tokenizer.chat_template, key, advice)
-    return EvalSet(str(path), sequences, [e for e in examples if e.reference is not None])
 
 
 @torch.no_grad()
@@ -96,27 +75,45 @@ def match_counts(examples: list[Example], answers: list[str], pattern: Optional[
     return counts
 
 
-def evaluate(model: nn.Module, tokenizer: Any, cfg: DataConfig, data: EvalSet, layout: ParallelLayout, *,
-             micro_batch_size: int = 16, max_new_tokens: int = 64, answer_regex: Optional[str] = None,
+def evaluate(model: nn.Module, tokenizer: Any, data: list[EvalSplit], layout: ParallelLayout, *,
+             micro_batch_size: int, max_new_tokens: int, answer_regex: Optional[str] = None,
              generate_batch_size: int = 128) -> dict[str, Any]:
-    """The report of ``model`` on ``data`` (every rank calls it; each gets the whole report)."""
+    """The report of ``model`` on ``data`` (every rank calls it; each gets the whole report): one set's figures, or
+    with several sets their figures over all of them, then each set's under "sets"."""
     device = next(model.parameters()).device
-    loss, tokens = loss_sums(model, data.sequences, layout, micro_batch_size)
-    mine = data.examples[layout.dp_rank::layout.dp]
-    answers = answer(model, tokenizer, mine, cfg, max_new_tokens, generate_batch_size) if mine else []
     pattern = re.compile(answer_regex) if answer_regex else None
-    sums = torch.tensor([loss, tokens, *match_counts(mine, answers, pattern)], dtype=torch.float64, device=device)
+    sums, samples = [], []
+    for part in data:
+        loss, tokens = loss_sums(model, part.sequences, layout, micro_batch_size)
+        rows = part.rows.select(range(layout.dp_rank, len(part.rows), layout.dp))
+        mine = [e for e in (example_of(row, part.cfg) for row in rows) if e.reference is not None]
+        answers = answer(model, tokenizer, mine, part.cfg, max_new_tokens, generate_batch_size) if mine else []
+        sums.append([loss, tokens, *match_counts(mine, answers, pattern)])
+        samples += [{"prompt": e.prompt_text(), "reference": e.reference, "answer": a}
+                    for e, a in zip(mine[:SAMPLES - len(samples)], answers)]
+    totals = torch.tensor(sums, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(sums)
-        sums /= layout.tp  # the ranks of a TP group evaluated the same rows
-    loss_sum, tokens, rows, exact, found, matched = sums.tolist()
+        dist.all_reduce(totals)
+        totals /= layout.tp  # the ranks of a TP group evaluated the same rows
+    per_set = [_figures(row, [part], answer_regex) for row, part in zip(totals.tolist(), data)]
+    if len(data) == 1:
+        return {**per_set[0], "samples": samples}
+    return {**_figures(totals.sum(0).tolist(), data, answer_regex), "samples": samples, "sets": per_set}
+
+
+def _figures(sums: list[float], parts: list[EvalSplit], answer_regex: Optional[str]) -> dict[str, Any]:
+    """The report's figures of ``parts`` from their summed [loss, loss tokens, answered rows, exact matches, answers
+    found, answers matched]: the files read, the rows used by both passes and those skipped, counted once."""
+    loss_sum, tokens, answered, exact, found, matched = sums
     mean = loss_sum / max(tokens, 1)
-    report: dict[str, Any] = {"data": data.path, "format": cfg.format, "loss": mean, "perplexity": math.exp(mean),
-                              "loss_tokens": int(tokens), "rows": int(rows),
-                              "exact_match": exact / rows if rows else None}
-    if pattern is not None:
-        report.update(answer_regex=answer_regex, answer_found=found / rows if rows else None,
-                      answer_match=matched / rows if rows else None)
-    report["samples"] = [{"prompt": e.prompt_text(), "reference": e.reference, "answer": a}
-                         for e, a in zip(mine[:SAMPLES], answers[:SAMPLES])]
-    return report
+    names, formats = [p.name for p in parts], [p.cfg.format for p in parts]
+    figures: dict[str, Any] = {
+        "data": names[0] if len(parts) == 1 else names, "format": formats[0] if len(parts) == 1 else formats,
+        "loss": mean, "perplexity": math.exp(mean), "loss_tokens": int(tokens),
+        "rows": sum(p.stats.rows for p in parts), "skipped_bad_rows": sum(p.stats.bad_rows for p in parts),
+        "skipped_too_long_rows": sum(p.stats.too_long_rows for p in parts),
+        "exact_match": exact / answered if answered else None}
+    if answer_regex is not None:
+        figures.update(answer_regex=answer_regex, answer_found=found / answered if answered else None,
+                       answer_match=matched / answered if answered else None)
+    return figures

@@ -41,7 +41,8 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None
     """The first ``limit`` (all: None) usable rows of a data file (any source ``data.train_path`` takes) as examples;
     a ``.txt`` file is one bare prompt per line.
 
-    ``template``, the tokenizer's chat template, checks the roles of chat rows (None: rows the run already checked);
+    ``template``, the tokenizer's chat template, checks chat rows (``data.rows.with_template_problems``: roles it does
+    not know, conversations it refuses; None: rows the run already checked);
     ``key`` is the setting that named ``path`` and ``advice`` what to do about bad rows, for errors.
     """
     if Path(path).suffix == ".txt":

@@ -16,6 +16,15 @@ from ..data.config import DataConfig
 from ..data.encode import prompt_ids
 from .examples import Example
 
+#: Tokens an answer may have when the run that trained the model is not known (an export without its run config).
+UNKNOWN_RUN_MAX_NEW_TOKENS = 128
+
+
+def max_new_tokens(run_config: Any) -> int:
+    """How long an answer may be by default: the run's ``data.seq_len`` (no trained sequence was longer), else
+    ``UNKNOWN_RUN_MAX_NEW_TOKENS``."""
+    return run_config.data.seq_len if run_config is not None else UNKNOWN_RUN_MAX_NEW_TOKENS
+
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: Sequence[list[int]], eos_id: int, pad_id: int, max_new_tokens: int,

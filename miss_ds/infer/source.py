@@ -26,8 +26,8 @@ from torch import nn
 
 from ..adapter_io import ADAPTER_CONFIG
 from ..checkpoint_files import ADAPTER_DIR
-from ..convert.output import RUN_CONFIG_FILE
-from ..convert.source import Adapter, known_base, read_adapter, read_base_config
+from ..convert.output import RUN_CONFIG_FILE, read_run_config
+from ..convert.source import Adapter, is_peft_adapter, known_base, read_adapter, read_base_config
 from ..data.config import DataConfig
 from ..families import family_of
 from ..run_config import ConfigError, RunConfig, config_from_dict, load_config
@@ -35,7 +35,6 @@ from ..run_config import ConfigError, RunConfig, config_from_dict, load_config
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer_config.json"
-PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter directory's config (as convert.peft, which imports PEFT)
 
 
 @dataclass
@@ -93,7 +92,7 @@ def resolve(checkpoint: Optional[str] = None, adapter: Optional[str] = None, bas
         adapter_dir = Path(adapter)
         recorded = _read_peft_config(adapter_dir).get("base_model_name_or_path")
         if not (base or recorded):
-            raise ConfigError(f"{adapter_dir / PEFT_CONFIG} names no base model: pass --base")
+            raise ConfigError(f"{adapter_dir / ADAPTER_CONFIG} names no base model: pass --base")
         return Source(_supported(Path(base or recorded)), peft_adapter=adapter_dir,
                       run_config=run_config or _recorded_run_config(adapter_dir))
     if not base:
@@ -104,10 +103,9 @@ def resolve(checkpoint: Optional[str] = None, adapter: Optional[str] = None, bas
 def _read_peft_config(directory: Path) -> dict[str, Any]:
     """The adapter_config.json of the PEFT adapter ``--adapter`` names; a miss_ds checkpoint or adapter (no
     ``peft_type``) is sent to ``--checkpoint``."""
-    file = directory / PEFT_CONFIG
-    raw = json.loads(file.read_text()) if file.is_file() else {}
-    if "peft_type" in raw:
-        return raw
+    file = directory / ADAPTER_CONFIG
+    if is_peft_adapter(directory):
+        return json.loads(file.read_text())
     if file.is_file() or (directory / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"--adapter {directory} is a miss_ds checkpoint or adapter, not a PEFT export: pass it as "
                           "--checkpoint")
@@ -122,8 +120,8 @@ def _supported(base: Path) -> Path:
 
 
 def _recorded_run_config(directory: Path) -> Optional[RunConfig]:
-    path = directory / RUN_CONFIG_FILE
-    return config_from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
+    recorded = read_run_config(directory)
+    return None if recorded is None else config_from_dict(recorded, str(directory / RUN_CONFIG_FILE))
 
 
 def load_model(source: Source, device: torch.device | str, dtype: torch.dtype, tp: int = 1) -> nn.Module:
