@@ -10,8 +10,8 @@
                              run config
       manifest.json          every file's size and sha256 (miss_ds.atomic)
 
-``miss_ds.train.checkpoint`` writes and restores it; the conversion tools, ``init_adapter`` loading and the trainer's
-preflight read it through the functions here.
+``miss_ds.train.checkpoint`` writes and restores it; the trainer's resume check, the conversion tools, ``init_adapter``
+loading and the inference tools' model sources (``miss_ds.infer.source``) read it through the names here.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from .adapter_io import ADAPTER_CONFIG
 from .atomic import MANIFEST, CheckpointError, verify
 
 ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE = "adapter", "optimizer", "rng", "trainer_state.json"
+#: Where a run on a random base keeps that base, beside ``checkpoints/`` in its output_dir (``miss_ds.random_base``).
+BASE_DIR = "base"
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:

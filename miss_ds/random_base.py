@@ -32,6 +32,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from . import fingerprint
 from .adapter_io import base_summary
+from .checkpoint_files import BASE_DIR
 from .distributed import ParallelLayout
 from .hf_checkpoint import HFCheckpoint, ShardedWriter
 from .layers import assemble
@@ -40,7 +41,6 @@ from .run_config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-BASE_DIR = "base"
 MAX_BYTES = 2 * 2**30
 MAX_SHARD = "5GB"
 

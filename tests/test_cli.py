@@ -186,3 +186,20 @@ def test_convert_refuses_an_adapter_that_does_not_fit_in_one_line(export_tp2, tm
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("launcher", [{"RANK": "1", "WORLD_SIZE": "2"}, {"OMPI_COMM_WORLD_RANK": "1",
+                                      "OMPI_COMM_WORLD_SIZE": "2"}, {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0",
+                                      "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n1"}])
+def test_bad_input_is_printed_by_rank_0_alone_under_every_launcher(monkeypatch, capsys, launcher):
+    """Under mpirun and srun (no RANK variable) rank 1 used to print the error line too (and log at INFO)."""
+    from miss_ds.cli.errors import report_input_error
+    from miss_ds.run_config import ConfigError
+
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
+    assert report_input_error(ConfigError("bad")) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv(next(key for key in launcher if "RANK" in key or "PROCID" in key), "0")
+    assert report_input_error(ConfigError("bad")) == 2 and capsys.readouterr().err == "error: bad\n"

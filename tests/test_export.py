@@ -161,6 +161,94 @@ def test_import_of_an_adapter_trained_with_peft(tmp_path, mode):
     _close(_logits(model), want)
 
 
+def test_init_adapter_reads_a_peft_adapter_saved_as_bin(tmp_path):
+    """PEFT's older ``.bin`` format: ``check_init_adapter`` takes it and ``load_init_adapter`` gives the PEFT model's
+    logits (it used to be read as a miss_ds adapter, failing after the model was built); a LoRA adapter is refused by
+    the early check, before any model is built."""
+    from peft import LoraConfig, get_peft_model
+    from peft import MissConfig as PeftMissConfig
+
+    from miss_ds.convert.init_adapter import check_init_adapter, load_init_adapter
+    from miss_ds.convert.peft import read_peft_config
+    from miss_ds.run_config import ConfigError
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base, PeftMissConfig(r=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "miss_block" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft", safe_serialization=False)
+    assert (tmp_path / "peft" / "adapter_model.bin").is_file()
+    want = _logits(peft_model)
+    check_init_adapter(tmp_path / "peft")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    apply_miss(model, read_peft_config(tmp_path / "peft"))
+    load_init_adapter(model, tmp_path / "peft")
+    _close(_logits(model), want)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ConfigError, match=r"init_adapter=.*lora: .* of type 'LORA', not MiSS"):
+        check_init_adapter(tmp_path / "lora")
+
+
+def test_init_adapter_with_modules_this_run_would_not_train_is_refused(tmp_path):
+    """An adapter's trained lm_head loaded into a run that keeps lm_head frozen would shape every step, yet the run's
+    checkpoints would not save it: refused; a run that trains lm_head takes it."""
+    from miss_ds.convert.init_adapter import load_init_adapter
+    from miss_ds.run_config import ConfigError
+
+    torch.manual_seed(0)
+    trained = LlamaForCausalLM(tiny_llama_config())
+    miss = MissConfig(r=8, init_weights=False, modules_to_save=["lm_head"])
+    apply_miss(trained, miss)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_io.write_adapter_config(adapter, miss, trained, 1)
+    adapter_io.write_adapter_shard(adapter, adapter_state_dict(trained, miss), 0, 1)
+    for modules_to_save in ([], ["lm_head"]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        apply_miss(model, MissConfig(r=8, modules_to_save=modules_to_save))
+        if not modules_to_save:
+            with pytest.raises(ConfigError, match=r"holds trained \['lm_head.weight'\], which this run's "
+                                                  r"miss.modules_to_save does not train"):
+                load_init_adapter(model, adapter)
+        else:
+            load_init_adapter(model, adapter)
+            assert torch.equal(model.lm_head.weight, trained.lm_head.weight)
+
+
+def test_init_adapter_from_a_peft_export_checks_its_base(tmp_path, caplog):
+    """A PEFT export records the fingerprint of the base its adapter was trained on (PEFT's config has no place for
+    it), so init_adapter warns about another base as it does for a miss_ds adapter (it used to say nothing)."""
+    from miss_ds import fingerprint
+    from miss_ds.convert.init_adapter import load_init_adapter
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config())
+    base.save_pretrained(tmp_path / "base")
+    miss = MissConfig(r=8, init_weights=False)
+    apply_miss(base, miss)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_io.write_adapter_config(adapter, miss, base, 1, fingerprint.of_model(base))
+    adapter_io.write_adapter_shard(adapter, adapter_state_dict(base, miss), 0, 1)
+    write_peft_adapter(adapter, tmp_path / "peft", tmp_path / "base")
+    for seed, warned in ((0, False), (1, True)):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config())
+        apply_miss(model, MissConfig(r=8))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load_init_adapter(model, tmp_path / "peft")
+        assert any("was trained on another base than this run's base" in r.getMessage()
+                   for r in caplog.records) == warned, seed
+
+
 def test_modules_to_save_are_merged_exported_and_resharded(tmp_path):
     from peft import PeftModel
 

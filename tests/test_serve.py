@@ -273,6 +273,18 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"out": out, "checkpoint": out / "checkpoints" / f"step_{TINY_STEPS:08d}", "stdout": proc.stdout}
 
 
+def test_a_moved_run_finds_the_random_base_beside_its_checkpoints(tiny_run, tmp_path):
+    """The random base a run saved is found beside its checkpoints once the run directory has moved (--overwrite
+    moves an old run aside, and a new run then saves another base at the old place): the recorded path is that old
+    place, so the tools used to check the adapter against the wrong base."""
+    from miss_ds.convert.source import known_base, read_adapter
+
+    moved = shutil.copytree(tiny_run["out"], tmp_path / "moved")
+    adapter = read_adapter(moved / "checkpoints" / tiny_run["checkpoint"].name)
+    assert adapter.meta["base_model"]["name_or_path"] == str(tiny_run["out"] / "base")
+    assert known_base(adapter) == moved / "base"
+
+
 def _printed_answers(text: str) -> list[str]:
     return [line.split("model:", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("model:")]
 
@@ -315,6 +327,24 @@ def test_generate_prints_only_answers_on_stdout(tiny_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "real_accelerator" in proc.stderr and "real_accelerator" not in proc.stdout, proc.stdout
     assert len(_printed_answers(proc.stdout)) == 1
+
+
+def test_convert_and_reshard_print_one_line_on_stdout(tiny_run, tmp_path):
+    """miss-ds-convert and miss-ds-reshard, with the accelerator left to DeepSpeed to detect: its log line goes to
+    stderr, stdout holds the one line that says what was written; the resharded adapter keeps the run config."""
+    from miss_ds.convert.source import read_adapter
+
+    detect = {k: v for k, v in env().items() if k != "DS_ACCELERATOR"}
+    ckpt = str(tiny_run["checkpoint"])
+    for tool, extra in (("convert", ["--peft"]), ("reshard", ["--tp", "2"])):
+        out = tmp_path / tool
+        proc = subprocess.run([sys.executable, "-m", f"miss_ds.cli.{tool}", "--checkpoint", ckpt, "--output", str(out),
+                               *extra], cwd=ROOT, env=detect, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "real_accelerator" in proc.stderr, (tool, proc.stderr[-3000:])
+        assert proc.stdout.splitlines() == [proc.stdout.strip()] and str(out) in proc.stdout, proc.stdout
+    # The resharded adapter carries the run config too, so the tools prompt it in the run's format.
+    assert read_adapter(tmp_path / "reshard").run_config == read_adapter(ckpt).run_config is not None
 
 
 def _eval_report(proc: subprocess.CompletedProcess) -> dict:

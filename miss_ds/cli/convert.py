@@ -25,6 +25,7 @@ import argparse
 import sys
 
 from .errors import reports_input_errors
+from .output import deepspeed_logs_to_stderr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    deepspeed_logs_to_stderr()
     if args.merge:
         from ..convert.merge import merge_to_hf
 

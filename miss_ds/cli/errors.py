@@ -1,19 +1,18 @@
 """The tools' contract for bad input, as miss-ds-train's: a known input error prints one ``error: ...`` line and the
 tool exits 2, before heavy work where it can be found early; any other failure keeps its traceback (exit 1).
 
-Known input errors are the project's own error classes (each says what is wrong and what to do), the files and
-directories the user named that are missing or in the way, and what ``read_data`` finds wrong with the data.
+Known input errors are the project's own error classes (each says what is wrong and what to do) and the files and
+directories the user named that are missing or in the way; what is wrong with the data arrives as ``ConfigError``
+(``miss_ds.data.errors.read_data``).
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 Main = Callable[[Optional[list[str]]], int]
-T = TypeVar("T")
 
 
 def reports_input_errors(main: Main) -> Main:
@@ -26,10 +25,19 @@ def reports_input_errors(main: Main) -> Main:
         except Exception as exc:
             if not isinstance(exc, input_errors()):
                 raise
-            if int(os.environ.get("RANK", "0")) == min(getattr(exc, "failed_ranks", [0])):
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 2
+            return report_input_error(exc)
     return checked
+
+
+def report_input_error(exc: Exception) -> int:
+    """Print the ``error:`` line of bad input ``exc`` (once in a multi-rank job: by the first rank that found it,
+    as ``distributed.agree`` records; ranks as ``distributed.discover`` finds them under any launcher) and return the
+    exit code, 2."""
+    from ..distributed import discover
+
+    if discover().rank == min(getattr(exc, "failed_ranks", [0])):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    return 2
 
 
 def input_errors() -> tuple[type[Exception], ...]:
@@ -43,19 +51,6 @@ def input_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, UnsupportedModel, MissShapeError, OtherBaseError, CheckpointError, AdapterMismatch,
             FileNotFoundError, FileExistsError)
-
-
-def read_data(read: Callable[[], T]) -> T:
-    """``read()``, which reads the data files a tool was given; their problems (bad rows, empty or missing sources, a
-    tokenizer unfit for the format: ``ValueError`` from miss_ds.data) become ``ConfigError``, as in training."""
-    from ..run_config import ConfigError
-
-    try:
-        return read()
-    except ValueError as exc:
-        if isinstance(exc, input_errors()):
-            raise
-        raise ConfigError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:

@@ -15,12 +15,13 @@ Bad rows stop the command, quoted by file and line, unless --on-bad-row skip dro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from typing import TYPE_CHECKING
 
 from ..data.config import BAD_ROW_POLICIES
-from .errors import positive_int, read_data, reports_input_errors
+from ..data.errors import read_data
+from .errors import positive_int, reports_input_errors
+from .output import deepspeed_logs_to_stderr
 
 if TYPE_CHECKING:
     from ..data.rows import Advice
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a data file in the run's format, or a .txt file of one prompt per line")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of --prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="default: the run's data.seq_len, else 128")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompts:
@@ -63,14 +65,6 @@ def tool_advice() -> Advice:
                   fit="Shorten these rows (the model was trained on sequences of the run's data.seq_len)")
 
 
-def deepspeed_logs_to_stderr() -> None:
-    """Send DeepSpeed's log lines (the accelerator it detects, at import) to stderr, so that stdout carries the
-    command's output alone (answers, a report): DeepSpeed's logger writes to the stream that is ``sys.stdout`` when
-    DeepSpeed is first imported, which is here (the commands import nothing of it before)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
-
-
 def _cuda() -> bool:
     import torch
 
@@ -79,12 +73,12 @@ def _cuda() -> bool:
 
 @reports_input_errors
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    deepspeed_logs_to_stderr()  # before anything imports DeepSpeed
     from ..infer.examples import Example, read_examples
-    from ..infer.generate import answer, format_samples
+    from ..infer.generate import answer, format_samples, max_new_tokens
     from ..infer.source import load_model, resolve
 
-    args = parse_args(argv)
-    deepspeed_logs_to_stderr()
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer, args.on_bad_row)
@@ -93,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         examples += read_data(lambda: read_examples(args.prompts, cfg, args.limit, tokenizer.chat_template,
                                                     "--prompts", tool_advice()))
     model = load_model(source, args.device, source.dtype(args.dtype))
-    print(format_samples(examples, answer(model, tokenizer, examples, cfg, args.max_new_tokens)))
+    longest = args.max_new_tokens or max_new_tokens(source.run_config)
+    print(format_samples(examples, answer(model, tokenizer, examples, cfg, longest)))
     return 0
 
 

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from .errors import positive_int, reports_input_errors
+from .output import deepspeed_logs_to_stderr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @reports_input_errors
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    deepspeed_logs_to_stderr()
     from ..convert.reshard import reshard_adapter
 
-    args = parse_args(argv)
     out = reshard_adapter(args.checkpoint, args.tp, args.output, args.base, args.tp_grain_size)
     print(f"adapter for tp_size={args.tp} written to {out}")
     return 0

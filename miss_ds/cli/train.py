@@ -21,7 +21,8 @@ from ..train.preemption import Preemption  # imports no torch (miss_ds and miss_
 
 def main(argv: list[str] | None = None) -> int:
     preemption = Preemption().install()  # before anything slow: a notice while loading must not kill us
-    from ..run_config import ConfigError, load_config
+    from ..run_config import load_config
+    from .errors import input_errors, report_input_error
 
     parser = argparse.ArgumentParser(prog="miss-ds-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start over in an output_dir that holds a run (the old run is moved aside, not deleted)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    from ..distributed import discover
+
+    rank = discover().rank  # deepspeed/torchrun, mpirun or srun: rank 0 alone logs at INFO
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -44,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..train.trainer import Trainer
 
         trainer = Trainer(cfg, resume=args.resume, preemption=preemption, overwrite=args.overwrite)
-    except ConfigError as exc:  # bad input: one line, printed once (by the first rank that found it)
-        if rank == min(getattr(exc, "failed_ranks", [0])):
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except input_errors() as exc:  # bad input: one line, printed once (by the first rank that found it)
+        return report_input_error(exc)
     try:
         return trainer.train()
     finally:
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 def record_exit_code(code: int) -> None:
     """Write the exit code to $MISS_DS_EXIT_FILE (rank 0), for launch/deepspeed.sh: DeepSpeed's launcher exits 1
     whenever it is signalled itself, even when every rank saved a checkpoint and exited 85."""
+    from ..distributed import discover
+
     path = os.environ.get("MISS_DS_EXIT_FILE")
-    if path and int(os.environ.get("RANK", "0")) == 0:
+    if path and discover().rank == 0:
         with open(path, "w") as f:
             f.write(f"{code}\n")
 

@@ -35,9 +35,30 @@ def copy_model_files(base: Path | str, output: Path) -> list[str]:
 #: The training run's config, written next to every export of a training checkpoint: generation and evaluation read
 #: the prompt format the model was trained with from it (``data.format``, ``data.prompt_separator``).
 RUN_CONFIG_FILE = "miss_ds_run_config.json"
+#: Where a PEFT export records the fingerprint of its base (``fingerprint``).
+FINGERPRINT_FILE = "miss_ds_base_fingerprint.json"
 
 
 def write_run_config(output: Path, run_config: Optional[dict[str, Any]]) -> None:
     """Record the run config of the exported adapter's training run in ``output`` (nothing for a bare adapter)."""
     if run_config is not None:
         (output / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
+
+
+def write_base_fingerprint(output: Path, recorded: Optional[list]) -> None:
+    """Record the fingerprint of the base the exported adapter was trained on (its ``base_fingerprint``) beside a
+    PEFT export, whose own config has no place for it: ``init_adapter`` checks it (nothing when none is recorded)."""
+    if recorded is not None:
+        (output / FINGERPRINT_FILE).write_text(json.dumps(recorded))
+
+
+def read_base_fingerprint(export: Path) -> Optional[list]:
+    """The base fingerprint an export records (``write_base_fingerprint``), or None."""
+    path = Path(export) / FINGERPRINT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_run_config(export: Path) -> Optional[dict[str, Any]]:
+    """The run config an export records (``write_run_config``), or None."""
+    path = Path(export) / RUN_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -15,14 +15,13 @@ import torch
 from peft import MissConfig as PeftMissConfig
 from safetensors.torch import load_file
 
-from ..adapter_io import AdapterMismatch
+from ..adapter_io import ADAPTER_CONFIG, AdapterMismatch
 from ..config import MissConfig
 from ..hf_checkpoint import save_safetensors
 from ..layers import D_NAME
-from .output import new_output_dir, write_run_config
-from .source import Adapter, is_d_key, known_base, read_adapter
+from .output import new_output_dir, write_base_fingerprint, write_run_config
+from .source import Adapter, is_d_key, known_base, read_adapter, recorded_base
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 #: Prefix PEFT gives every saved key of a ``PeftModel`` (adapter name stripped).
@@ -53,6 +52,7 @@ def write_peft_adapter(checkpoint: Path | str, output: Path | str, base: Optiona
     tensors = {PEFT_PREFIX + key: t.to(torch.float32).contiguous() for key, t in adapter.tensors.items()}
     save_safetensors(tensors, out / PEFT_WEIGHTS)
     write_run_config(out, adapter.run_config)
+    write_base_fingerprint(out, adapter.meta.get("base_fingerprint"))
     return out
 
 
@@ -61,7 +61,7 @@ def base_name(adapter: Adapter, known: Optional[Path]) -> Optional[str]:
     (``known``, from ``known_base``), else the name the adapter records (None when it records none)."""
     if known is not None:
         return str(known.resolve())
-    return adapter.meta.get("base_model", {}).get("name_or_path") or None
+    return recorded_base(adapter) or None
 
 
 def read_peft_adapter(path: Path | str) -> tuple[MissConfig, dict[str, torch.Tensor]]:
@@ -71,12 +71,29 @@ def read_peft_adapter(path: Path | str) -> tuple[MissConfig, dict[str, torch.Ten
     The result goes to ``adapter_io.load_full_adapter_into`` to start a miss_ds run from the adapter.
     """
     path = Path(path)
-    config = miss_config_from_peft(_read_peft_config(path), path / PEFT_CONFIG)
+    config = read_peft_config(path)
     return config, _read_peft_tensors(path, config)
 
 
+def read_peft_config(path: Path | str) -> MissConfig:
+    """The miss_ds config of the PEFT MiSS adapter in ``path``, checked to hold its weights file (no tensor is
+    read): ``AdapterMismatch`` for a config miss_ds cannot take, ``FileNotFoundError`` for missing files."""
+    path = Path(path)
+    config = miss_config_from_peft(_read_peft_config(path), path / ADAPTER_CONFIG)
+    _peft_weights(path)
+    return config
+
+
+def _peft_weights(path: Path) -> Path:
+    """The weights file of the PEFT adapter in ``path``: safetensors, else PEFT's older ``.bin``."""
+    for name in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN):
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+
+
 def _read_peft_config(path: Path) -> dict[str, Any]:
-    file = path / PEFT_CONFIG
+    file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: not a PEFT adapter directory")
     try:
@@ -115,12 +132,9 @@ def miss_config_from_peft(raw: dict[str, Any], source: Path) -> MissConfig:
 
 
 def _read_peft_tensors(path: Path, config: MissConfig) -> dict[str, torch.Tensor]:
-    if (path / PEFT_WEIGHTS).is_file():
-        state = load_file(str(path / PEFT_WEIGHTS))
-    elif (path / PEFT_WEIGHTS_BIN).is_file():
-        state = torch.load(path / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{path} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+    weights = _peft_weights(path)
+    state = (load_file(str(weights)) if weights.name == PEFT_WEIGHTS
+             else torch.load(weights, map_location="cpu", weights_only=True))
     tensors = {}
     for key, tensor in state.items():
         name = key[len(PEFT_PREFIX):]

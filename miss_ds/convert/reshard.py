@@ -26,7 +26,7 @@ from ..layers import DLayout, MissLayer, MissLinear
 from ..loading import build_model_on_meta
 from ..parallel.autotp import planned_split
 from ..parallel.layers import ColumnParallelMissLinear, RowParallelMissLinear
-from .output import new_output_dir
+from .output import new_output_dir, write_run_config
 from .source import check_fits_base, module_of, read_adapter, read_base_config
 
 
@@ -63,6 +63,7 @@ def reshard_adapter(checkpoint: Path | str, tp_size: int, output: Path | str,
     for rank in range(tp_size):
         parts = {key: _part(tensor, layouts[key], rank) for key, tensor in adapter.tensors.items()}
         adapter_io.write_adapter_shard(out, parts, rank, tp_size)
+    write_run_config(out, adapter.run_config)
     return out
 
 

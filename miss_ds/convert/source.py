@@ -7,6 +7,7 @@ tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +21,22 @@ from ..adapter_io import AdapterMismatch
 from .. import functional as MF
 from ..config import MissConfig
 from ..families import family_of
-from ..checkpoint_files import adapter_dir, run_config_of
+from ..checkpoint_files import BASE_DIR, STATE_FILE, adapter_dir, run_config_of
 from ..hf_checkpoint import HFCheckpoint
+from .output import read_run_config
 from ..inject import D_NAME
+
+
+def is_peft_adapter(directory: Path | str) -> bool:
+    """Whether ``directory`` holds a PEFT adapter: its adapter_config.json names a ``peft_type`` (a miss_ds adapter's
+    file of the same name has none)."""
+    file = Path(directory) / adapter_io.ADAPTER_CONFIG
+    if not file.is_file():
+        return False
+    try:
+        return "peft_type" in json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterMismatch(f"{file} is not valid JSON ({exc})") from None
 
 
 @dataclass
@@ -49,10 +63,13 @@ class Adapter:
 
 
 def read_adapter(path: Path | str) -> Adapter:
-    """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape."""
+    """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape. Its run config is the
+    training checkpoint's, or the one an exported adapter records (``miss-ds-reshard``'s output)."""
     directory = adapter_dir(path)
     meta, tensors = adapter_io.read_full_adapter(directory)
-    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors, run_config_of(directory))
+    run_config = run_config_of(directory)
+    return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors,
+                   read_run_config(directory) if run_config is None else run_config)
 
 
 def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[Path]:
@@ -60,13 +77,25 @@ def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[
     the one the adapter records (the run's ``model.path``, or the random base the run saved) when it is here.
     None when neither is known."""
     if base is None:
-        recorded = adapter.meta.get("base_model", {}).get("name_or_path") or ""
+        recorded = recorded_base(adapter)
         if not (recorded and (Path(recorded) / "config.json").is_file()):
             return None
         base = recorded
     with HFCheckpoint(base) as weights:
         check_fits_base(adapter, read_base_config(base), weights)
     return Path(base)
+
+
+def recorded_base(adapter: Adapter) -> str:
+    """The base ``adapter`` records (its ``base_model.name_or_path``). For the random base its run saved in
+    ``<output_dir>/base``, the one beside the checkpoint that holds the adapter: the run directory may have moved
+    since (``--overwrite`` moves an old run aside), or the recorded path be relative to another directory."""
+    recorded = adapter.meta.get("base_model", {}).get("name_or_path") or ""
+    run = adapter.run_config or {}
+    in_checkpoint = (adapter.directory.parent / STATE_FILE).is_file()  # <run>/checkpoints/step_N/adapter
+    if in_checkpoint and "output_dir" in run and recorded == str(Path(run["output_dir"]) / BASE_DIR):
+        return str(adapter.directory.parents[2] / BASE_DIR)
+    return recorded
 
 
 def read_base_config(base: Path | str) -> PretrainedConfig:
