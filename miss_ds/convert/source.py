@@ -88,13 +88,15 @@ def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[
 
 def recorded_base(adapter: Adapter) -> str:
     """The base ``adapter`` records (its ``base_model.name_or_path``). For the random base its run saved in
-    ``<output_dir>/base``, the one beside the checkpoint that holds the adapter: the run directory may have moved
-    since (``--overwrite`` moves an old run aside), or the recorded path be relative to another directory."""
+    ``<output_dir>/base``, the one beside the checkpoint that holds the adapter when it is there: the run directory
+    may have moved since (``--overwrite`` moves an old run aside), or the recorded path be relative to another
+    directory."""
     recorded = adapter.meta.get("base_model", {}).get("name_or_path") or ""
     run = adapter.run_config or {}
     in_checkpoint = (adapter.directory.parent / STATE_FILE).is_file()  # <run>/checkpoints/step_N/adapter
-    if in_checkpoint and "output_dir" in run and recorded == str(Path(run["output_dir"]) / BASE_DIR):
-        return str(adapter.directory.parents[2] / BASE_DIR)
+    beside = adapter.directory.parents[2] / BASE_DIR if in_checkpoint else None
+    if beside is not None and beside.is_dir() and recorded == str(Path(run.get("output_dir", "")) / BASE_DIR):
+        return str(beside)
     return recorded
 
 
