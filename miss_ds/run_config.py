@@ -68,7 +68,8 @@ class ModelConfig:
     """Recompute decoder layers in backward instead of storing their activations."""
     recompute_layers: Union[int, Literal["auto"], None] = None
     """With gradient_checkpointing (set without it: refused): how many decoder layers recompute, 0 or more (null:
-    all; 0: none, like ``gradient_checkpointing: false``; more than the model has: all). Fewer is faster and needs more memory.
+    all; 0: none, like ``gradient_checkpointing: false``; more than the model has: all). Fewer is faster and needs
+    more memory.
     ``auto``: the fewest that fit in 85% of the GPU (``memory_plan.AUTO_MEMORY_FRACTION``) by
     ``memory_plan.auto_recompute_layers`` (tools/plan_memory.py prints the plan)."""
     attn_implementation: Optional[str] = None

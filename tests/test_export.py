@@ -175,7 +175,8 @@ def test_init_adapter_reads_a_peft_adapter_saved_as_bin(tmp_path):
     torch.manual_seed(0)
     base = LlamaForCausalLM(tiny_llama_config())
     base.save_pretrained(tmp_path / "base")
-    peft_model = get_peft_model(base, PeftMissConfig(r=8, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(base, PeftMissConfig(r=8, target_modules=["q_proj", "down_proj"],
+                                                     task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "miss_block" in name:

@@ -153,9 +153,10 @@ class Trainer:
             raise ConfigError(str(exc)) from None
 
     def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int]]:
-        """Rank 0: check the output directory (and whether --overwrite moves an old run aside), check that ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and
-        check it against this config; returns its path and step. Bad input raises ConfigError before any model
-        memory is spent and before anything of the run is written."""
+        """Rank 0: check the output directory (and whether --overwrite moves an old run aside), check that
+        ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and check it against
+        this config; returns its path and step. Bad input raises ConfigError before any model memory is spent and
+        before anything of the run is written."""
         if not self.layout.is_main:
             return None
         self.move_aside = check_output_dir(self.cfg, resume, overwrite)
@@ -314,12 +315,12 @@ class Trainer:
     def _show_samples(self) -> None:
         """Print the first ``eval.samples`` rows of the first eval file (``preflight.sample_file``) with the model's
         greedy answers (all ranks generate: a TP model needs its whole group)."""
-        if not self.cfg.eval.samples or sample_file(self.cfg) is None:
+        data = sample_file(self.cfg)
+        if not self.cfg.eval.samples or data is None:
             return
         from ..infer.examples import read_examples
         from ..infer.generate import answer, format_samples
 
-        data = sample_file(self.cfg)
         examples = read_examples(data.eval_path, data, self.cfg.eval.samples, self.tokenizer.chat_template)
         self.engine.eval()
         answers = answer(self.engine.module, self.tokenizer, examples, data, max_new_tokens=data.seq_len)
