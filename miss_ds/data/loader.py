@@ -23,6 +23,14 @@ from miss_ds.data.encode import IGNORE_INDEX
 MODEL_COLUMNS = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
+def model_columns(dataset: Dataset, one_row: bool) -> list[str]:
+    """The columns of `dataset` the model takes (`MODEL_COLUMNS`); `one_row` layout needs packed sequences."""
+    columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
+    if one_row and "position_ids" not in columns:
+        raise ValueError("one_row needs packed sequences (a position_ids column)")
+    return columns
+
+
 class BatchIterator:
     """Endless iterator of LongTensor micro-batches of shape `(micro_batch_size, seq_len)` for one dp rank:
     `input_ids`, `labels` and, as the dataset has them, `attention_mask` (padded) or `position_ids` (packed).
@@ -53,9 +61,7 @@ class BatchIterator:
             raise ValueError(f"{len(dataset)} sequences cannot fill one global batch of micro_batch_size "
                              f"{micro_batch_size} x dp_size {dp_size} x accumulation {accum_steps}: add data or "
                              "use smaller batches")
-        self._columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
-        if one_row and "position_ids" not in self._columns:
-            raise ValueError("one_row needs packed sequences (a position_ids column)")
+        self._columns = model_columns(dataset, one_row)
         self.one_row = one_row
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
@@ -120,9 +126,7 @@ def eval_batches(dataset: Dataset, micro_batch_size: int, dp_rank: int = 0, dp_s
     number of full-size micro-batches (TP and DP collectives run in step): where the last run falls short, copies
     of the first sequence with every label `IGNORE_INDEX` fill it, which take no loss (weigh the loss by
     `loss_tokens`)."""
-    columns = [name for name in MODEL_COLUMNS if name in dataset.column_names]
-    if one_row and "position_ids" not in columns:
-        raise ValueError("one_row needs packed sequences (a position_ids column)")
+    columns = model_columns(dataset, one_row)
     sequences = dataset.with_format("torch", columns=columns)
     filler = {name: tensor.long()[None] for name, tensor in sequences[0].items()}
     filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
