@@ -111,6 +111,8 @@ def test_bf16_runs_take_the_same_steps_at_every_zero_stage(tmp_path):
 
 
 def test_preempted_run_resumes_to_the_same_losses(tmp_path):
+    from miss_ds.train.metrics import read_metrics
+
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     overrides = ("parallel.zero_stage=2", "checkpoint.every_steps=0")
     assert run(train_cmd(2, straight, *overrides)).returncode == 0
@@ -141,6 +143,14 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path):
     assert sorted(losses) == sorted(reference)
     for step, loss in reference.items():
         assert losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-6), f"step {step} (stopped at {stopped_at})"
+    # summary.json counts the run's steps and tokens over both processes, its rates this process's alone
+    whole, summary = (json.loads((out / "summary.json").read_text()) for out in (straight, broken))
+    assert (summary["steps"], summary["tokens"]) == (whole["steps"], whole["tokens"]) == (40, whole["tokens"])
+    assert summary["resumed_at_step"] == stopped_at and whole["resumed_at_step"] == whole["resumed_at_tokens"] == 0
+    logged = {r["step"]: r["tokens"] for r in read_metrics(broken / "metrics.jsonl") if r["split"] == "train"}
+    assert 0 < summary["resumed_at_tokens"] == logged[stopped_at] < summary["tokens"]
+    assert summary["tokens_per_s"] == pytest.approx(
+        (summary["tokens"] - summary["resumed_at_tokens"]) / summary["seconds"], rel=1e-3)
 
 
 def run_cli(tmp_path: Path, text: str, *extra: str) -> subprocess.CompletedProcess:

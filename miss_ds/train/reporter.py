@@ -39,7 +39,7 @@ class Reporter:
         self.log_lines = metrics.enabled and progress and not terminal
         self.step_times: list[float] = []
         self.first_step_s = 0.0
-        self.start_time, self.start_tokens = time.time(), tokens_seen
+        self.start_time, self.start_step, self.start_tokens = time.time(), initial_step, tokens_seen
         self._window = (time.time(), tokens_seen)
         self._step_start = time.time()
 
@@ -72,11 +72,14 @@ class Reporter:
                 device: torch.device, dtype: torch.dtype, extra: dict[str, Any]) -> dict[str, Any]:
         """The run's figures; rank 0 writes them to ``out/summary.json``, plots ``out/loss.png`` and prints them.
 
-        Tokens are real (not padding) tokens of every data-parallel rank, counted from this process's first step (a
-        resumed run counts from the resume). Two time bases, named apart:
+        ``steps`` and ``tokens`` are the run's, over every process that trained it (a resumed run included); tokens
+        are real (not padding) tokens of every data-parallel rank, as ``metrics.jsonl`` counts them. A resumed run says
+        where this process took over: ``resumed_at_step`` and ``resumed_at_tokens`` (0 for a run that started
+        fresh). The rates are this process's, in two time bases, named apart:
 
-        - ``seconds``, ``tokens_per_s``: wall time from just before the first step to the summary (steps,
-          evaluations, checkpoint saves, the end's samples), and ``tokens`` over it: the job's rate, all GPUs.
+        - ``seconds``, ``tokens_per_s``: wall time from just before this process's first step to the summary (steps,
+          evaluations, checkpoint saves, the end's samples), and the tokens it trained on over it
+          (``tokens - resumed_at_tokens``): the job's rate, all GPUs.
         - ``step_s_median``, ``step_tokens_per_s_per_gpu``, ``mfu``: the median optimizer step (the first two, warm-up,
           left out when there are more), the mean tokens of a step over it divided by ``world_size``, and the model
           FLOPs of those tokens against the GPU's dense peak (0 on CPU): one GPU's steady-state rate. Times
@@ -86,7 +89,7 @@ class Reporter:
         timed) is null: the file is strict JSON, never NaN.
         """
         seconds = round(time.time() - self.start_time, 3)
-        tokens = tokens_seen - self.start_tokens
+        tokens = tokens_seen - self.start_tokens  # this process's
         timed = sorted(self.step_times[2:] or self.step_times)
         step_s = timed[len(timed) // 2] if timed else None
         per_gpu = tokens / len(self.step_times) / step_s / world if step_s else None
@@ -94,7 +97,8 @@ class Reporter:
                                             / peak_flops(device, dtype))
         peak = (get_accelerator().max_memory_allocated() if device.type != "cpu"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        summary = {"steps": steps, "tokens": tokens, "seconds": seconds,
+        summary = {"steps": steps, "tokens": tokens_seen, "resumed_at_step": self.start_step,
+                   "resumed_at_tokens": self.start_tokens, "seconds": seconds,
                    "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
                    "step_s_median": _rounded(step_s, 4), "step_tokens_per_s_per_gpu": _rounded(per_gpu, 1),
                    "mfu": _rounded(mfu, 4),
