@@ -185,8 +185,8 @@ class EvalConfig:
     every_steps: int = 0
     """Evaluate on the held-out split every N steps, N >= 0 (0: only at the end)."""
     max_batches: int = 0
-    """Cap on an evaluation: its first ``max_batches x train.micro_batch_size`` sequences of the held-out split (the
-    same sequences on any number of ranks), >= 0 (0: the whole split)."""
+    """Cap on an evaluation: its first ``max_batches x train.micro_batch_size`` sequences of the held-out split (of
+    each source's with ``data.sources``; the same sequences on any number of ranks), >= 0 (0: the whole split)."""
     samples: int = 0
     """After training, print this many rows of the first eval file (``data.eval_path``, or the first source's
     ``eval_path``; without one, a warning at start and no samples) with the model's greedy answers, >= 0 (0:

@@ -130,6 +130,18 @@ def test_numeric_options_out_of_range_are_refused_when_read(override, expect):
     assert message.startswith(f"--set {override!r}: ") and expect in message, message
 
 
+@pytest.mark.parametrize("sources, expect", [
+    ("[{path: a.jsonl, name: 'my set'}]", "data.sources[0].name is 'my set': use letters, digits, '-', '_' and '.'"),
+    ("[{path: a.jsonl}, {path: b.jsonl, name: source0}]",
+     "data.sources[0] and data.sources[1] are both named 'source0': give each source its own name"),
+])
+def test_source_names_that_cannot_name_a_metric_are_refused_when_read(sources, expect):
+    """A source's name becomes its eval loss's metric (``loss/<name>``, a TensorBoard tag): one of its characters,
+    and unique (the unnamed are ``source<i>``)."""
+    message = refusal("data.train_path=''", "data.eval_path=null", f"data.sources={sources}")
+    assert expect in message, message
+
+
 def test_zero_is_accepted_where_it_means_never_none_or_all():
     """0 is refused only where it means nothing: eval and checkpoints only at the end, whole eval split, no samples,
     no clipping, no decay, no recomputed layer."""

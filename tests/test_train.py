@@ -280,6 +280,43 @@ def test_eval_covers_the_same_rows_on_any_layout(tmp_path, max_batches, rows):
     assert reference["rows"] == rows and trained == pytest.approx(reference["loss"], rel=1e-5)
 
 
+def test_eval_loss_per_source_is_each_sources_loss_as_miss_ds_eval_finds_it(tmp_path):
+    """With data.sources, the trainer logs each source's eval loss (``loss/<name>``) beside the overall one: each
+    equals miss-ds-eval's loss of that source's eval file on the final checkpoint (its "sets", in their formats),
+    eval.max_batches=2 of micro-batch 1 taking the first 2 sequences of each source on 2 ranks, and the overall one is their
+    token-weighted mean."""
+    from miss_ds.train.metrics import read_metrics
+
+    lines = (ROOT / "data/arith/eval.jsonl").read_text().splitlines(keepends=True)
+    instruction = tmp_path / "eval.jsonl"
+    instruction.write_text("".join(lines[:5]))
+    chat = tmp_path / "chat_eval.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": row["prompt"]},
+                                                     {"role": "assistant", "content": row["response"]}]}) + "\n"
+                            for row in map(json.loads, lines[5:9])))
+    sources = json.dumps([{"path": "data/arith/train.jsonl", "eval_path": str(instruction), "name": "arith"},
+                          {"path": "data/arith/train_chat.jsonl", "eval_path": str(chat), "format": "chat"}])
+    out = tmp_path / "run"
+    proc = run(train_cmd(2, out, "data.train_path=''", "data.eval_path=null", f"data.sources={sources}",
+                         "data.seq_len=128", "train.micro_batch_size=1", "train.max_steps=3", "train.warmup_steps=1",
+                         "eval.every_steps=0", "eval.max_batches=2", "eval.samples=0", "checkpoint.every_steps=0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"][-1]
+    assert set(logged) == {"step", "split", "time", "loss", "loss/arith", "loss/source1"}, logged
+    report = run([sys.executable, "-m", "miss_ds.cli.evaluate", "--checkpoint", str(out / "checkpoints/step_00000003"),
+                  "--batch-size", "1", "--limit", "2"])
+    assert report.returncode == 0, report.stderr[-3000:]
+    sets = json.loads(report.stdout)["sets"]
+    assert [(s["source"], s["data"], s["rows"]) for s in sets] == [("arith", str(instruction), 2),
+                                                                    ("source1", str(chat), 2)]
+    for figures in sets:
+        assert logged[f"loss/{figures['source']}"] == pytest.approx(figures["loss"], rel=1e-5)
+    tokens = [figures["loss_tokens"] for figures in sets]
+    assert logged["loss"] == pytest.approx(
+        sum(f["loss"] * n for f, n in zip(sets, tokens)) / sum(tokens), rel=1e-5)
+    assert abs(logged["loss/arith"] - logged["loss/source1"]) > 1e-3  # two sets, not one loss twice
+
+
 def test_progress_in_a_log_file_is_a_line_per_logged_step(tmp_path):
     """stderr that is not a terminal (a Slurm or mpirun log) gets one line per logged step, not tqdm's carriage
     returns (a single line of thousands of characters)."""

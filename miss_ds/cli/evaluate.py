@@ -15,7 +15,8 @@ eos) with the reference answer; --answer-regex also compares what it extracts fr
 the answers it finds. Both are of the same rows: the usable ones that fit data.seq_len (--limit: the first N of
 each file).
 The report names the files read ("data"), counts the rows used ("rows") and those skipped ("skipped_bad_rows",
-"skipped_too_long_rows"); with several files it gives the figures over all of them, then each file's ("sets").
+"skipped_too_long_rows"); with several files it gives the figures over all of them, then each file's ("sets", each
+with its "source": the name training logs that file's eval loss under, "loss/<source>").
 Rows are split over data-parallel ranks; --tp splits a base plus miss_ds checkpoint over TP ranks as training does.
 The report (JSON) is printed by rank 0, alone on stdout (logs go to stderr), and written to --output.
 The data (bad rows stop the command unless --on-bad-row skip drops them), --answer-regex and --output are checked

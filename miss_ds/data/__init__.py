@@ -28,6 +28,7 @@ Typical use in a trainer::
   (sequences.py). Labels are aligned with `input_ids` (the model shifts them) and are
   `IGNORE_INDEX` (-100) on prompts, non-assistant turns, each example's first token and padding.
   Packed sequences carry `position_ids` restarting at every example instead of `attention_mask`.
+  Each source's eval rows make sequences of their own (column `eval_set`); `split_eval_sets` splits them by source.
 - `BatchIterator(ds, micro_batch_size, dp_rank, dp_size, seed)` (loader.py): endless,
   seeded per epoch, sharded over dp ranks, resumable via `state_dict()`; tensor-parallel
   peers pass the same `dp_rank`. `eval_batches(...)` is one ordered pass over every sequence
@@ -47,6 +48,7 @@ _EXPORTS = {
     "as_one_row": "batch", "count_tokens": "batch", "loss_tokens": "batch", "BatchIterator": "loader",
     "eval_batches": "loader",
     "DataStats": "pipeline", "SourceStats": "pipeline", "SplitStats": "pipeline", "build_datasets": "pipeline",
+    "split_eval_sets": "pipeline",
     "SyntheticBatches": "synthetic",
 }
 __all__ = sorted(_EXPORTS)

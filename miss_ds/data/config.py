@@ -1,6 +1,7 @@
 """`DataConfig`: everything the data pipeline needs to know, checked before any work starts."""
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -10,6 +11,7 @@ FIELD_NAMES = ("text_field", "prompt_field", "response_field", "messages_field")
 #: Data files read by suffix (anything else is a directory of them, a ``save_to_disk`` directory or a ``datasets``
 #: name).
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+NAME = re.compile(r"[-\w.]+", re.ASCII)  # a source's name: a TensorBoard tag's characters
 
 
 @dataclass
@@ -22,11 +24,16 @@ class SourceConfig:
     path: str = ""
     """Training rows: any source `data.train_path` accepts."""
 
+    name: str | None = None
+    """This source's name in the logs and metrics (its eval loss: `loss/<name>` of split `eval`): letters, digits,
+    `-`, `_` and `.`, unique among the sources; None: `source<i>`, i its place in `sources` (from 0)."""
+
     weight: float = 1.0
     """This source's share of the mixed training rows, relative to the other sources' weights (positive)."""
 
     eval_path: str | None = None
-    """This source's eval rows (optional); the eval set is the union of the sources' eval rows."""
+    """This source's eval rows (optional); the eval set is the union of the sources' eval rows, and each source's
+    eval loss is logged beside the overall one (`name`)."""
 
     format: Literal["text", "instruction", "chat"] | None = None
     """This source's row format; None: `data.format`."""
@@ -114,6 +121,13 @@ class DataConfig:
                                     **inherited), source.weight))
         return configs
 
+    def source_names(self) -> list[str]:
+        """Every source's name (`SourceConfig.name`), in the order of `per_source`; the one source of a config
+        without `sources` is `data`."""
+        if not self.sources:
+            return ["data"]
+        return [source.name or f"source{index}" for index, source in enumerate(self.sources)]
+
     def validate(self) -> None:
         """Raise `ValueError` naming the offending field and how to fix it."""
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -146,6 +160,11 @@ class DataConfig:
         if self.train_path or self.eval_path:
             raise ValueError("data.sources and data.train_path/eval_path are both set: list every source (path, "
                              "eval_path) under data.sources, or use train_path/eval_path for a single source")
+        names = self.source_names()
+        for index, label in enumerate(names):
+            if label in names[:index]:
+                raise ValueError(f"data.sources[{names.index(label)}] and data.sources[{index}] are both named "
+                                 f"{label!r}: give each source its own name")
         for index, source in enumerate(self.sources):
             name = f"data.sources[{index}]"
             if not source.path:
@@ -158,6 +177,8 @@ class DataConfig:
                 if getattr(source, key) == "":
                     raise ValueError(f"{name}.{key} is empty: set it to the column name, or leave it unset "
                                      f"for data.{key}")
+            if source.name is not None and not (isinstance(source.name, str) and NAME.fullmatch(source.name)):
+                raise ValueError(f"{name}.name is {source.name!r}: use letters, digits, '-', '_' and '.' only")
             if source.eval_path and self.eval_fraction > 0:
                 raise ValueError(f"{name}.eval_path and data.eval_fraction are both set: use eval_path for this "
                                  "source's eval rows, or eval_fraction to hold out a fraction of every source")

@@ -3,7 +3,7 @@
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -35,6 +35,8 @@ PAD_BATCH_ROWS = 1000  # examples per `datasets.map` batch when padding
 PACK_WINDOW_ROWS = 1000
 PACK_WINDOW_SEQUENCES = 64
 PACK_STREAM = 2  # random stream of the shuffle before packing (see mixing.MIX_STREAM)
+#: The eval set's column naming each sequence's source (an index into `DataStats.eval_sets`); not a model input.
+EVAL_SET = "eval_set"
 
 
 @dataclass
@@ -68,6 +70,9 @@ class DataStats:
     train: SplitStats
     eval: SplitStats | None
     sources: list[SourceStats]
+    eval_sets: list[str] = field(default_factory=list)
+    """The names (`DataConfig.source_names`) of the sources with eval rows: eval sequence `i` is of
+    `eval_sets[eval_set[i]]` (its `EVAL_SET` column)."""
 
 
 @dataclass
@@ -76,6 +81,8 @@ class EvalSplit:
 
     name: str
     """What was read: the file, or which hold-out (`_eval_name`)."""
+    source: str
+    """The source's name (`DataConfig.source_names`), as training logs its eval loss."""
     cfg: DataConfig
     """The config of its source: the format and column names of `rows`."""
     rows: Dataset
@@ -116,15 +123,18 @@ def build_datasets(
         f"{s.path} ({s.format}, weight {s.weight:g}): {s.taken} of {s.rows}" for s in source_stats))
     train, train_stats = _sequences(_joined(trains, mixed), tokenizer, cfg, "train")
     logger.info("train data: %s", train_stats)
-    evals = [evaluation for _, evaluation in encoded if evaluation is not None]
+    names = cfg.source_names()
+    evals = [(name, evaluation) for name, (_, evaluation) in zip(names, encoded, strict=True)
+             if evaluation is not None]
     if not evals:
         return train, None, DataStats(train_stats, None, source_stats)
-    # Several sources' eval rows are mixed (seeded), so that an eval capped by eval.max_batches samples every source.
-    union = (concatenate_datasets([e.examples for e in evals]).shuffle(seed=cfg.seed) if len(evals) > 1
-             else evals[0].examples)
-    evaluation, eval_stats = _sequences(_joined(evals, union), tokenizer, cfg, "eval")
+    # Each source's eval rows become sequences of their own, so that the eval loss can be told per source.
+    built = [_sequences(examples, tokenizer, cfg, f"eval ({name})") for name, examples in evals]
+    evaluation = concatenate_datasets([sequences.add_column(EVAL_SET, [index] * len(sequences))
+                                       for index, (sequences, _) in enumerate(built)])
+    eval_stats = _summed([stats for _, stats in built], cfg.seq_len)
     logger.info("eval data: %s", eval_stats)
-    return train, evaluation, DataStats(train_stats, eval_stats, source_stats)
+    return train, evaluation, DataStats(train_stats, eval_stats, source_stats, [name for name, _ in evals])
 
 
 def build_eval_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, advice: Advice, limit: int | None = None,
@@ -140,9 +150,9 @@ def build_eval_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, advic
     if path is not None:
         check_tokenizer(tokenizer, cfg)
         rows, bad = usable_rows(path, cfg, "eval", key, tokenizer.chat_template, advice)
-        return [_eval_split(path, cfg, rows, len(bad), tokenizer, advice, limit)]
+        return [_eval_split(path, "data", cfg, rows, len(bad), tokenizer, advice, limit)]
     splits = []
-    for index, (source, _) in enumerate(cfg.per_source()):
+    for index, ((source, _), name) in enumerate(zip(cfg.per_source(), cfg.source_names(), strict=True)):
         train_key, eval_key = _keys(cfg, index)
         if not (source.eval_path or source.eval_fraction > 0):
             continue
@@ -152,8 +162,21 @@ def build_eval_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, advic
         else:  # the rows of the hold-out were checked as train rows: their bad rows are not the hold-out's
             train_rows, _ = usable_rows(source.train_path, source, "train", train_key, tokenizer.chat_template, advice)
             rows, bad = _hold_out(train_rows, source)[1], []
-        splits.append(_eval_split(_eval_name(source), source, rows, len(bad), tokenizer, advice, limit))
+        splits.append(_eval_split(_eval_name(source), name, source, rows, len(bad), tokenizer, advice, limit))
     return splits
+
+
+def split_eval_sets(sequences: Dataset | None, names: list[str], cap: int) -> list[tuple[str, Dataset]]:
+    """The eval sequences of `build_datasets` split by source (`EVAL_SET` indexes `names`, its
+    `DataStats.eval_sets`), each cut to its first `cap` sequences (0: all): the same sequences on any layout."""
+    if sequences is None:
+        return []
+    source = np.asarray(sequences[EVAL_SET])
+    sets = []
+    for index, name in enumerate(names):
+        rows = np.flatnonzero(source == index)
+        sets.append((name, sequences.select(rows[:cap] if cap else rows)))
+    return sets
 
 
 def usable_rows(path: str, cfg: DataConfig, role: Role, key: str, template: str | dict[str, str] | None,
@@ -215,8 +238,8 @@ def _eval_name(cfg: DataConfig) -> str:
     return cfg.eval_path or f"the eval_fraction hold-out of {cfg.train_path}"
 
 
-def _eval_split(name: str, cfg: DataConfig, rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase,
-                advice: Advice, limit: int | None) -> EvalSplit:
+def _eval_split(name: str, source: str, cfg: DataConfig, rows: Dataset, bad_rows: int,
+                tokenizer: PreTrainedTokenizerBase, advice: Advice, limit: int | None) -> EvalSplit:
     """The first `limit` (all: None) of `rows` that fit `seq_len`, as sequences and as rows (selected by their
     origins, which name one row each)."""
     examples = _fitting_examples(rows, bad_rows, tokenizer, cfg, f"eval rows of {name}", advice)
@@ -225,7 +248,7 @@ def _eval_split(name: str, cfg: DataConfig, rows: Dataset, bad_rows: int, tokeni
     used = set(examples.examples[ORIGIN])
     rows = rows.filter(lambda origin: origin in used, input_columns=ORIGIN, desc=f"selecting the eval rows of {name}")
     sequences, stats = _sequences(examples, tokenizer, cfg, "eval")
-    return EvalSplit(name, cfg, rows, sequences, stats)
+    return EvalSplit(name, source, cfg, rows, sequences, stats)
 
 
 def _fitting_examples(rows: Dataset, bad_rows: int, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, name: str,
@@ -289,6 +312,13 @@ def _sequences(examples: _Examples, tokenizer: PreTrainedTokenizerBase, cfg: Dat
         padding_fraction=round(1 - tokens / (len(sequences) * cfg.seq_len), 4),
     )
     return sequences, stats
+
+
+def _summed(parts: list[SplitStats], seq_len: int) -> SplitStats:
+    """The stats of several sets of sequences taken as one."""
+    total = {name: sum(getattr(part, name) for part in parts)
+             for name in ("rows", "bad_rows", "too_long_rows", "sequences", "tokens", "loss_tokens")}
+    return SplitStats(**total, padding_fraction=round(1 - total["tokens"] / (total["sequences"] * seq_len), 4))
 
 
 def _length_problem(length: int, seq_len: int) -> str:

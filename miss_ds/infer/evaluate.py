@@ -95,9 +95,10 @@ def evaluate(model: nn.Module, tokenizer: Any, data: list[EvalSplit], layout: Pa
     if dist.is_initialized():
         dist.all_reduce(totals)
         totals /= layout.tp  # the ranks of a TP group evaluated the same rows
-    per_set = [_figures(row, [part], answer_regex) for row, part in zip(totals.tolist(), data)]
     if len(data) == 1:
-        return {**per_set[0], "samples": samples}
+        return {**_figures(totals[0].tolist(), data, answer_regex), "samples": samples}
+    per_set = [{"source": part.source, **_figures(row, [part], answer_regex)}  # named as training logs it
+               for row, part in zip(totals.tolist(), data)]
     return {**_figures(totals.sum(0).tolist(), data, answer_regex), "samples": samples, "sets": per_set}
 
 

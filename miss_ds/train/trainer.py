@@ -185,11 +185,11 @@ class Trainer:
         self.one_row = data.pack and "flash" in self.model_config._attn_implementation
         self.padding_fraction = 0.0
         if data.synthetic:
-            self.eval_ds = None
+            self.eval_sets = []
             self.batches = SyntheticBatches(self.model_config.vocab_size, data.seq_len, micro, self.layout.dp_rank,
                                             self.layout.dp, seed=data.seed)
             return
-        from ..data import BatchIterator, build_datasets
+        from ..data import BatchIterator, build_datasets, split_eval_sets
         from ..data.errors import read_data
 
         def build() -> tuple:
@@ -198,10 +198,8 @@ class Trainer:
         # Rank 0 tokenises and fills the datasets cache; the others then read it.
         first = agree("building the data", lambda: build() if self.layout.is_main else None)
         built = agree("reading the data", lambda: first if self.layout.is_main else build())
-        train_ds, self.eval_ds, stats = built
-        cap = self.cfg.eval.max_batches * micro
-        if self.eval_ds is not None and cap and cap < len(self.eval_ds):  # the same sequences on any layout
-            self.eval_ds = self.eval_ds.select(range(cap))
+        train_ds, eval_ds, stats = built
+        self.eval_sets = split_eval_sets(eval_ds, stats.eval_sets, self.cfg.eval.max_batches * micro)
         self.padding_fraction = stats.train.padding_fraction
         agree("checking the data", lambda: self._check_train_fills_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
@@ -291,24 +289,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over every sequence of the eval set (the held-out split, capped by ``eval.max_batches``:
-        ``_build_data``), token-weighted over all ranks; logged as split 'eval'."""
-        if self.eval_ds is None:
+        """Mean loss over every sequence of the eval sets (``eval_sets``), token-weighted over all ranks; logged
+        as ``loss`` of split 'eval', and with several sets (``data.sources``) each set's as ``loss/<name>``."""
+        if not self.eval_sets:
             return None
         from ..data import eval_batches, loss_tokens
 
         self.engine.eval()
-        total = torch.zeros(2, device=self.device)
+        totals = torch.zeros(len(self.eval_sets), 2, device=self.device)  # per set: loss summed over tokens, tokens
         micro = self.cfg.train.micro_batch_size
-        for batch in eval_batches(self.eval_ds, micro, self.layout.dp_rank, self.layout.dp, one_row=self.one_row):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            n = loss_tokens(batch)  # 0 in a batch of filler rows, whose mean loss is NaN
-            loss_sum = torch.where(n > 0, self.engine(**batch).loss.float() * n, 0.0)
-            total += torch.stack([loss_sum, n.float()])
+        for total, (_, sequences) in zip(totals, self.eval_sets):
+            for batch in eval_batches(sequences, micro, self.layout.dp_rank, self.layout.dp, one_row=self.one_row):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                n = loss_tokens(batch)  # 0 in a batch of filler rows, whose mean loss is NaN
+                loss_sum = torch.where(n > 0, self.engine(**batch).loss.float() * n, 0.0)
+                total += torch.stack([loss_sum, n.float()])
         self.engine.train()
-        dist.all_reduce(total)
-        loss = (total[0] / total[1].clamp_min(1)).item()
-        self.metrics.log(self.state.step, {"loss": loss}, split="eval")
+        dist.all_reduce(totals)
+        losses = (totals[:, 0] / totals[:, 1].clamp_min(1)).tolist()
+        overall = totals.sum(0)
+        loss = (overall[0] / overall[1].clamp_min(1)).item()
+        per_set = {f"loss/{name}": value for (name, _), value in zip(self.eval_sets, losses)}
+        self.metrics.log(self.state.step, {"loss": loss, **(per_set if len(per_set) > 1 else {})}, split="eval")
         return loss
 
     @torch.no_grad()
