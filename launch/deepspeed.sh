@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `deepspeed` with the preemption exit code kept: same arguments, exits 85 when the ranks saved a checkpoint on
-# SIGTERM/SIGUSR1, so a job script can tell "requeue me" from "failed".
+# SIGTERM/SIGUSR1 (or Ctrl-C), so a job script can tell "requeue me" from "failed".
 #
 #     launch/deepspeed.sh --num_gpus 8 launch/train.py --config configs/llama-7b.yaml --resume auto
 #
@@ -13,7 +13,7 @@ exit_file="$(mktemp)"
 trap 'rm -f "$exit_file"' EXIT
 MISS_DS_EXIT_FILE="$exit_file" setsid deepspeed "$@" &
 job=$!
-trap 'kill -TERM -- "-$job" 2>/dev/null' TERM USR1
+trap 'kill -TERM -- "-$job" 2>/dev/null' TERM USR1 INT   # Ctrl-C too: the ranks, in their own session, save
 wait "$job"
 code=$?
 while kill -0 -- "-$job" 2>/dev/null; do   # the runner can end before its launcher and ranks

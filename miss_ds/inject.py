@@ -78,9 +78,10 @@ def check_entries_match(model: nn.Module, config: MissConfig) -> None:
     """Refuse an entry of miss.target_modules, exclude_modules or modules_to_save that matches no module of
     ``model`` (``MissConfig.unmatched``), naming the closest module names: a typo would otherwise adapt or train
     less than asked, silently. The family's default targets are exempt: a model may lack some of them (Qwen3-MoE
-    has no dense MLP)."""
+    has no dense MLP). A module both adapted and in ``modules_to_save`` is refused too (``_check_adapted_not_saved``)."""
     config = config.for_model(getattr(model, "config", None))
     names = [name for name, _ in model.named_modules() if name]
+    _check_adapted_not_saved(names, config)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     defaults = list(FAMILIES[model_type].targets) if model_type in FAMILIES else None
     unmatched = [(key, entry) for key, entry in config.unmatched(names)
@@ -97,6 +98,18 @@ def check_entries_match(model: nn.Module, config: MissConfig) -> None:
             "an entry matches a module's full name, or its end after a dot")
     raise ConfigError(f"miss.{key} entry {entry!r} matches no module of this {type(model).__name__} ({rule}); "
                       f"{hint}")
+
+
+def _check_adapted_not_saved(names: list[str], config: MissConfig) -> None:
+    """A module is adapted (D over its frozen weight) or trained in full as a ``modules_to_save`` entry (itself or a
+    module around it), not both: training both and exporting one drops the other (the merged and PEFT exports
+    differed from the checkpoint)."""
+    both = [name for name in names if config.matches(name) and config.saves(f"{name}.weight")]
+    if both:
+        more = f" (and {len(both) - 1} more modules)" if len(both) > 1 else ""
+        raise ConfigError(f"miss.target_modules adapts {both[0]!r}{more}, which miss.modules_to_save="
+                          f"{list(config.modules_to_save)!r} trains in full: a module is adapted or trained in full, "
+                          "not both. Remove it from one of the two lists")
 
 
 def miss_layers(model: nn.Module) -> Iterator[tuple[str, MissLayer]]:

@@ -276,6 +276,19 @@ def test_module_entries_matching_nothing_are_refused_on_the_meta_model(miss, exp
     assert all(p.is_meta for p in model.parameters())
 
 
+@pytest.mark.parametrize("saved, first", [(["q_proj"], "model.layers.0.self_attn.q_proj' (and 1 more modules)"),
+                                          (["layers.1.mlp"], "model.layers.1.mlp.gate_proj' (and 2 more modules)")])
+def test_a_module_both_adapted_and_saved_is_refused_on_the_meta_model(saved, first):
+    """modules_to_save covering an adapted module (itself, or a module around it) trained both its D and its full
+    weight, and the merged and PEFT exports each kept one: their losses differed from the checkpoint's."""
+    model = build_model_on_meta(tiny_llama_config())
+    with pytest.raises(ConfigError) as err:
+        prepare_model(model, MissConfig(r=8, modules_to_save=saved), tp_size=1)
+    assert f"miss.target_modules adapts '{first}, which miss.modules_to_save={saved!r} trains in full" in str(
+        err.value), str(err.value)
+    assert all(p.is_meta for p in model.parameters())
+
+
 def test_family_default_targets_a_model_lacks_are_not_refused():
     """Qwen3-MoE's default targets include the dense MLP's projections, which an all-MoE model does not have."""
     report = prepare_model(build_model_on_meta(tiny_config("qwen3_moe")), MissConfig(r=8), tp_size=1)
@@ -306,7 +319,7 @@ def test_train_cli_refuses_bad_input_in_one_line_and_help_is_plain(tmp_path):
     assert proc.returncode == 0 and "preemption handler" not in proc.stdout + proc.stderr
 
 
-def test_output_dir_is_checked_without_writing_and_claimed_once_the_checks_pass(tmp_path):
+def test_output_dir_is_checked_without_writing_and_claimed_once_the_checks_pass(tmp_path, monkeypatch):
     """``check_output_dir`` writes nothing (a run refused later leaves no directory, and --overwrite moves the old
     run only when ``claim_output_dir`` creates the new one); a file in the way or a run without --overwrite/--resume
     is refused."""
@@ -317,16 +330,35 @@ def test_output_dir_is_checked_without_writing_and_claimed_once_the_checks_pass(
 
     fresh = tmp_path / "a" / "fresh"
     assert check_output_dir(cfg(fresh), None, overwrite=False) is False and not (tmp_path / "a").exists()
-    assert claim_output_dir(fresh, move_aside=False) is None and fresh.is_dir()
+    aside, lock = claim_output_dir(fresh, move_aside=False)
+    assert aside is None and fresh.is_dir() and lock is not None
+    # two runs started into one directory wrote their metrics and checkpoints over each other: the second is refused
+    with pytest.raises(ConfigError, match=f"output_dir={fresh} is in use by another run .process {os.getpid()} on "):
+        claim_output_dir(fresh, move_aside=False)
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        claim_output_dir(fresh, move_aside=True)  # --overwrite would move it from under the running one
+    assert [path.name for path in fresh.parent.iterdir()] == ["fresh"]
+    lock.close()  # as the process's end releases it
+    claim_output_dir(fresh, move_aside=False)[1].close()
     old = tmp_path / "old"
     old.mkdir()
     (old / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="already holds a run .metrics.jsonl.: continue it with --resume auto"):
+    with pytest.raises(ConfigError, match="already holds a run .metrics.jsonl.: it saved no checkpoint .--resume auto "
+                                          "would start it again at step 0., start over with --overwrite"):
+        check_output_dir(cfg(old), None, overwrite=False)
+    (old / "checkpoints" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds a run .checkpoints, metrics.jsonl.: continue it with --resume auto"):
         check_output_dir(cfg(old), None, overwrite=False)
     assert check_output_dir(cfg(old), "auto", overwrite=False) is False
     assert check_output_dir(cfg(old), None, overwrite=True) is True and (old / "metrics.jsonl").exists()
-    aside = claim_output_dir(old, move_aside=True)
-    assert (aside / "metrics.jsonl").exists() and old.is_dir() and not any(old.iterdir())
+    with pytest.raises(ConfigError, match="--overwrite starts over in output_dir=.*, but this run resumes 'auto'"):
+        check_output_dir(cfg(old), "auto", overwrite=True)  # it used to resume, --overwrite ignored
+    monkeypatch.chdir(old)
+    with pytest.raises(ConfigError, match="would move output_dir=. aside, and the current directory is in it"):
+        check_output_dir(cfg(Path(".")), None, overwrite=True)  # it used to fail moving "." after the model loaded
+    monkeypatch.chdir(tmp_path)
+    aside, _ = claim_output_dir(old, move_aside=True)
+    assert (aside / "metrics.jsonl").exists() and old.is_dir() and [path.name for path in old.iterdir()] == [".lock"]
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         check_output_dir(cfg(tmp_path / "file" / "run"), None, overwrite=False)

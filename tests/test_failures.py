@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.launch_utils import ROOT, free_port
 from tests.test_train import CONFIG, QUICK, env
@@ -85,9 +86,11 @@ def test_killed_rank_is_named_and_the_others_exit(tmp_path):
     assert waited < PEER_TIMEOUT_S + 30, waited
 
 
-def test_preempted_job_exits_85_under_the_deepspeed_launcher(tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_preempted_job_exits_85_under_the_deepspeed_launcher(tmp_path, ctrl_c):
     """SIGTERM to the job (as Slurm sends it): the ranks save and exit 85, and launch/deepspeed.sh returns 85 where
-    DeepSpeed's launcher alone returns 1."""
+    DeepSpeed's launcher alone returns 1. Ctrl-C reaches the wrapper alone (the job runs in its own session), which
+    used to die of it and leave the job running: it now passes it on and returns 85 too."""
     out = tmp_path / "out"
     cmd = ["launch/deepspeed.sh", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--config",
            CONFIG, *overrides(out, "train.max_steps=100000", "checkpoint.every_steps=0", "eval.every_steps=0")]
@@ -95,7 +98,10 @@ def test_preempted_job_exits_85_under_the_deepspeed_launcher(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_steps(out, 3, [proc])
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole job: wrapper, launcher and ranks
+        if ctrl_c:
+            proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C: the foreground group, the wrapper
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole job: wrapper, launcher and ranks
         output, _ = proc.communicate(timeout=120)
     finally:
         for child in psutil.Process().children(recursive=True):

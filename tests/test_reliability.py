@@ -228,7 +228,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_85(sigterm_run):
     stopped_at = step_of(saved[0])
     assert 6 <= stopped_at < 20
     assert verify(saved[0], full=True)["metadata"]["step"] == stopped_at
-    assert f"signal {int(signal.SIGTERM)} received, checkpoint saved at step {stopped_at}; exiting with 85" in output
+    assert f"SIGTERM received, checkpoint saved at step {stopped_at}; exiting with 85" in output
+
+
+def test_ctrl_c_saves_a_checkpoint_once_and_stops_at_once_the_second_time(tmp_path):
+    """Ctrl-C killed the run with a KeyboardInterrupt and saved nothing (a run without checkpoint.every_steps lost
+    everything): the first one now saves at the step's end and exits 85, as a preemption notice does; a second one is
+    Python's KeyboardInterrupt (checked on the handler: a process cannot be signalled twice at a chosen point)."""
+    from miss_ds.train.preemption import Preemption
+
+    port = free_port()
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = launch(train_cmd(1, out, *SIGTERM_RUN), log, port)
+    try:
+        wait_for(lambda: last_train_step(out) >= 2, proc, "step 2", poll=0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=300) == 85, log.read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+        release_shm(port)
+    output = log.read_text()
+    saved = step_dirs(out)
+    assert len(saved) == 1 and 2 <= step_of(saved[0]) < 20, saved
+    assert f"SIGINT received, checkpoint saved at step {step_of(saved[0])}; exiting with 85" in output, output[-3000:]
+    assert "Ctrl-C again stops at once" in output and "KeyboardInterrupt" not in output
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        handler = Preemption().install()
+        signal.raise_signal(signal.SIGINT)
+        assert handler.requested and handler.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
 
 
 def test_sigterm_right_after_start_still_exits_85(tmp_path):
@@ -779,6 +812,29 @@ def test_resume_auto_with_no_checkpoint_that_verifies_is_refused(small_run, tmp_
     line = refusal(train_1rank(run, resume="auto"))
     assert f"none of the 2 checkpoints in {run / 'checkpoints'} verifies" in line and "--overwrite" in line
     assert tree_digest(run) == before
+
+
+def test_resuming_an_older_checkpoint_of_the_run_is_refused_and_changes_nothing(small_run, tmp_path):
+    """``--resume .../step_00000002`` while step_00000004 is there replaced step 4 with the resumed run's and dropped
+    its metrics lines without a word: refused (nothing changed), naming the later checkpoint and the ways out; the
+    same checkpoint continued into another output_dir trains."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    older = run / "checkpoints" / "step_00000002"
+    before = tree_digest(run)
+    line = refusal(train_1rank(run, "train.lr=1e-3", resume=str(older)))
+    assert f"--resume {older} (step 2): {run / 'checkpoints'} holds later checkpoints (step_00000004)" in line, line
+    assert "--resume auto" in line and tree_digest(run) == before
+    elsewhere = train_1rank(tmp_path / "elsewhere", resume=str(older))
+    assert elsewhere.returncode == 0, elsewhere.stdout[-3000:] + elsewhere.stderr[-3000:]
+    assert (tmp_path / "elsewhere" / "checkpoints" / "step_00000004").is_dir()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_anything_is_written(tmp_path):
+    """The shipped tokenizer on a model of 100 token ids failed with an IndexError in the first step's embedding
+    (a device-side assert on a GPU), after the model was loaded and its random base saved."""
+    line = refusal(train_1rank(tmp_path / "run", "model.config.vocab_size=100"))
+    assert "the tokenizer in data/arith/tokenizer has" in line and "more than the model's vocab_size=100" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_resuming_a_finished_run_changes_no_file(small_run, tmp_path):

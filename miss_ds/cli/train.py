@@ -4,7 +4,8 @@
     deepspeed launch/train.py --config configs/tiny-cpu.yaml                                  # several ranks
     srun / mpirun ... python launch/train.py --config ...                                     # ranks from Slurm or MPI
 
-Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue and resume); 2 bad input
+Exit codes: 0 done; 85 stopped by SIGTERM/SIGUSR1 or one Ctrl-C after saving a checkpoint (requeue and resume, with
+--resume auto; a second Ctrl-C stops at once); 2 bad input
 (config, data, output directory), refused before heavy work; 1 any other failure.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         # Said once a run starts (not for --help or bad input), though installed above.
-        print("preemption handler installed: SIGTERM/SIGUSR1 save a checkpoint and exit 85", file=sys.stderr,
-              flush=True)
+        print("preemption handler installed: SIGTERM/SIGUSR1 or Ctrl-C save a checkpoint and exit 85",
+              file=sys.stderr, flush=True)
         from ..train.trainer import Trainer
 
         trainer = Trainer(cfg, resume=args.resume, preemption=preemption, overwrite=args.overwrite)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import adapter_io, ds_compat, fingerprint
 from ..config import MissConfig
 from ..distributed import ParallelLayout
-from ..atomic import CheckpointError, CheckpointManager, read_manifest, rng_state, set_rng_state
+from ..atomic import CheckpointError, CheckpointManager, read_manifest, rng_state, set_rng_state, step_dir_name
 from ..checkpoint_files import ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE, read_state, rng_file
 from ..run_config import ConfigError
 from .schedule import schedule_change
@@ -140,6 +140,20 @@ def find_checkpoint(root: Path, resume: Optional[str]) -> Optional[Path]:
                           "its path, or start over with --overwrite instead of --resume (the run is moved aside, not "
                           "deleted)")
     return path
+
+
+def check_no_newer_checkpoints(root: Path, path: Path, step: int) -> None:
+    """Resuming checkpoint ``path`` (of ``step``) must not overwrite this run's later checkpoints under ``root``: the
+    resumed run would save over them as it passes their steps (and drop their metrics lines). ``--resume auto``
+    takes the newest that verifies, so only what is newer and does not verify is left behind it; an older checkpoint
+    named by its path is refused while newer ones are there (rank 0, before anything is written)."""
+    newer = [p.name for p in CheckpointManager(root).checkpoints()
+             if p.name > step_dir_name(step) and p.resolve() != path.resolve()]
+    if newer:
+        raise ConfigError(f"--resume {path} (step {step}): {root} holds later checkpoints ({', '.join(newer)}) that "
+                          "this run would overwrite as it trains past them, dropping their metrics. Resume the newest "
+                          "(--resume auto), move the later ones out of the way first, or continue from this "
+                          f"checkpoint in another output_dir (--set output_dir=... --resume {path})")
 
 
 def checkpoint_bytes(path: Path) -> int:

@@ -9,12 +9,14 @@ resumed checkpoint's recorded config against this one: its adapter settings, and
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 import torch
 
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Files, and folders when not empty, whose presence means an output directory holds a run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
+#: Held by the run writing to an output directory (``lock_output_dir``).
+LOCK_FILE = ".lock"
 #: FP8 tensor cores: NVIDIA compute capability 8.9 (Ada) and newer (Hopper 9.0, Blackwell 10.0 and 12.0).
 FP8_MIN_CAPABILITY = (8, 9)
 #: MissConfig fields that shape D or decide which tensors the adapter holds: a resume must keep them.
@@ -88,6 +92,16 @@ def check_model_fits_run(model_config: Any, tp: int, world: int, seq_len: int) -
                    "scaling", seq_len, limit, scaling)
 
 
+def check_tokenizer_fits(tokens: int, tokenizer_dir: str, model_config: Any) -> None:
+    """Every token id of the tokenizer (``tokens`` ids, read from ``tokenizer_dir``) must index the model's embedding:
+    a larger one fails in the middle of a step (a device-side assert on a GPU) after the whole model is loaded."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and tokens > vocab:
+        raise ConfigError(f"the tokenizer in {tokenizer_dir} has {tokens} tokens, more than the model's vocab_size="
+                          f"{vocab}: ids from {vocab} on would index past its embedding. Use the model's own tokenizer "
+                          "(tokenizer: unset reads it from model.path), or one whose added tokens the model has")
+
+
 def rope_scaling(model_config: Any) -> Optional[str]:
     """The rope type of a model whose positions are scaled (llama3, yarn, linear, dynamic...), else None."""
     params = getattr(model_config, "rope_parameters", None) or {}
@@ -123,6 +137,9 @@ def check_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> 
     whether an old run must be moved aside (``overwrite``), which ``claim_output_dir`` does once the run's checks
     have passed, so that a refused run changes nothing."""
     out = Path(cfg.output_dir)
+    if overwrite and resume is not None:
+        raise ConfigError(f"--overwrite starts over in output_dir={out}, but this run resumes {resume!r} (--resume or "
+                          "checkpoint.resume): drop one of the two (--set checkpoint.resume=null to start over)")
     existing = next(path for path in (out, *out.parents) if path.exists())
     if not existing.is_dir():
         raise ConfigError(f"output_dir={out}: {existing} is a file, not a directory: choose another output_dir with "
@@ -135,25 +152,58 @@ def check_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> 
     if not found or resume is not None:
         return False
     if not overwrite:
-        raise ConfigError(f"output_dir={out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
-                          "start over with --overwrite (the old run is moved aside, not deleted), or choose another "
-                          "output_dir")
+        resume_it = ("continue it with --resume auto" if "checkpoints" in found else
+                     "it saved no checkpoint (--resume auto would start it again at step 0)")
+        raise ConfigError(f"output_dir={out} already holds a run ({', '.join(found)}): {resume_it}, start over with "
+                          "--overwrite (the old run is moved aside, not deleted), or choose another output_dir")
+    if Path.cwd().is_relative_to(out.resolve()):
+        raise ConfigError(f"--overwrite would move output_dir={out} aside, and the current directory is in it: run "
+                          "from another directory, or choose another output_dir")
     return True
 
 
-def claim_output_dir(out: Path, move_aside: bool) -> Optional[Path]:
+def claim_output_dir(out: Path, move_aside: bool) -> tuple[Optional[Path], Optional[IO[str]]]:
     """Create ``out`` for the run's first file (rank 0), after moving the old run there aside when ``move_aside``
-    (``check_output_dir``'s answer); returns where the old run went (never deleted)."""
+    (``check_output_dir``'s answer), and lock it for this process (``lock_output_dir``). Returns where the old run
+    went (never deleted) and the lock, to be kept open while the run lives."""
     aside = None
     if move_aside:
+        old_lock = lock_output_dir(out)  # a run still writing there would go on writing into the moved directory
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         out.rename(aside)
+        if old_lock is not None:
+            old_lock.close()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"output_dir={out} cannot be created ({exc.strerror or exc}): choose a writable directory "
                           "with --set output_dir=...") from None
-    return aside
+    return aside, lock_output_dir(out)
+
+
+def lock_output_dir(out: Path) -> Optional[IO[str]]:
+    """An exclusive lock on ``out/.lock`` (``flock``, released when the process ends, however it ends), so that two
+    runs started into one directory do not write their checkpoints and metrics over each other: the second is
+    refused, naming the first's process. None, with a warning, where the file system has no locks."""
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"output_dir={out} is in use by another run (process {holder}): wait for it to end, stop "
+                          "it, or choose another output_dir") from None
+    except OSError as exc:  # e.g. a network file system mounted without locks
+        logger.warning("output_dir=%s cannot be locked (%s): nothing stops another run from writing there too", out,
+                       exc.strerror or exc)
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def check_resume_matches(cfg: RunConfig, path: Path, state: dict[str, Any], tp: int, dp: int) -> None:

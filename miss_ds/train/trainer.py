@@ -38,12 +38,14 @@ from ..quantize import BaseQuantizer
 from ..random_base import save_random_base, will_save
 from ..run_config import ConfigError, ModelConfig, RunConfig, to_dict
 from ..watchdog import PeerWatchdog
-from .checkpoint import TrainCheckpoint, check_resumed_base, checkpoint_bytes, find_checkpoint
+from .checkpoint import (TrainCheckpoint, check_no_newer_checkpoints, check_resumed_base, checkpoint_bytes,
+                         find_checkpoint)
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
 from .preflight import (check_base_precision, check_kernels, check_model_fits_run, check_output_dir,
-                        check_resume_matches, claim_output_dir, sample_file, warn_idle_eval_options)
+                        check_resume_matches, check_tokenizer_fits, claim_output_dir, sample_file,
+                        warn_idle_eval_options)
 from .reporter import Reporter
 from .schedule import lr_lambda
 from .state import TrainState
@@ -68,6 +70,7 @@ class Trainer:
         PeerWatchdog(cfg.parallel.peer_timeout_s).start()
         self.out = Path(cfg.output_dir)
         self.move_aside = False  # rank 0's check_output_dir: whether --overwrite moves an old run aside
+        self.output_lock = None  # rank 0's lock on output_dir (preflight.lock_output_dir), held while the run lives
         self.device = torch.device(get_accelerator().current_device_name())
         check_base_precision(cfg.model.base_precision, self.device)
         resume = resume if resume is not None else cfg.checkpoint.resume
@@ -144,6 +147,8 @@ class Trainer:
         tokenizer_dir = None if cfg.data.synthetic else cfg.tokenizer or cfg.model.path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
         self.model_config = hf_config(cfg.model, vocab_size=len(self.tokenizer) if self.tokenizer else None)
+        if self.tokenizer is not None:
+            check_tokenizer_fits(len(self.tokenizer), tokenizer_dir, self.model_config)
         cfg.miss = cfg.miss.for_model(self.model_config)  # the family's targets when unset, recorded explicitly
 
     def _model_on_meta(self) -> tuple:
@@ -169,12 +174,14 @@ class Trainer:
             return None
         state = read_state(path)
         check_resume_matches(self.cfg, path, state, self.layout.tp, self.layout.dp)
+        if resume != "auto":
+            check_no_newer_checkpoints(self.out / "checkpoints", path, state["train"]["step"])
         return str(path), state["train"]["step"]
 
     def _claim_output_dir(self) -> None:
         if not self.layout.is_main:
             return
-        aside = claim_output_dir(self.out, self.move_aside)
+        aside, self.output_lock = claim_output_dir(self.out, self.move_aside)
         if aside is not None:
             logger.warning("--overwrite: the run that was in %s is now in %s", self.out, aside)
 
@@ -269,7 +276,7 @@ class Trainer:
             if self._preempted():
                 reporter.close_bar()
                 self.checkpoint.save()
-                got = (f"signal {self.preemption.signal} received" if self.preemption.signal is not None
+                got = (f"{self.preemption.name} received" if self.preemption.signal is not None
                        else "another rank received a preemption signal")
                 logger.warning("rank %d: %s, checkpoint saved at step %d; exiting with %d", self.layout.rank, got,
                                self.state.step, PREEMPTED_EXIT_CODE)
