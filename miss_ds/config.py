@@ -33,7 +33,8 @@ class MissConfig:
     weight)."""
     target_modules: Union[list[str], str, None] = None
     """Module names (exact, or suffix after a dot) or one regex matched against the full module name; each name (or
-    the regex) must match a module of the model. Not set: the model family's projections (``miss_ds.families``:
+    the regex) must match a module of the model. A string is always that one regex (PEFT's rule): ``q_proj`` alone
+    matches no module, ``[q_proj]`` every ``...q_proj``. Not set: the model family's projections (``miss_ds.families``:
     attention and MLP, e.g. Llama's q/k/v/o/gate/up/down)."""
     exclude_modules: Union[list[str], str, None] = None
     """Names or a regex, as for ``target_modules``, of modules to leave untouched; each must match a module."""

@@ -4,7 +4,9 @@
 to their type hints (``Literal``, ``Optional``, lists, tuples, nested dataclasses; numbers written as strings such as
 ``1e-4``), and a field's own range check (``FieldError``, raised in the dataclass's ``__post_init__``; ``at_least``
 and ``finite`` write the usual ones) is located too. ``Origins`` knows which key came from the file and which from a
-``--set`` argument, so every ``ConfigError`` names what to edit. The run's schema is ``miss_ds.run_config``.
+``--set`` argument, so every ``ConfigError`` names what to edit. ``read_yaml`` reads a file strictly too: UTF-8 only,
+and a key given twice in one mapping is refused (``UniqueKeyLoader``; ``--set`` values are parsed with it as well).
+The run's schema is ``miss_ds.run_config``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -97,6 +100,64 @@ def yaml_position(exc: yaml.YAMLError) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (``UniqueKeyLoader``); the message names the dotted key and both
+    places, and whoever parsed the text adds whose text it is."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's ``SafeLoader`` that refuses a key given twice in one mapping, at any depth: PyYAML keeps the last one
+    silently, so a second ``train:`` section would drop the whole first one. Keys a merge (``<<: *anchor``) brings
+    in may be overridden, as YAML means them to be."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """The document, once ``refuse_duplicate_keys`` has checked its composed tree (before merges edit it)."""
+        refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def refuse_duplicate_keys(node: yaml.Node, key: str, seen: set[int]) -> None:
+    """Raise ``DuplicateKey`` for the first scalar key (same tag and text) given twice in a mapping under ``node``,
+    the node at dotted ``key``; ``seen`` holds the nodes checked (an alias reuses its anchor's node)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            refuse_duplicate_keys(item, f"{key}[{i}]", seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first: dict[tuple[str, str], yaml.Node] = {}
+    for key_node, value in node.value:
+        name = f"{key}.{key_node.value}" if key else str(key_node.value)
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            earlier = first.setdefault((key_node.tag, key_node.value), key_node)
+            if earlier is not key_node:
+                raise DuplicateKey(f"key '{name}' is given twice, at line {earlier.start_mark.line + 1}, column "
+                                   f"{earlier.start_mark.column + 1} and line {key_node.start_mark.line + 1}, column "
+                                   f"{key_node.start_mark.column + 1} (YAML would keep the second silently): "
+                                   "merge the two into one")
+        refuse_duplicate_keys(value, name, seen)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of file ``path`` (safe types). Refused, naming the file: bytes that are not UTF-8 (where),
+    text that is not YAML (where) and a key given twice in one mapping (``UniqueKeyLoader``)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is "
+                          f"{data[exc.start:exc.start + 1]!r}; save the file as UTF-8") from None
+    try:
+        return yaml.load(text, UniqueKeyLoader)
+    except DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}{yaml_position(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
 def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -108,7 +169,9 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: '{part}' is not a section")
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.load(value, UniqueKeyLoader)
+    except DuplicateKey as exc:
+        raise ConfigError(f"--set {item!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML{yaml_position(exc)}: "
                           f"{getattr(exc, 'problem', exc)} (quote a string, close a list's brackets)") from None

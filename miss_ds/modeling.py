@@ -29,6 +29,12 @@ HUB_KERNEL = re.compile(r"^[^/:@]+/[^/:@]+(@[^/:@]+)?(:[^/:@]+)?$")
 #: Attention implementations and the flag a transformers model class declares its support with.
 ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
                    "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+#: FlashAttention implementations: the module transformers runs each with, what provides it and how to install it.
+FLASH_ATTENTION_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "the flash-attn package", "pip install flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "FlashAttention-3 (its flash_attn_interface module)",
+                          "build it from the flash-attention repository's hopper/ directory"),
+}
 
 
 class ModelSection(Protocol):
@@ -160,7 +166,22 @@ def attention_implementation(config: PretrainedConfig, requested: Optional[str],
         why = f" ({family.attention_note})" if family.attention_note else ""
         raise ConfigError(f"{origin}model.attn_implementation={requested!r}: {family.name} does not support it in "
                           f"transformers{why}; use one of {supported}, or leave it unset for the default")
+    _check_flash_attention_package(requested, supported, origin)
     return requested
+
+
+def _check_flash_attention_package(requested: str, supported: list[str], origin: str) -> None:
+    """Refuse a FlashAttention implementation (``FLASH_ATTENTION_PACKAGES``) whose module is not installed, unless
+    the ``kernels`` package is, from which transformers then takes the Hub's build: transformers itself fails only
+    when the model is built, after the data."""
+    if requested not in FLASH_ATTENTION_PACKAGES:
+        return
+    module, package, install = FLASH_ATTENTION_PACKAGES[requested]
+    if importlib.util.find_spec(module) is not None or importlib.util.find_spec("kernels") is not None:
+        return
+    raise ConfigError(f"{origin}model.attn_implementation={requested!r} needs {package}, which is not installed: "
+                      f"{install} (or pip install kernels, with which transformers fetches it from the Hugging Face "
+                      f"Hub), or use one of {[name for name in supported if name not in FLASH_ATTENTION_PACKAGES]}")
 
 
 def _hub_kernel(requested: str, supported: list[str], origin: str) -> str:

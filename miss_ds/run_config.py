@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-import yaml
-
 from .config import ConfigError, MissConfig
-from .config_loader import (FieldError, Origins, apply_override, at_least, build, finite, is_under, section_error,
-                            yaml_position)
+from .config_loader import (FieldError, Origins, apply_override, at_least, build, finite, is_under, read_yaml,
+                            section_error)
 from .data.config import FILE_SUFFIXES, DataConfig
 
 
@@ -76,8 +74,10 @@ class ModelConfig:
     """transformers' attention implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ``flash_attention_3`` or
     ``flex_attention``, where the model class supports it, or an attention kernel from the Hugging Face Hub
     (``kernels-community/flash-attn3``, ``org/name@revision``), which transformers fetches with the ``kernels``
-    package (``pip install kernels``; on offline nodes it must be in the Hub cache). Unset: the family's default,
-    ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
+    package (``pip install kernels``; on offline nodes it must be in the Hub cache). ``flash_attention_2`` needs
+    ``pip install flash-attn`` and ``flash_attention_3`` FlashAttention-3, or else the ``kernels`` package
+    (``modeling.FLASH_ATTENTION_PACKAGES``; refused when the config is read without either). Unset: the family's
+    default, ``sdpa`` where transformers supports it for the model, else ``eager`` (Gemma2's logit soft-capping)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recompute_layers, int):
@@ -278,7 +278,8 @@ DEEPSPEED_OWNED = {
 @dataclass
 class RunConfig:
     output_dir: str
-    """Where the run writes its metrics, checkpoints, adapter and summary."""
+    """Where the run writes its metrics, checkpoints, adapter and summary; not empty (``load_config`` refuses ``''``,
+    which would be the current directory)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory; defaults to ``model.path`` (not needed with ``data.synthetic``)."""
     seed: int = 0
@@ -334,18 +335,24 @@ def load_config(path: str | Path, overrides: list[str] = (), check_files: bool =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}{yaml_position(exc)} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, miss:, data:, ...)")
     origins = Origins(str(path), tuple(overrides), copy.deepcopy(raw))
     for item in overrides:
         apply_override(raw, item)
     cfg = build(RunConfig, raw, origins, "")
+    _check_output_dir_named(cfg, origins)
     validate(cfg, origins, check_files)
     return cfg
+
+
+def _check_output_dir_named(cfg: RunConfig, origins: Origins) -> None:
+    """Refuse an empty ``output_dir``: the run would write into the current directory. Checked on the configs users
+    write, not in ``RunConfig`` itself, so that a run config stored by an earlier run that had one still loads."""
+    if not cfg.output_dir.strip():
+        raise ConfigError(f"{origins.of('output_dir')}: 'output_dir' is {cfg.output_dir!r}, which would write the run "
+                          "into the current directory: name a directory, e.g. --set output_dir=runs/my-run")
 
 
 def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
