@@ -35,6 +35,29 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str) -> None
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+class DamagedWeights(ValueError):
+    """A weights file that cannot be read whole (cut short, or not safetensors): bad input, named by path."""
+
+
+def check_whole(path: Path) -> None:
+    """``path`` holds as many bytes as its safetensors header says (8 bytes of header length, the JSON header, then
+    every tensor's bytes), read from the header alone: a file cut short by an interrupted copy or download fails
+    here, by name, not in the middle of loading."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else size
+        header = f.read(length) if 8 + length <= size else b""
+    try:
+        tensors = json.loads(header)
+        end = 8 + length + max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise DamagedWeights(f"{path} ({size} bytes) is not a whole safetensors file (its header cannot be read): "
+                             "copy or download it again") from None
+    if end > size:
+        raise DamagedWeights(f"{path} is cut short: its header lists {end} bytes, the file has {size} (an interrupted "
+                             "copy or download?): copy or download it again")
+
+
 class HFCheckpoint:
     """Index of a model directory's safetensors weights: which file holds each key, and lazy readers."""
 
@@ -55,8 +78,10 @@ class HFCheckpoint:
             for path in sorted(set(key_file.values())):
                 if not path.is_file():
                     raise FileNotFoundError(f"{path} is missing: {index} lists it as a weight shard")
+                check_whole(path)
             return key_file
         if single.is_file():
+            check_whole(single)
             with safe_open(str(single), "pt") as f:
                 return {key: single for key in f.keys()}
         raise FileNotFoundError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}: not a safetensors "

@@ -89,6 +89,11 @@ def check_entries_match(model: nn.Module, config: MissConfig) -> None:
     if not unmatched:
         return
     key, entry = unmatched[0]
+    named = [name for name in names if name.endswith("." + entry)]
+    if isinstance(getattr(config, key), str) and named:
+        raise ConfigError(f"miss.{key}={entry!r} is one string, which PEFT reads as one regex over full module names "
+                          f"(such as {named[0]!r}), so it matches no module; to name the modules called {entry!r}, "
+                          f"give a list: miss.{key}=[{entry}]")
     suffixes = sorted({".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))})
     close = difflib.get_close_matches(entry, suffixes, n=3)
     hint = (f"closest module names: {', '.join(map(repr, close))}" if close else

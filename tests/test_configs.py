@@ -289,6 +289,13 @@ def test_a_module_both_adapted_and_saved_is_refused_on_the_meta_model(saved, fir
     assert all(p.is_meta for p in model.parameters())
 
 
+def test_a_module_name_given_as_a_string_is_told_to_be_a_list():
+    """``target_modules: q_proj`` (a string) is one regex over full names and matches nothing; the refusal said so
+    while listing 'q_proj' as the closest name: it now says to write a list."""
+    with pytest.raises(ConfigError, match=r"give a list: miss.target_modules=\[q_proj\]$"):
+        prepare_model(build_model_on_meta(tiny_llama_config()), MissConfig(r=8, target_modules="q_proj"), tp_size=1)
+
+
 def test_family_default_targets_a_model_lacks_are_not_refused():
     """Qwen3-MoE's default targets include the dense MLP's projections, which an all-MoE model does not have."""
     report = prepare_model(build_model_on_meta(tiny_config("qwen3_moe")), MissConfig(r=8), tp_size=1)

@@ -837,6 +837,28 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_anythin
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_on_other_data_is_refused_before_the_weights_load(small_run, tmp_path):
+    """Another data.seed (or train file) on resume ended in a ValueError traceback from the data iterator once the
+    whole model was loaded: a one-line refusal now, saying what to do, and nothing changed."""
+    run = shutil.copytree(small_run, tmp_path / "run")
+    before = tree_digest(run)
+    line = refusal(train_1rank(run, "train.max_steps=6", "data.seed=1", resume="auto"))
+    assert "step_00000004: cannot resume: the data changed since the checkpoint (saved seed is 0, now 1)" in line
+    assert "init_adapter:" in line and tree_digest(run) == before
+
+
+@pytest.mark.parametrize("cut", [4, 1000, -1], ids=["no-header", "cut-header", "cut-tensors"])
+def test_a_base_file_cut_short_is_refused_by_name_before_the_data_is_built(hf_base, tmp_path, cut):
+    """A model.safetensors cut short by a copy or download ended in safetensors' "incomplete metadata, file not fully
+    covered" traceback once the data was built: refused by name, from the file's header, before anything is done."""
+    base = shutil.copytree(hf_base, tmp_path / "base")
+    weights = base / "model.safetensors"
+    os.truncate(weights, cut if cut > 0 else weights.stat().st_size + cut)
+    line = refusal(train_1rank(tmp_path / "run", f"model.path={base}"))
+    assert f"model.path={base}: {weights} " in line and ("is cut short" in line or "not a whole safetensors" in line)
+    assert "tokenising" not in line and not (tmp_path / "run").exists()
+
+
 def test_resuming_a_finished_run_changes_no_file(small_run, tmp_path):
     """``--resume auto`` on a run whose newest checkpoint is at train.max_steps used to evaluate and save again and
     rewrite summary.json (tokens 0, throughput NaN) and loss.png: it must say there is nothing to do and change

@@ -92,6 +92,20 @@ def check_model_fits_run(model_config: Any, tp: int, world: int, seq_len: int) -
                    "scaling", seq_len, limit, scaling)
 
 
+def check_base_files(cfg: RunConfig) -> None:
+    """The base's safetensors files under ``model.path`` are all there and whole (their headers against their sizes:
+    ``hf_checkpoint.check_whole``), before the data is built and the model loaded; a run that draws its weights
+    reads none."""
+    if cfg.model.path is None or cfg.model.random_weights:
+        return
+    from ..hf_checkpoint import DamagedWeights, HFCheckpoint
+
+    try:
+        HFCheckpoint(cfg.model.path).close()
+    except (DamagedWeights, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"model.path={cfg.model.path}: {exc}") from None
+
+
 def check_tokenizer_fits(tokens: int, tokenizer_dir: str, model_config: Any) -> None:
     """Every token id of the tokenizer (``tokens`` ids, read from ``tokenizer_dir``) must index the model's embedding:
     a larger one fails in the middle of a step (a device-side assert on a GPU) after the whole model is loaded."""

@@ -43,7 +43,7 @@ from .checkpoint import (TrainCheckpoint, check_no_newer_checkpoints, check_resu
 from .guard import NonFiniteGuard, TrainingStopped
 from .metrics import MetricsLogger
 from .preemption import Preemption
-from .preflight import (check_base_precision, check_kernels, check_model_fits_run, check_output_dir,
+from .preflight import (check_base_files, check_base_precision, check_kernels, check_model_fits_run, check_output_dir,
                         check_resume_matches, check_tokenizer_fits, claim_output_dir, sample_file,
                         warn_idle_eval_options)
 from .reporter import Reporter
@@ -84,6 +84,7 @@ class Trainer:
         found = _from_main_rank(agree("checking the output directory and the checkpoint to resume",
                                       lambda: self._check_output_dir(resume, overwrite)))
         self.resume_from = None if found is None else Path(found[0])
+        self.resumed_data = None if found is None else found[2]  # the checkpoint's data position
         self.state = TrainState()
         # A checkpoint at train.max_steps leaves nothing to do: nothing is built, and no file is written.
         self.finished_at = found[1] if found is not None and found[1] >= cfg.train.max_steps else None
@@ -157,14 +158,15 @@ class Trainer:
         except MissShapeError as exc:  # r, mode or TP split that the model's shapes cannot carry: bad input
             raise ConfigError(str(exc)) from None
 
-    def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int]]:
-        """Rank 0: check the output directory (and whether --overwrite moves an old run aside), check that
-        ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and check it against
-        this config; returns its path and step. Bad input raises ConfigError before any model memory is spent and
+    def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int, dict]]:
+        """Rank 0: check the output directory (and whether --overwrite moves an old run aside) and the base's weight
+        files, check that ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and check it against
+        this config; returns its path, step and data position. Bad input raises ConfigError before any model memory is spent and
         before anything of the run is written."""
         if not self.layout.is_main:
             return None
         self.move_aside = check_output_dir(self.cfg, resume, overwrite)
+        check_base_files(self.cfg)
         if self.cfg.init_adapter:
             from ..convert.init_adapter import check_init_adapter  # imports PEFT: only when it is needed
 
@@ -176,7 +178,7 @@ class Trainer:
         check_resume_matches(self.cfg, path, state, self.layout.tp, self.layout.dp)
         if resume != "auto":
             check_no_newer_checkpoints(self.out / "checkpoints", path, state["train"]["step"])
-        return str(path), state["train"]["step"]
+        return str(path), state["train"]["step"], state["data"]
 
     def _claim_output_dir(self) -> None:
         if not self.layout.is_main:
@@ -211,6 +213,18 @@ class Trainer:
         agree("checking the data", lambda: self._check_train_fills_a_batch(train_ds))
         self.batches = BatchIterator(train_ds, micro, self.layout.dp_rank, self.layout.dp, seed=data.seed,
                                      one_row=self.one_row, accum_steps=self.cfg.train.grad_accum_steps)
+        if self.resumed_data is not None:  # data that changed since the checkpoint: refused before the weights load
+            agree("checking the data against the checkpoint", self._check_data_resumes)
+
+    def _check_data_resumes(self) -> None:
+        """Take the checkpoint's data position now (``TrainCheckpoint.resume`` takes it again): the iterator refuses
+        a position of other data (another seed, another number of sequences)."""
+        try:
+            self.batches.load_state_dict(self.resumed_data)
+        except ValueError as exc:
+            raise ConfigError(f"{self.resume_from}: {exc}. Resume with the data files and data settings it was "
+                              f"trained with, or start a new run from its adapter (init_adapter: {self.resume_from}) "
+                              "in another output_dir") from None
 
     def _check_train_fills_a_batch(self, train_ds) -> None:
         """The train split must fill one global batch (the eval split need not: ``eval_batches`` fills its last
