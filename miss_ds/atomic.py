@@ -139,8 +139,9 @@ class CheckpointManager:
         self.world_size = world_size
         self.tp_size = tp_size
         self._barrier = barrier or (lambda: None)
-        if rank == 0 and self.root.is_dir():  # created by the first save: a manager that only reads writes nothing
-            self._remove_stale_temp_dirs()
+        # Rank 0's first save removes what interrupted saves left: a manager that only reads changes nothing (the
+        # temp dirs it finds may be the saves of a run in progress).
+        self._stale_removed = False
 
     def step_path(self, step: int) -> Path:
         """Where the complete checkpoint of ``step`` lives (whether or not it exists)."""
@@ -198,6 +199,9 @@ class CheckpointManager:
         failure: Optional[Exception] = None
         if self.rank == 0:
             try:
+                if not self._stale_removed:
+                    self._remove_stale_temp_dirs()
+                    self._stale_removed = True
                 self._prepare(temp, save_id, metadata)
             except Exception as exc:  # noqa: BLE001 - re-raised after the barriers below
                 failure = self._classify(exc, step, temp)

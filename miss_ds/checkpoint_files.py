@@ -25,6 +25,8 @@ from .atomic import MANIFEST, CheckpointError, verify
 ADAPTER_DIR, OPTIMIZER_DIR, RNG_DIR, STATE_FILE = "adapter", "optimizer", "rng", "trainer_state.json"
 #: Where a run on a random base keeps that base, beside ``checkpoints/`` in its output_dir (``miss_ds.random_base``).
 BASE_DIR = "base"
+#: Where a run keeps its checkpoints in its output_dir.
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def rng_file(checkpoint: Path, rank: int) -> Path:

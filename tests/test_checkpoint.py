@@ -116,13 +116,16 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     assert names(manager.checkpoints()) == ["step_00000003"] and temp_dirs(tmp_path) == []
 
 
-def test_stale_temp_dirs_are_removed_by_rank0_only(tmp_path):
+def test_stale_temp_dirs_are_removed_by_rank0s_first_save_only(tmp_path):
+    """What interrupted saves left is removed when rank 0 saves; a manager that only reads (a tool, a resume's
+    lookup) removed it too, which could be the save of a run in progress."""
     for name in (".tmp-step_00000005", ".tmp-discard-step_00000001-ab12"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "partial.bin").write_bytes(b"x")
     CheckpointManager(tmp_path, rank=1, world_size=2, barrier=lambda: None)
-    assert len(temp_dirs(tmp_path)) == 2
-    CheckpointManager(tmp_path)
+    reader = CheckpointManager(tmp_path)
+    assert reader.latest() is None and reader.checkpoints() == [] and len(temp_dirs(tmp_path)) == 2
+    CheckpointManager(tmp_path).save(1, writer({"model.bin": b"x"}))
     assert temp_dirs(tmp_path) == []
 
 
@@ -435,8 +438,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, phase, written
     assert (temp / "manifest.json").exists() == temp_has_manifest
     assert not (tmp_path / "step_00000002").exists()
     manager = CheckpointManager(tmp_path)  # a restarted run
-    assert temp_dirs(tmp_path) == []
     assert manager.latest() == tmp_path / "step_00000001"
+    manager.save(3, writer({"model.bin": b"new"}))  # its first save clears what the killed one left
+    assert temp_dirs(tmp_path) == [] and manager.latest() == tmp_path / "step_00000003"
 
 
 # -- two ranks --------------------------------------------------------------------------------------

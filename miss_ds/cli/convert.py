@@ -39,8 +39,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--merge", action="store_true", help="write a merged full model")
     mode.add_argument("--peft", action="store_true", help="write a PEFT MiSS adapter")
     mode.add_argument("--lora", action="store_true", help="write an exact PEFT LoRA adapter (miss and mini)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard with --merge (e.g. 5GB, 500MB)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="largest output shard with --merge (e.g. 5GB, 500MB, 2GiB)")
     return p.parse_args(argv)
+
+
+def shard_size(text: str) -> int:
+    """argparse type: a positive size in bytes, written as transformers' ``save_pretrained`` takes it (an integer and
+    a unit: KB, MB, GB, KiB, MiB, GiB); its own error is a traceback, and a size below 1 byte would put every tensor
+    in a shard of its own."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write an integer and a unit, e.g. 5GB, 500MB or "
+                                         "2GiB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size: e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 @reports_input_errors

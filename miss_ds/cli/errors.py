@@ -47,10 +47,11 @@ def input_errors() -> tuple[type[Exception], ...]:
     from ..families import UnsupportedModel
     from ..fingerprint import OtherBaseError
     from ..functional import MissShapeError
+    from ..hf_checkpoint import DamagedWeights
     from ..run_config import ConfigError
 
     return (ConfigError, UnsupportedModel, MissShapeError, OtherBaseError, CheckpointError, AdapterMismatch,
-            FileNotFoundError, FileExistsError)
+            DamagedWeights, FileNotFoundError, FileExistsError)
 
 
 def positive_int(text: str) -> int:

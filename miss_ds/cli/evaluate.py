@@ -30,12 +30,16 @@ import os
 import re
 import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 from ..data.errors import read_data
 from .errors import positive_int, reports_input_errors
 from .generate import add_source_args, tool_advice
 from .output import deepspeed_logs_to_stderr
+
+if TYPE_CHECKING:
+    from ..data.pipeline import EvalSplit
+    from ..distributed import ParallelLayout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +84,32 @@ def check_output(path: str | None) -> None:
         raise ConfigError(f"--output {path}: the directory {folder} is not writable: choose another path")
 
 
+def tp_layout(rank: int, world: int, tp: int) -> ParallelLayout:
+    """The TP x DP layout of ``--tp`` over the job's ranks; one that does not divide them is refused in this tool's
+    terms (``ParallelLayout``'s own error speaks of training's parallel.tp_size and launch/train.py)."""
+    from ..distributed import ParallelLayout
+    from ..run_config import ConfigError
+
+    try:
+        return ParallelLayout(rank, world, tp)
+    except ConfigError:
+        sizes = [n for n in range(1, world + 1) if world % n == 0]
+        raise ConfigError(f"--tp {tp} needs a multiple of {tp} ranks and this job has {world}: start it with deepspeed "
+                          f"--num_gpus {tp} --module miss_ds.cli.evaluate ... --tp {tp} (on CPUs with "
+                          f"DS_ACCELERATOR=cpu), or pass --tp {' or '.join(map(str, sizes))}") from None
+
+
+def check_room_for_answers(eval_sets: list[EvalSplit], tokenizer: Any, max_new: int, positions: Optional[int]
+                           ) -> None:
+    """``generate.check_room`` for the prompts of every eval row, each in its set's format."""
+    from ..data.encode import prompt_ids
+    from ..infer.examples import example_of
+    from ..infer.generate import check_room
+
+    check_room([prompt_ids(example_of(row, part.cfg).prompt, tokenizer, part.cfg)
+                for part in eval_sets for row in part.rows], max_new, positions)
+
+
 @reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -87,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed_logs_to_stderr()
     from deepspeed.accelerator import get_accelerator
 
-    from ..distributed import ParallelLayout, agree, init_distributed
+    from ..distributed import agree, init_distributed
     from ..data.pipeline import build_eval_splits
     from ..infer.evaluate import evaluate
     from ..infer.generate import max_new_tokens
@@ -95,15 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     from ..run_config import ConfigError
 
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
+    source.check_tp(args.tp)
     tokenizer = source.tokenizer()
     cfg = source.data_config(tokenizer, args.on_bad_row)
     info = init_distributed()
-    layout = ParallelLayout(info.rank, info.world_size, args.tp)
+    layout = tp_layout(info.rank, info.world_size, args.tp)
     eval_sets = agree("reading the data", lambda: read_data(
         lambda: build_eval_splits(cfg, tokenizer, tool_advice(), args.limit, args.data, "--data")))
     if not eval_sets:
         raise ConfigError("the run evaluated no data (no data.eval_path, data.eval_fraction or data.sources[].eval_path"
                           "): pass --data FILE")
+    if args.max_new_tokens:
+        check_room_for_answers(eval_sets, tokenizer, args.max_new_tokens, source.positions())
     device, dtype = get_accelerator().current_device_name(), source.dtype(args.dtype)
     model = agree("loading the model", lambda: load_model(source, device, dtype, args.tp))
     max_new = args.max_new_tokens or max_new_tokens(source.run_config)

@@ -31,12 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="miss-ds-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", type=_prompt, default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a data file in the run's format, or a .txt file of one prompt per line")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of --prompts")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: the run's data.seq_len, else 128")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", type=_device, default="cuda" if _cuda() else "cpu",
+                   help="where the model runs (default: cuda when there is one, else cpu)")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompts:
         p.error("give --prompt TEXT or --prompts FILE")
@@ -71,12 +72,41 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _prompt(text: str) -> str:
+    """argparse type: a prompt with some text (an empty one prompts with the format's scaffolding alone)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: give the text to prompt with")
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type: a device this machine's torch can run on, checked when the flags are read (torch's own
+    errors come after the model is read, as tracebacks)."""
+    import torch
+
+    try:
+        kind = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: e.g. cpu, cuda or cuda:1") from None
+    if kind.type == "cpu":
+        return text
+    backend = getattr(torch, kind.type, None)
+    count = backend.device_count() if hasattr(backend, "is_available") and backend.is_available() else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine's torch ({torch.__version__}) has no {kind.type} "
+                                         "device: pass --device cpu")
+    if kind.index is not None and kind.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {count} {kind.type} device(s), numbered from 0")
+    return text
+
+
 @reports_input_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     deepspeed_logs_to_stderr()  # before anything imports DeepSpeed
+    from ..data.encode import prompt_ids
     from ..infer.examples import Example, read_examples
-    from ..infer.generate import answer, format_samples, max_new_tokens
+    from ..infer.generate import answer, check_room, format_samples, max_new_tokens
     from ..infer.source import load_model, resolve
 
     source = resolve(args.checkpoint, args.adapter, args.base, args.config)
@@ -86,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         examples += read_data(lambda: read_examples(args.prompts, cfg, args.limit, tokenizer.chat_template,
                                                     "--prompts", tool_advice()))
+    if args.max_new_tokens:
+        check_room([prompt_ids(e.prompt, tokenizer, cfg) for e in examples], args.max_new_tokens, source.positions())
     model = load_model(source, args.device, source.dtype(args.dtype))
     longest = args.max_new_tokens or max_new_tokens(source.run_config)
     print(format_samples(examples, answer(model, tokenizer, examples, cfg, longest)))

@@ -19,7 +19,7 @@ from .. import functional as MF
 from ..adapter_io import AdapterMismatch
 from ..families import family_of
 from ..hf_checkpoint import HFCheckpoint, ShardedWriter
-from .output import copy_model_files, new_output_dir, write_run_config
+from .output import TOKENIZER_FILE, copy_model_files, new_output_dir, write_run_config
 from .source import Adapter, full_geometry, known_base, module_of, read_adapter, read_base_config, weight_key_of
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,25 @@ def merge_to_hf(checkpoint: Path | str, base: Optional[Path | str], output: Path
         shards = writer.close()
     copy_model_files(base, out)
     write_run_config(out, adapter.run_config)
+    _warn_without_tokenizer(base, out, adapter.run_config)
     logger.info("merged %d weights, replaced %d saved modules' tensors, copied %d into %d shard(s) in %s",
                 merged, replaced, copied, len(shards), out)
     return MergeStats(merged, replaced, copied, len(shards), writer.total_bytes)
+
+
+def _warn_without_tokenizer(base: Path, out: Path, run_config: Optional[dict]) -> None:
+    """Say when the merged model has no tokenizer because its base has none (a run may take its tokenizer from
+    elsewhere: ``tokenizer:``): ``from_pretrained`` users need one, and miss-ds-generate / miss-ds-eval find one only
+    through the run config's ``tokenizer`` path, while it is there."""
+    if (out / TOKENIZER_FILE).is_file():
+        return
+    trained = (run_config or {}).get("tokenizer")
+    found = (f"miss-ds-generate and miss-ds-eval use the run's tokenizer ({trained}) only while that path is there "
+             "from where they run" if trained else "miss-ds-generate and miss-ds-eval need --config RUN.yaml naming "
+             "one")
+    logger.warning("%s has no tokenizer (%s), so the merged model in %s has none: AutoTokenizer.from_pretrained(%s) "
+                   "fails and %s. Save the tokenizer the run trained with into it (tokenizer.save_pretrained)",
+                   base, TOKENIZER_FILE, out, out, found)
 
 
 def merged_weight(adapter: Adapter, d_key: str, weight: torch.Tensor) -> torch.Tensor:

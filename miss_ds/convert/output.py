@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import ConfigError
+
 #: Weight files (and their indexes) of a model directory: the export writes its own, never copies these.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
@@ -15,7 +17,12 @@ def new_output_dir(path: Path | str) -> Path:
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory: choose a new --output")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission, a read-only filesystem
+        under = next(parent for parent in path.parents if parent.exists())
+        raise ConfigError(f"--output {path} cannot be created in {under} ({exc.strerror}): choose another "
+                          "--output") from None
     return path
 
 
@@ -37,6 +44,8 @@ def copy_model_files(base: Path | str, output: Path) -> list[str]:
 RUN_CONFIG_FILE = "miss_ds_run_config.json"
 #: Where a PEFT export records the fingerprint of its base (``fingerprint``).
 FINGERPRINT_FILE = "miss_ds_base_fingerprint.json"
+#: The file a model directory's tokenizer is found by (``AutoTokenizer.from_pretrained`` reads it first).
+TOKENIZER_FILE = "tokenizer_config.json"
 
 
 def write_run_config(output: Path, run_config: Optional[dict[str, Any]]) -> None:

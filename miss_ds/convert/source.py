@@ -3,7 +3,8 @@
 A training checkpoint or the adapter directory inside it is accepted (``checkpoint_files.adapter_dir`` knows the
 layout, and refuses a checkpoint whose adapter files or trainer state do not match their sha256 in its manifest).
 ``check_fits_base`` refuses a base model the adapter was not trained on before anything is written: by its config, its
-tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`).
+tensors' names and shapes, and the base fingerprint the adapter recorded (:mod:`miss_ds.fingerprint`). A PEFT export
+or a run's output_dir given in a checkpoint's place is refused, naming what it is (``check_not_misplaced``).
 """
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ from ..adapter_io import AdapterMismatch
 from .. import functional as MF
 from ..config import MissConfig
 from ..families import family_of
-from ..checkpoint_files import BASE_DIR, STATE_FILE, adapter_dir, run_config_of
+from ..atomic import CheckpointManager
+from ..checkpoint_files import ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, STATE_FILE, adapter_dir, run_config_of
 from ..hf_checkpoint import HFCheckpoint
 from .output import read_run_config
 from ..inject import D_NAME
+
+#: What the export tools say to do with a PEFT adapter given as ``--checkpoint``.
+PEFT_TO_EXPORT = ("give the miss_ds training checkpoint (or its adapter/) it was exported from; a PEFT adapter is "
+                  "already an export, for PeftModel.from_pretrained")
 
 
 def is_peft_adapter(directory: Path | str) -> bool:
@@ -62,14 +68,38 @@ class Adapter:
         return {k: v for k, v in self.tensors.items() if not is_d_key(k)}
 
 
-def read_adapter(path: Path | str) -> Adapter:
+def read_adapter(path: Path | str, peft_advice: str = PEFT_TO_EXPORT) -> Adapter:
     """Resolve ``path`` (checkpoint or adapter dir) and reassemble every D to its full shape. Its run config is the
-    training checkpoint's, or the one an exported adapter records (``miss-ds-reshard``'s output)."""
+    training checkpoint's, or the one an exported adapter records (``miss-ds-reshard``'s output). A PEFT adapter or
+    a run's directory in its place is refused (``check_not_misplaced``; ``peft_advice`` says what to do with the
+    former)."""
+    check_not_misplaced(Path(path), peft_advice)
     directory = adapter_dir(path)
     meta, tensors = adapter_io.read_full_adapter(directory)
     run_config = run_config_of(directory)
     return Adapter(directory, meta, MissConfig(**meta["miss"]), tensors,
                    read_run_config(directory) if run_config is None else run_config)
+
+
+def check_not_misplaced(path: Path, peft_advice: str) -> None:
+    """Refuse the directories given as a miss_ds checkpoint by mistake, naming what they are: a PEFT adapter (an
+    export: its adapter_config.json is PEFT's, which the miss_ds reader cannot take) with ``peft_advice``, and a
+    training run's output_dir (or its checkpoints/) with the newest complete checkpoint in it."""
+    if is_peft_adapter(path):
+        raise AdapterMismatch(f"{path} is a PEFT adapter (its {adapter_io.ADAPTER_CONFIG} names a peft_type), not a "
+                              f"miss_ds training checkpoint or adapter: {peft_advice}")
+    if (path / adapter_io.ADAPTER_CONFIG).is_file() or (path / ADAPTER_DIR / adapter_io.ADAPTER_CONFIG).is_file():
+        return
+    newest = newest_checkpoint(path / CHECKPOINTS_DIR) or newest_checkpoint(path)
+    if newest is not None:
+        raise FileNotFoundError(f"{path} is not a checkpoint but holds a training run's checkpoints: name one, e.g. "
+                                f"the newest complete one: --checkpoint {newest}")
+
+
+def newest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest checkpoint in ``root`` whose files are all there, as ``--resume auto`` finds it
+    (``CheckpointManager.latest``); None when there is none."""
+    return CheckpointManager(root).latest()
 
 
 def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[Path]:

@@ -3,16 +3,22 @@
 Every reader returns checked rows (see `rows.py`). JSON Lines files are read line
 by line here rather than by `load_dataset("json")`, because a bad row must be
 reported by file and line number, and an unparsable line must not abort the read
-when bad rows are to be skipped.
+when bad rows are to be skipped. A `.json` file holds JSON Lines or one array of
+rows (read by `load_dataset("json")`); a file that is neither (one JSON object, an
+array in a `.jsonl` file, a compressed file) is refused once, by name, rather than
+line by line.
 """
 
+import codecs
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow
 from datasets import Dataset, DatasetDict, concatenate_datasets, config, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from datasets.naming import camelcase_to_snakecase
 
@@ -22,6 +28,9 @@ from miss_ds.data.rows import checked_row, row_features
 #: The `datasets` builder of each data file suffix but ".jsonl" (which is read line by line): its name.
 ARROW_BUILDERS = {suffix: suffix[1:] for suffix in FILE_SUFFIXES if suffix != ".jsonl"}
 SAVED_DATASET_MARKERS = ("state.json", "dataset_dict.json")
+#: The magic bytes a compressed file starts with: its format, and the command that writes it out unpacked.
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gzip -dc"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -dc"),
+              b"\xfd7zXZ\x00": ("xz", "xz -dc"), b"BZh": ("bzip2", "bzip2 -dc")}
 
 Role = Literal["train", "eval"]
 
@@ -71,16 +80,54 @@ def _in_datasets_cache(name: str) -> bool:
 
 
 def _read_file(path: Path, cfg: DataConfig, role: Role) -> Dataset:
-    if path.suffix in (".jsonl", ".json"):
-        first = _first_char(path)
-        if not first:
-            raise ValueError(f"{path} contains no rows")
-        if path.suffix == ".jsonl" or first != b"[":  # a .json file may hold one JSON array instead of lines
-            return _read_json_lines(path, cfg, role)
+    if path.suffix in (".jsonl", ".json") and _json_layout(path) == "lines":
+        return _read_json_lines(path, cfg, role)
     if path.suffix not in ARROW_BUILDERS:
         raise ValueError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
-    rows = load_dataset(ARROW_BUILDERS[path.suffix], data_files={role: str(path)}, split=role)
+    try:
+        rows = load_dataset(ARROW_BUILDERS[path.suffix], data_files={role: str(path)}, split=role)
+    except (pyarrow.ArrowException, DatasetGenerationError) as error:  # pyarrow's messages do not name the file
+        cause = str(error.__cause__ or error).rstrip(".")
+        raise ValueError(f"{path} cannot be read ({cause}): is it whole? Write it again") from None
     return _check(rows, str(path), cfg)
+
+
+def _json_layout(path: Path) -> Literal["lines", "array"]:
+    """How a .jsonl/.json file holds its rows: JSON Lines, or (.json only) one JSON array of them, which
+    `load_dataset("json")` reads. A file that is compressed, empty, or one JSON document spread over lines (whose
+    every line would be a bad row) is refused naming it; the first line decides, a UTF-8 BOM aside."""
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+    for magic, (name, unpack) in COMPRESSED.items():
+        if head.startswith(magic):
+            raise ValueError(f"{path} is {name}-compressed (it starts with {name}'s magic bytes), not JSON text: "
+                             f"unpack it first ({unpack} {path} > rows{path.suffix})")
+    number, first = _first_line(path)
+    if not first:
+        raise ValueError(f"{path} contains no rows")
+    if path.suffix == ".json" and first.startswith(b"["):
+        return "array"
+    if first in (b"[", b"{"):
+        what = "array" if first == b"[" else "object"
+        raise ValueError(f"{path} is not JSON Lines (one object per line): it holds one JSON {what} spread over "
+                         f"lines (line {number} is {first.decode()!r}). Write one row per line{_convert_hint(path)}")
+    return "lines"
+
+
+def _convert_hint(path: Path) -> str:
+    """How to turn the one JSON document in `path` (an array in a .jsonl file, or an object) into JSON Lines, for
+    jq: where its rows are."""
+    try:
+        document = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if isinstance(document, list):
+        return f": jq -c '.[]' {path} > rows.jsonl (or name it .json: a .json file may hold one array of rows)"
+    lists = [key for key, value in document.items() if isinstance(value, list)] if isinstance(document, dict) else []
+    if not lists:
+        return ""
+    step = f".{lists[0]}" if lists[0].isidentifier() else f".[{json.dumps(lists[0])}]"
+    return f": its rows look to be under {lists[0]!r}, so jq -c '{step}[]' {path} > rows.jsonl"
 
 
 def _read_json_lines(path: Path, cfg: DataConfig, role: Role) -> Dataset:
@@ -133,10 +180,12 @@ def _pick_split(loaded: Dataset | DatasetDict, split: str, path: str) -> Dataset
     return loaded[split]
 
 
-def _first_char(path: Path) -> bytes:
-    """The first non-whitespace byte of `path`, or b"" for a blank file."""
+def _first_line(path: Path) -> tuple[int, bytes]:
+    """The number and stripped text of the first non-blank line of `path` (a UTF-8 BOM dropped), or (0, b"") for a
+    blank file."""
     with open(path, "rb") as stream:
-        for line in stream:
-            if line.strip():
-                return line.lstrip()[:1]
-    return b""
+        for number, line in enumerate(stream, start=1):
+            text = line.removeprefix(codecs.BOM_UTF8).strip() if number == 1 else line.strip()
+            if text:
+                return number, text
+    return 0, b""

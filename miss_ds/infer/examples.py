@@ -39,7 +39,7 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None
                   template: str | dict[str, str] | None = None, key: str = "data.eval_path",
                   advice: Advice = Advice()) -> list[Example]:
     """The first ``limit`` (all: None) usable rows of a data file (any source ``data.train_path`` takes) as examples;
-    a ``.txt`` file is one bare prompt per line.
+    a ``.txt`` file is one bare prompt per line (blank lines skipped; a file of none is refused).
 
     ``template``, the tokenizer's chat template, checks chat rows (``data.rows.with_template_problems``: roles it does
     not know, conversations it refuses; None: rows the run already checked);
@@ -49,6 +49,8 @@ def read_examples(path: str | Path, cfg: DataConfig, limit: Optional[int] = None
         if not Path(path).is_file():
             raise FileNotFoundError(f"{key} = {path} does not exist (relative paths start at {Path.cwd()})")
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{key} = {path} holds no prompt (every line is blank): write one prompt per line")
         return [Example(line) for line in lines[:limit]]
     from ..data.pipeline import usable_rows
 

@@ -5,8 +5,9 @@ alone would get. A tensor-parallel model works too: every rank of its group must
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from ..data.config import DataConfig
 from ..data.encode import prompt_ids
 from .examples import Example
 
+logger = logging.getLogger(__name__)
+
 #: Tokens an answer may have when the run that trained the model is not known (an export without its run config).
 UNKNOWN_RUN_MAX_NEW_TOKENS = 128
 
@@ -24,6 +27,17 @@ def max_new_tokens(run_config: Any) -> int:
     """How long an answer may be by default: the run's ``data.seq_len`` (no trained sequence was longer), else
     ``UNKNOWN_RUN_MAX_NEW_TOKENS``."""
     return run_config.data.seq_len if run_config is not None else UNKNOWN_RUN_MAX_NEW_TOKENS
+
+
+def check_room(prompts: Sequence[list[int]], max_new_tokens: int, positions: Optional[int]) -> None:
+    """Warn when ``--max-new-tokens`` after the longest prompt runs past the model's ``max_position_embeddings``
+    (``positions``; None: unknown): answers that long are generated on positions it was never trained on (rotary
+    models go on, degrading; transformers only says so once it happens)."""
+    longest = max(map(len, prompts), default=0)
+    if positions is not None and longest + max_new_tokens > positions:
+        logger.warning("--max-new-tokens %d runs past the model's max_position_embeddings (%d): the longest prompt has "
+                       "%d tokens, so answers longer than %d tokens would run on positions the model was not trained "
+                       "on", max_new_tokens, positions, longest, max(positions - longest, 0))
 
 
 @torch.no_grad()

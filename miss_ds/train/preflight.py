@@ -20,6 +20,7 @@ from typing import IO, Any, Optional
 
 import torch
 
+from ..checkpoint_files import CHECKPOINTS_DIR
 from ..data.batch import check_resumable
 from ..data.config import DataConfig
 from ..families import UnsupportedModel, check_tp
@@ -30,7 +31,7 @@ from ..run_config import ConfigError, RunConfig, draws_random_weights, to_dict
 logger = logging.getLogger(__name__)
 
 #: Files, and folders when not empty, whose presence means an output directory holds a run.
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "tensorboard")
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", CHECKPOINTS_DIR, "tensorboard")
 #: Held by the run writing to an output directory (``lock_output_dir``).
 LOCK_FILE = ".lock"
 #: FP8 tensor cores: NVIDIA compute capability 8.9 (Ada) and newer (Hopper 9.0, Blackwell 10.0 and 12.0).
@@ -166,7 +167,7 @@ def check_output_dir(cfg: RunConfig, resume: Optional[str], overwrite: bool) -> 
     if not found or resume is not None:
         return False
     if not overwrite:
-        resume_it = ("continue it with --resume auto" if "checkpoints" in found else
+        resume_it = ("continue it with --resume auto" if CHECKPOINTS_DIR in found else
                      "it saved no checkpoint (--resume auto would start it again at step 0)")
         raise ConfigError(f"output_dir={out} already holds a run ({', '.join(found)}): {resume_it}, start over with "
                           "--overwrite (the old run is moved aside, not deleted), or choose another output_dir")

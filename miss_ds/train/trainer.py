@@ -26,7 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoTokenizer
 
 from .. import engine as miss_engine, memory_plan
-from ..checkpoint_files import read_state
+from ..checkpoint_files import CHECKPOINTS_DIR, read_state
 from ..data import SyntheticBatches
 from ..distributed import PREEMPTED_EXIT_CODE, ParallelLayout, agree, any_rank, init_distributed
 from ..functional import MissShapeError
@@ -128,7 +128,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.engine, self.device, t.max_bad_steps, self.state)
         self.run_step = StepRunner(self.engine, lambda: next(self.batches), self.layout, self.device,
                                    t.grad_accum_steps, self.guard)
-        self.checkpoint = TrainCheckpoint(self.out / "checkpoints", cfg.checkpoint.keep_last, self.layout,
+        self.checkpoint = TrainCheckpoint(self.out / CHECKPOINTS_DIR, cfg.checkpoint.keep_last, self.layout,
                                           engine=self.engine, scheduler=self.scheduler, miss=cfg.miss,
                                           train=self.state, data=self.batches, run_config=to_dict(cfg))
         self.metrics = MetricsLogger(self.out, enabled=self.layout.is_main, tensorboard=cfg.logging.tensorboard)
@@ -160,9 +160,9 @@ class Trainer:
 
     def _check_output_dir(self, resume: Optional[str], overwrite: bool) -> Optional[tuple[str, int, dict]]:
         """Rank 0: check the output directory (and whether --overwrite moves an old run aside) and the base's weight
-        files, check that ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked) and check it against
-        this config; returns its path, step and data position. Bad input raises ConfigError before any model memory is spent and
-        before anything of the run is written."""
+        files, check that ``init_adapter`` reads whole, find the checkpoint to resume (every file's sha256 checked)
+        and check it against this config; returns its path, step and data position. Bad input raises ConfigError
+        before any model memory is spent and before anything of the run is written."""
         if not self.layout.is_main:
             return None
         self.move_aside = check_output_dir(self.cfg, resume, overwrite)
@@ -171,13 +171,13 @@ class Trainer:
             from ..convert.init_adapter import check_init_adapter  # imports PEFT: only when it is needed
 
             check_init_adapter(self.cfg.init_adapter)
-        path = find_checkpoint(self.out / "checkpoints", resume)
+        path = find_checkpoint(self.out / CHECKPOINTS_DIR, resume)
         if path is None:
             return None
         state = read_state(path)
         check_resume_matches(self.cfg, path, state, self.layout.tp, self.layout.dp)
         if resume != "auto":
-            check_no_newer_checkpoints(self.out / "checkpoints", path, state["train"]["step"])
+            check_no_newer_checkpoints(self.out / CHECKPOINTS_DIR, path, state["train"]["step"])
         return str(path), state["train"]["step"], state["data"]
 
     def _claim_output_dir(self) -> None:
