@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Single-GPU checks and benchmarks of docs/performance.md (device kind nvidia-h200), from the repository root,
 # DeepSpeed and its missing dependencies as wheels in .whl/ (see tools/scale_x2.sh), the baseline probe in .probes/.
+# The GPU image lacks deepspeed, hjson, pydantic, pydantic_core, annotated_types, typing_inspection, datasets, dill,
+# multiprocess and liger_kernel (Python 3.12 wheels: pip download --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 --no-deps, the versions of constraints.txt; deepspeed: pip wheel --no-deps).
 #   bash tools/gpu_bench.sh tests layer4k layer7b layer70b model modelrounds modelprof step70b pack  # stages, in order; logs in $OUT/logs.tgz
 #   bash tools/gpu_bench.sh shapes   # bench.py layer on every projection shape of Llama-7B and Llama-2-70B
 #   bash tools/gpu_bench.sh fp8tests fp8layer fp8model fp8step fp8full                   # the FP8 base (docs/scale.md)
