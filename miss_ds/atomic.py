@@ -178,6 +178,10 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(f"resume checkpoint {resume!r} not found (no directory {path.absolute()}). "
                                   f"{self._resume_hint(siblings, full)}")
+        holding = [d for d in (path, *sorted(c for c in path.iterdir() if c.is_dir())) if _step_dirs(d)]
+        if holding and not (path / MANIFEST).exists():  # a run's directory, or its checkpoints/
+            raise CheckpointError(f"resume checkpoint {resume!r} is not a checkpoint but holds checkpoints: name one. "
+                                  f"{self._resume_hint(holding[0], full)}")
         try:
             verify(path, full)
         except CheckpointError as exc:

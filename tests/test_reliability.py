@@ -802,6 +802,14 @@ def test_resume_of_a_bad_checkpoint_path_is_a_one_line_refusal(small_run, tmp_pa
     assert not (tmp_path / "new" / "base").exists() and not (tmp_path / "new" / "config.json").exists()
 
 
+def test_resume_of_a_run_directory_names_its_checkpoints(small_run, tmp_path):
+    """``--resume RUN_DIR`` said "complete checkpoints in <its parent>: none" although the run holds two: the
+    refusal now lists the run's own."""
+    line = refusal(train_1rank(tmp_path / "new", resume=str(small_run)))
+    assert f"resume checkpoint '{small_run}' is not a checkpoint but holds checkpoints: name one" in line, line
+    assert f"complete checkpoints in {small_run / 'checkpoints'}: step_00000002, step_00000004" in line
+
+
 def test_resume_auto_with_no_checkpoint_that_verifies_is_refused(small_run, tmp_path):
     """``--resume auto`` falls back to an older checkpoint when the newest is corrupt; when every one is, starting
     over would silently drop the run's metrics (and keep training into a directory of corrupt checkpoints)."""
