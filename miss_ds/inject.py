@@ -78,7 +78,8 @@ def check_entries_match(model: nn.Module, config: MissConfig) -> None:
     """Refuse an entry of miss.target_modules, exclude_modules or modules_to_save that matches no module of
     ``model`` (``MissConfig.unmatched``), naming the closest module names: a typo would otherwise adapt or train
     less than asked, silently. The family's default targets are exempt: a model may lack some of them (Qwen3-MoE
-    has no dense MLP). A module both adapted and in ``modules_to_save`` is refused too (``_check_adapted_not_saved``)."""
+    has no dense MLP). A module both adapted and in ``modules_to_save`` is refused too
+    (``_check_adapted_not_saved``)."""
     config = config.for_model(getattr(model, "config", None))
     names = [name for name, _ in model.named_modules() if name]
     _check_adapted_not_saved(names, config)

@@ -281,10 +281,10 @@ def test_eval_covers_the_same_rows_on_any_layout(tmp_path, max_batches, rows):
 
 
 def test_eval_loss_per_source_is_each_sources_loss_as_miss_ds_eval_finds_it(tmp_path):
-    """With data.sources, the trainer logs each source's eval loss (``loss/<name>``) beside the overall one: each
-    equals miss-ds-eval's loss of that source's eval file on the final checkpoint (its "sets", in their formats),
-    eval.max_batches=2 of micro-batch 1 taking the first 2 sequences of each source on 2 ranks, and the overall one is their
-    token-weighted mean."""
+    """With data.sources, the trainer logs each source's eval loss (``loss/<name>``) beside the overall one: each equals
+    miss-ds-eval's loss of that source's eval file on the final checkpoint (its "sets", in their formats),
+    eval.max_batches=2 of micro-batch 1 taking the first 2 sequences of each source on 2 ranks, and the overall one
+    is their token-weighted mean."""
     from miss_ds.train.metrics import read_metrics
 
     lines = (ROOT / "data/arith/eval.jsonl").read_text().splitlines(keepends=True)

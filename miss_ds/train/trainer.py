@@ -6,14 +6,14 @@ the base's weight files (``preflight``), find the checkpoint to resume (rank 0 c
 its recorded config against this one and against the run's later checkpoints (a checkpoint already at
 ``train.max_steps`` ends the run here: nothing to do, nothing written), build the model on the meta device with its TP
 split and MiSS (every shape error surfaces here, before any data is read), build the data (rank 0 first) and check it
-against the checkpoint's data position, load this rank's weights (with ``model.base_precision: fp8`` quantising each MiSS layer's shard as it loads:
-``quantize.BaseQuantizer``), check the checkpoint's base fingerprint against them, save a random base (``random_base``),
-put ``model.kernels``' fused kernels in place (``fused_kernels``), wrap D in a DeepSpeed engine (``miss_ds.engine``),
-resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a preemption signal (or Ctrl-C). Rank 0
-locks the output directory when it creates it (``preflight.lock_output_dir``), for the life of the process. Every step that can fail
-on one rank alone ends in ``distributed.agree``, so all ranks stop together. The components: the engine (D, optimizer,
-LR schedule), the data iterator, the ``TrainState``, the ``StepRunner`` (one optimizer step) with its
-``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
+against the checkpoint's data position, load this rank's weights (with ``model.base_precision: fp8`` quantising each
+MiSS layer's shard as it loads: ``quantize.BaseQuantizer``), check the checkpoint's base fingerprint against them, save
+a random base (``random_base``), put ``model.kernels``' fused kernels in place (``fused_kernels``), wrap D in a
+DeepSpeed engine (``miss_ds.engine``), resume (``TrainCheckpoint``), then run steps until ``train.max_steps`` or a
+preemption signal (or Ctrl-C). Rank 0 locks the output directory when it creates it (``preflight.lock_output_dir``),
+for the life of the process. Every step that can fail on one rank alone ends in ``distributed.agree``, so all ranks
+stop together. The components: the engine (D, optimizer, LR schedule), the data iterator, the ``TrainState``, the
+``StepRunner`` (one optimizer step) with its ``NonFiniteGuard``, the ``TrainCheckpoint`` and the ``Reporter``.
 """
 from __future__ import annotations
 
