@@ -117,6 +117,14 @@ def _step_dirs(directory: PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoints_within(path: Path) -> Optional[Path]:
+    """The directory of checkpoints that ``path`` is or holds (a run's output_dir holds its ``checkpoints/``), where
+    a checkpoint was named by mistake; None when ``path`` is a checkpoint itself or holds none."""
+    if (path / MANIFEST).exists():
+        return None
+    return next((d for d in (path, *sorted(c for c in path.iterdir() if c.is_dir())) if _step_dirs(d)), None)
+
+
 class CheckpointManager:
     """Creates, finds, validates and prunes the checkpoints under ``root``; see the module docstring.
 
@@ -178,10 +186,10 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(f"resume checkpoint {resume!r} not found (no directory {path.absolute()}). "
                                   f"{self._resume_hint(siblings, full)}")
-        holding = [d for d in (path, *sorted(c for c in path.iterdir() if c.is_dir())) if _step_dirs(d)]
-        if holding and not (path / MANIFEST).exists():  # a run's directory, or its checkpoints/
+        held = checkpoints_within(path)
+        if held is not None:
             raise CheckpointError(f"resume checkpoint {resume!r} is not a checkpoint but holds checkpoints: name one. "
-                                  f"{self._resume_hint(holding[0], full)}")
+                                  f"{self._resume_hint(held, full)}")
         try:
             verify(path, full)
         except CheckpointError as exc:

@@ -22,8 +22,8 @@ from ..adapter_io import AdapterMismatch
 from .. import functional as MF
 from ..config import MissConfig
 from ..families import family_of
-from ..atomic import CheckpointManager
-from ..checkpoint_files import ADAPTER_DIR, BASE_DIR, CHECKPOINTS_DIR, STATE_FILE, adapter_dir, run_config_of
+from ..atomic import CheckpointManager, checkpoints_within
+from ..checkpoint_files import ADAPTER_DIR, BASE_DIR, STATE_FILE, adapter_dir, run_config_of
 from ..hf_checkpoint import HFCheckpoint
 from .output import read_run_config
 from ..inject import D_NAME
@@ -90,16 +90,11 @@ def check_not_misplaced(path: Path, peft_advice: str) -> None:
                               f"miss_ds training checkpoint or adapter: {peft_advice}")
     if (path / adapter_io.ADAPTER_CONFIG).is_file() or (path / ADAPTER_DIR / adapter_io.ADAPTER_CONFIG).is_file():
         return
-    newest = newest_checkpoint(path / CHECKPOINTS_DIR) or newest_checkpoint(path)
+    held = checkpoints_within(path) if path.is_dir() else None
+    newest = CheckpointManager(held).latest() if held is not None else None  # as --resume auto finds it
     if newest is not None:
         raise FileNotFoundError(f"{path} is not a checkpoint but holds a training run's checkpoints: name one, e.g. "
                                 f"the newest complete one: --checkpoint {newest}")
-
-
-def newest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest checkpoint in ``root`` whose files are all there, as ``--resume auto`` finds it
-    (``CheckpointManager.latest``); None when there is none."""
-    return CheckpointManager(root).latest()
 
 
 def known_base(adapter: Adapter, base: Optional[Path | str] = None) -> Optional[Path]:
